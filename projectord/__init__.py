@@ -1,0 +1,14 @@
+"""projectord: keeps the read models of an event-sourced system up to date on PostgreSQL."""
+
+from projectord.event_store import ConcurrencyError, Event, EventStore, NewEvent
+from projectord.projection import Projection, ProjectionError, Table
+
+__all__ = [
+    "ConcurrencyError",
+    "Event",
+    "EventStore",
+    "NewEvent",
+    "Projection",
+    "ProjectionError",
+    "Table",
+]

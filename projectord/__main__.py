@@ -1,0 +1,5 @@
+import sys
+
+from projectord.cli import main
+
+sys.exit(main())

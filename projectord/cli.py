@@ -1,0 +1,248 @@
+"""The `projectord` command line.
+
+Exit statuses: 0 success; 1 the operation failed (or timed out); 2 invalid configuration or usage,
+nothing started; 3 no daemon answers (operator commands).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from projectord.config import ConfigError, Settings, load_settings
+from projectord.database import connect, describe_error, redact
+from projectord.embedded import EmbeddedPostgres, EmbeddedUnavailable
+from projectord.logs import configure_logging
+from projectord.projection import Projection, ProjectionError, load_projections
+from projectord.queries import Queries
+from projectord.schema import initialise
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
+
+
+class CommandError(Exception):
+    """A failure to report as one line, with an exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _settings_parent() -> argparse.ArgumentParser:
+    """Flags every command accepts; each overrides the environment and the TOML file."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("configuration")
+    group.add_argument("--config", type=Path, help="TOML configuration file")
+    group.add_argument("--database-url", help="libpq URL or DSN (default: embedded Postgres)")
+    group.add_argument("--projections", help="comma-separated module:attr list")
+    group.add_argument("--schema", help="schema of projectord's own tables")
+    group.add_argument("--read-model-schema", help="schema of the projections' tables")
+    group.add_argument("--control-socket", type=Path)
+    group.add_argument("--state-dir", type=Path)
+    group.add_argument("--batch-size", type=int)
+    group.add_argument("--poll-interval", type=float)
+    group.add_argument("--log-format", choices=["auto", "json", "console"])
+    group.add_argument("--log-level")
+    return parent
+
+
+SETTING_FLAGS = (
+    "database_url",
+    "projections",
+    "schema",
+    "read_model_schema",
+    "control_socket",
+    "state_dir",
+    "batch_size",
+    "poll_interval",
+    "log_format",
+    "log_level",
+)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {key: getattr(args, key, None) for key in SETTING_FLAGS}
+    return load_settings(args.config, **overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parent = _settings_parent()
+    parser = argparse.ArgumentParser(
+        prog="projectord", description="Keeps event-sourced read models up to date on PostgreSQL."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], help_: str) -> Any:
+        sub = commands.add_parser(name, parents=[parent], help=help_, description=help_)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    add("init", cmd_init, "create or upgrade the schema objects and missing projection tables")
+    add("run", cmd_run, "run the daemon in the foreground")
+    wait = add("wait", cmd_wait, "block until projections applied every event committed before")
+    wait.add_argument("names", nargs="*", metavar="NAME")
+    wait.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
+    demo = add("demo", cmd_demo, "the main job end to end on the embedded Postgres")
+    demo.add_argument("--duration", type=float, default=20.0, help="seconds of writing (20)")
+    demo.add_argument("--writers", type=int, default=8, help="concurrent writers (8)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        print(f"projectord: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ProjectionError, EmbeddedUnavailable) as exc:
+        print(f"projectord: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CommandError as exc:
+        print(f"projectord: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        return 130
+
+
+def load(args: argparse.Namespace) -> tuple[Settings, list[Projection]]:
+    """Settings and projections, both checked before anything starts."""
+    settings = settings_from_args(args)
+    configure_logging(settings.log_format, settings.log_level)
+    return settings, load_projections(settings.projections)
+
+
+@asynccontextmanager
+async def database(settings: Settings) -> AsyncIterator[str]:
+    """The DSN to use: `database_url`, or an embedded Postgres in `state_dir` that this process
+    starts (and stops again on exit) unless one already runs there."""
+    if settings.database_dsn:
+        yield settings.database_dsn
+        return
+    server = EmbeddedPostgres(settings.state_dir / "pgdata")
+    try:
+        dsn = await anyio.to_thread.run_sync(server.start)
+    except Exception as exc:
+        raise CommandError(f"cannot start the embedded Postgres: {exc}") from None
+    try:
+        yield dsn
+    finally:
+        if server.started_here:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(server.stop)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    settings, projections = load(args)
+
+    async def init() -> list[str]:
+        async with database(settings) as dsn:
+            try:
+                conn = await connect(dsn, autocommit=True, connect_timeout=10)
+            except Exception as exc:
+                raise CommandError(
+                    f"cannot connect to the database ({redact(dsn)}): {describe_error(exc, dsn)}"
+                ) from None
+            async with conn:
+                try:
+                    return await initialise(
+                        conn,
+                        schema=settings.schema,
+                        read_model_schema=settings.read_model_schema,
+                        projections=projections,
+                    )
+                except Exception as exc:
+                    raise CommandError(f"init failed: {describe_error(exc, dsn)}") from None
+
+    created = anyio.run(init)
+    for item in created:
+        print(f"created {item}")
+    print("schema is up to date" if not created else f"{len(created)} change(s) applied")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from projectord.daemon import Daemon, StartupError
+
+    settings, projections = load(args)
+
+    async def run() -> None:
+        async with database(settings) as dsn:
+            daemon = Daemon(settings, projections, dsn)
+            try:
+                await daemon.run()
+            except StartupError as exc:
+                raise CommandError(str(exc)) from None
+
+    anyio.run(run)
+    return EXIT_OK
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    settings, projections = load(args)
+    by_name = {p.name: p for p in projections}
+    unknown = [n for n in args.names if n not in by_name]
+    if unknown:
+        raise CommandError(f"unknown projection(s): {', '.join(unknown)}", EXIT_USAGE)
+    chosen = [by_name[n] for n in args.names] if args.names else projections
+
+    async def wait() -> bool:
+        async with database(settings) as dsn:
+            conn = await connect(dsn, autocommit=True, connect_timeout=10)
+            async with conn:
+                return await wait_for_projections(
+                    conn, Queries(settings.schema), chosen, timeout=args.timeout
+                )
+
+    if anyio.run(wait):
+        return EXIT_OK
+    print("projectord: timed out waiting for projections", file=sys.stderr)
+    return EXIT_FAILED
+
+
+async def wait_for_projections(
+    conn: Any, queries: Queries, projections: Sequence[Projection], *, timeout: float
+) -> bool:
+    """Wait until each projection's checkpoint has passed the last event of its types that was
+    committed when the call began. Polls the positions table with a deadline."""
+    targets: dict[str, tuple[int, int]] = {}
+    for projection in projections:
+        cur = await conn.execute(
+            queries["latest_event_of_types"], {"types": list(projection.event_types)}
+        )
+        row = await cur.fetchone()
+        if row is not None:
+            targets[projection.name] = (int(row[0]), int(row[1]))
+    deadline = time.monotonic() + timeout
+    while targets:
+        for name, target in list(targets.items()):
+            cur = await conn.execute(queries["read_position"], {"name": name})
+            row = await cur.fetchone()
+            if row is not None and (int(row[0]), int(row[1])) >= target:
+                del targets[name]
+        if not targets:
+            break
+        if time.monotonic() >= deadline:
+            return False
+        await anyio.sleep(0.05)
+    return True
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from projectord.demo import run_demo
+
+    settings = settings_from_args(args)
+    configure_logging(settings.log_format, settings.log_level)
+    return run_demo(settings, duration=args.duration, writers=args.writers)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The event store: appending events with optimistic concurrency, and the `Event` handlers receive.
+
+Commit order is `(transaction_id, global_position)`: `global_position` alone is the order in which
+positions were *taken*, and a transaction that took position 10 can commit after one that took 11.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.types.json import Jsonb
+
+from projectord.queries import Queries
+
+
+class ConcurrencyError(Exception):
+    """Another writer already appended this version of the aggregate; nothing was written."""
+
+    def __init__(self, aggregate_id: uuid.UUID, version: int) -> None:
+        super().__init__(
+            f"aggregate {aggregate_id} already has version {version}: "
+            "another writer appended first; reload the aggregate and retry"
+        )
+        self.aggregate_id = aggregate_id
+        self.version = version
+
+
+@dataclass(slots=True, frozen=True)
+class Event:
+    """One stored event, as a projection handler sees it."""
+
+    global_position: int
+    event_id: uuid.UUID
+    tenant_id: uuid.UUID
+    aggregate_id: uuid.UUID
+    aggregate_type: str
+    version: int
+    type: str
+    payload: dict[str, Any]
+    metadata: dict[str, Any]
+    recorded_at: datetime
+    transaction_id: int = 0
+
+    @property
+    def commit_position(self) -> tuple[int, int]:
+        return (self.transaction_id, self.global_position)
+
+
+@dataclass(slots=True)
+class NewEvent:
+    """An event to append. `version` is the aggregate's version this event creates."""
+
+    tenant_id: uuid.UUID
+    aggregate_id: uuid.UUID
+    version: int
+    type: str
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    aggregate_type: str = ""
+    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+
+class EventStore:
+    """Appends to and reads from `<schema>.events` over a caller-supplied connection.
+
+    Appends run in the caller's transaction, so a command handler can append and record its outcome
+    atomically. The UNIQUE (aggregate_id, version) constraint is the concurrency check: two writers
+    appending the same version cannot both commit.
+    """
+
+    def __init__(self, schema: str = "projectord") -> None:
+        self.schema = schema
+        self._queries = Queries(schema)
+
+    async def append(self, conn: AsyncConnection[Any], events: Sequence[NewEvent]) -> list[int]:
+        """Append atomically; a version clash raises `ConcurrencyError` and writes nothing."""
+        if not events:
+            return []
+        rows = [
+            (
+                e.event_id,
+                e.tenant_id,
+                e.aggregate_id,
+                e.aggregate_type,
+                e.version,
+                e.type,
+                Jsonb(dict(e.payload)),
+                Jsonb(dict(e.metadata)),
+            )
+            for e in events
+        ]
+        positions: list[int] = []
+        try:
+            async with conn.transaction(), conn.cursor() as cur:
+                await cur.executemany(self._queries["append_event"], rows, returning=True)
+                while True:
+                    row = await cur.fetchone()
+                    if row is not None:
+                        positions.append(row[0])
+                    if not cur.nextset():
+                        break
+        except psycopg.errors.UniqueViolation as exc:
+            diag = exc.diag.constraint_name or ""
+            if "aggregate_id" in diag or "version" in diag:
+                clash = _find_clash(events, str(exc))
+                raise ConcurrencyError(clash.aggregate_id, clash.version) from None
+            raise
+        return positions
+
+    async def aggregate_version(self, conn: AsyncConnection[Any], aggregate_id: uuid.UUID) -> int:
+        cur = await conn.execute(self._queries["aggregate_version"], {"aggregate_id": aggregate_id})
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def load(
+        self, conn: AsyncConnection[Any], aggregate_id: uuid.UUID, after_version: int = 0
+    ) -> list[Event]:
+        """The events of one aggregate in version order."""
+        cur = await conn.execute(
+            self._queries["load_aggregate"],
+            {"aggregate_id": aggregate_id, "after_version": after_version},
+        )
+        return [event_from_row(row) for row in await cur.fetchall()]
+
+
+def event_from_row(row: Sequence[Any]) -> Event:
+    """Build an `Event` from the columns in the order the queries select them."""
+    (
+        position,
+        event_id,
+        tenant_id,
+        aggregate_id,
+        aggregate_type,
+        version,
+        type_,
+        payload,
+        metadata,
+        recorded_at,
+        txid,
+    ) = row
+    return Event(
+        position,
+        event_id,
+        tenant_id,
+        aggregate_id,
+        aggregate_type,
+        version,
+        type_,
+        payload,
+        metadata,
+        recorded_at,
+        int(txid),
+    )
+
+
+def _find_clash(events: Sequence[NewEvent], detail: str) -> NewEvent:
+    for event in events:
+        if str(event.aggregate_id) in detail and f", {event.version})" in detail:
+            return event
+    return events[0]

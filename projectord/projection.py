@@ -1,0 +1,120 @@
+"""The projection API: a `Projection` declares its event types, tables and readers, and handles
+batches of events inside the transaction that also moves its checkpoint."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from psycopg import AsyncConnection
+
+from projectord.event_store import Event
+
+
+class ProjectionError(Exception):
+    """A projection that cannot be loaded or is declared wrongly; phrased for an operator."""
+
+
+@dataclass(frozen=True)
+class Table:
+    """A read-model table a projection owns: column name → SQL type and constraints.
+
+    `indexes` are extra indexes as column lists, e.g. `[("tenant_id", "created_at")]`.
+    """
+
+    columns: Mapping[str, str]
+    indexes: Sequence[Sequence[str]] = field(default_factory=tuple)
+
+    def create_sql(self, qualified_name: str) -> str:
+        cols = ", ".join(f'"{name}" {definition}' for name, definition in self.columns.items())
+        return f"CREATE TABLE IF NOT EXISTS {qualified_name} ({cols})"
+
+
+class Projection:
+    """Base class of a projection. Subclasses set `name`, `event_types`, `tables`, `read_access`
+    and define `handle` (a whole batch) or `on` (one event at a time)."""
+
+    name: ClassVar[str]
+    event_types: ClassVar[tuple[str, ...]]
+    tables: ClassVar[dict[str, Table]] = {}
+    read_access: ClassVar[tuple[str, ...]] = ()
+
+    async def handle(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
+        """Apply a batch, in commit order. The default calls `on` for each event."""
+        for event in events:
+            await self.on(event, conn)
+
+    async def on(self, event: Event, conn: AsyncConnection[Any]) -> None:
+        raise NotImplementedError(
+            f"projection {type(self).__name__} defines neither handle() nor on()"
+        )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {getattr(self, 'name', '?')!r}>"
+
+
+def load_projections(specs: Iterable[str]) -> list[Projection]:
+    """Import every `module:attr` and return the checked projection instances.
+
+    `attr` is a list of projections (instances or classes), or a zero-argument callable
+    returning one.
+    """
+    found: list[Projection] = []
+    for spec in specs:
+        found.extend(_load_spec(spec))
+    seen: set[str] = set()
+    for projection in found:
+        validate(projection)
+        if projection.name in seen:
+            raise ProjectionError(f"projection name {projection.name!r} is used twice")
+        seen.add(projection.name)
+    return found
+
+
+def _load_spec(spec: str) -> list[Projection]:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ProjectionError(
+            f"projections: cannot import {module_name!r} ({spec}): {exc}"
+        ) from None
+    try:
+        target: Any = module
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except AttributeError:
+        raise ProjectionError(f"projections: {module_name!r} has no attribute {attr!r}") from None
+    if callable(target) and not isinstance(target, type) and not isinstance(target, (list, tuple)):
+        target = target()
+    items = target if isinstance(target, (list, tuple)) else [target]
+    result = []
+    for item in items:
+        if isinstance(item, type) and issubclass(item, Projection):
+            item = item()
+        if not isinstance(item, Projection):
+            raise ProjectionError(f"projections: {spec} holds {item!r}, which is not a Projection")
+        result.append(item)
+    return result
+
+
+def validate(projection: Projection) -> None:
+    """Check a projection's declaration, so a mistake stops start-up instead of a batch."""
+    cls = type(projection).__name__
+    name = getattr(projection, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ProjectionError(f"projection class {cls} has no `name`")
+    types = getattr(projection, "event_types", None)
+    if isinstance(types, str) or not isinstance(types, (tuple, list)) or not types:
+        raise ProjectionError(
+            f"projection {name!r} ({cls}) has no `event_types` (a non-empty tuple of type names)"
+        )
+    if not all(isinstance(t, str) for t in types):
+        raise ProjectionError(f"projection {name!r}: every event type must be a string")
+    for table_name, table in projection.tables.items():
+        if not isinstance(table, Table):
+            raise ProjectionError(f"projection {name!r}: table {table_name!r} is not a Table")
+    if type(projection).handle is Projection.handle and type(projection).on is Projection.on:
+        raise ProjectionError(f"projection {name!r} ({cls}) defines neither handle() nor on()")

@@ -1,0 +1,55 @@
+"""Named SQL queries, kept in `.sql` files instead of strings scattered through the code.
+
+Each file under `sql/queries/` holds several queries, each introduced by a `-- name: NAME` line.
+`{schema}` in a query is replaced by projectord's own schema, quoted as an identifier; every other
+value travels as a bound parameter, never interpolated.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+from psycopg import sql
+
+_NAME_LINE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+def sql_dir() -> Path:
+    """Where the SQL files are: inside the installed package, or at the top of a checkout."""
+    packaged = Path(__file__).parent / "sql"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).parent.parent / "sql"
+
+
+@functools.cache
+def _raw_queries() -> dict[str, str]:
+    queries: dict[str, str] = {}
+    for path in sorted((sql_dir() / "queries").glob("*.sql")):
+        parts = _NAME_LINE.split(path.read_text())
+        for name, body in zip(parts[1::2], parts[2::2], strict=True):
+            if name in queries:
+                raise RuntimeError(f"query {name!r} is defined twice (in {path.name})")
+            queries[name] = body.strip().rstrip(";")
+    return queries
+
+
+def quote_ident(name: str) -> str:
+    return sql.Identifier(name).as_string()
+
+
+class Queries:
+    """The queries of one installation, with its schema filled in."""
+
+    def __init__(self, schema: str) -> None:
+        self._schema = quote_ident(schema)
+        self._cache: dict[str, str] = {}
+
+    def __getitem__(self, name: str) -> str:
+        query = self._cache.get(name)
+        if query is None:
+            query = _raw_queries()[name].replace("{schema}", self._schema)
+            self._cache[name] = query
+        return query

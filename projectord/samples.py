@@ -1,0 +1,90 @@
+"""Sample projections, used by the demo, the benchmarks and the README.
+
+`Balances` is the reference account-balances projection, written set-based: one upsert per batch
+through `unnest` arrays. `ActivityFeed` is written the obvious way, one statement per event in `on`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
+from psycopg import AsyncConnection
+
+from projectord.event_store import Event
+from projectord.projection import Projection, Table
+
+DEPOSITED, WITHDRAWN, NOTED = "Deposited", "Withdrawn", "Noted"
+
+
+class Balances(Projection):
+    name = "balances"
+    event_types = (DEPOSITED, WITHDRAWN)
+    tables = {
+        "balances": Table(
+            {
+                "id": "uuid PRIMARY KEY",
+                "tenant_id": "uuid NOT NULL",
+                "balance": "bigint NOT NULL DEFAULT 0",
+                "events": "bigint NOT NULL DEFAULT 0",
+            }
+        )
+    }
+    read_access = ("admin", "user")
+
+    async def handle(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
+        deltas: dict[UUID, list[Any]] = defaultdict(lambda: [None, 0, 0])
+        for event in events:
+            amount = int(event.payload["amount"])
+            row = deltas[event.aggregate_id]
+            row[0] = event.tenant_id
+            row[1] += amount if event.type == DEPOSITED else -amount
+            row[2] += 1
+        ids = list(deltas)
+        await conn.execute(
+            """
+            INSERT INTO balances AS b (id, tenant_id, balance, events)
+            SELECT * FROM unnest(%s::uuid[], %s::uuid[], %s::bigint[], %s::bigint[])
+            ON CONFLICT (id) DO UPDATE
+            SET balance = b.balance + excluded.balance, events = b.events + excluded.events
+            """,
+            (
+                ids,
+                [deltas[i][0] for i in ids],
+                [deltas[i][1] for i in ids],
+                [deltas[i][2] for i in ids],
+            ),
+        )
+
+
+class ActivityFeed(Projection):
+    name = "activity"
+    event_types = (DEPOSITED, WITHDRAWN, NOTED)
+    tables = {
+        "tenant_activity": Table(
+            {
+                "tenant_id": "uuid PRIMARY KEY",
+                "events": "bigint NOT NULL DEFAULT 0",
+                "last_type": "text NOT NULL",
+                "last_at": "timestamptz NOT NULL",
+            }
+        )
+    }
+    read_access = ("admin",)
+
+    async def on(self, event: Event, conn: AsyncConnection[Any]) -> None:
+        await conn.execute(
+            """
+            INSERT INTO tenant_activity AS a (tenant_id, events, last_type, last_at)
+            VALUES (%s, 1, %s, %s)
+            ON CONFLICT (tenant_id) DO UPDATE
+            SET events = a.events + 1, last_type = excluded.last_type, last_at = excluded.last_at
+            """,
+            (event.tenant_id, event.type, event.recorded_at),
+        )
+
+
+def demo_projections() -> list[Projection]:
+    return [Balances(), ActivityFeed()]

@@ -1,0 +1,95 @@
+"""`projectord init`: create or upgrade projectord's own tables and the projections' missing tables.
+
+Migrations are the numbered files in `sql/migrations/`, each applied once and recorded in
+`<schema>.schema_migrations`; the whole run holds an advisory lock, so daemons starting together do
+not race each other. Running it twice changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from projectord.projection import Projection
+from projectord.queries import Queries, quote_ident, sql_dir
+
+INIT_LOCK_KEY = 0x70726F6A  # "proj": serialises concurrent `init` runs on one database
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def migrations() -> list[Migration]:
+    found = []
+    for path in sorted((sql_dir() / "migrations").glob("*.sql")):
+        number, _, rest = path.stem.partition("_")
+        found.append(Migration(int(number), rest, path.read_text()))
+    return found
+
+
+async def initialise(
+    conn: AsyncConnection[Any],
+    *,
+    schema: str,
+    read_model_schema: str,
+    projections: Sequence[Projection] = (),
+) -> list[str]:
+    """Bring the database up to date in one transaction; return what was created."""
+    done: list[str] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (INIT_LOCK_KEY,))
+        for name in dict.fromkeys((schema, read_model_schema)):
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(name)}")
+        await conn.execute(f"SET LOCAL search_path TO {quote_ident(schema)}")
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        cur = await conn.execute("SELECT version FROM schema_migrations")
+        applied = {row[0] for row in await cur.fetchall()}
+        for migration in migrations():
+            if migration.version in applied:
+                continue
+            await conn.execute(migration.sql.encode())
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                (migration.version, migration.name),
+            )
+            done.append(f"migration {migration.version:04d}_{migration.name}")
+        await conn.execute("SET LOCAL search_path TO DEFAULT")
+        done += await create_projection_tables(conn, read_model_schema, projections)
+        queries = Queries(schema)
+        for projection in projections:
+            await conn.execute(queries["ensure_position"], {"name": projection.name})
+    return done
+
+
+async def create_projection_tables(
+    conn: AsyncConnection[Any], read_model_schema: str, projections: Sequence[Projection]
+) -> list[str]:
+    """Create the tables (and declared indexes) that do not exist yet. Existing ones are left
+    alone: comparing them with the declaration is drift detection's job."""
+    created = []
+    for projection in projections:
+        for table_name, table in projection.tables.items():
+            cur = await conn.execute(
+                "SELECT to_regclass(%s) IS NULL",
+                (f"{quote_ident(read_model_schema)}.{quote_ident(table_name)}",),
+            )
+            row = await cur.fetchone()
+            if row and row[0]:
+                qualified = f"{quote_ident(read_model_schema)}.{quote_ident(table_name)}"
+                await conn.execute(table.create_sql(qualified).encode())
+                for columns in table.indexes:
+                    cols = ", ".join(quote_ident(c) for c in columns)
+                    await conn.execute(f"CREATE INDEX ON {qualified} ({cols})".encode())
+                created.append(f"table {read_model_schema}.{table_name} ({projection.name})")
+    return created

@@ -1,0 +1,57 @@
+-- name: fetch_batch
+-- The next batch of a projection in commit order, with the safe horizon it was read under.
+-- One statement, so the horizon and the rows come from the same snapshot: every transaction below
+-- the snapshot's xmin has ended, so no event can later appear at or behind a checkpoint taken here.
+-- The horizon row is always returned (LEFT JOIN), with NULL event columns when the batch is empty.
+-- `held_back` says some committed events sit beyond the horizon, waiting for an older transaction.
+WITH horizon AS (
+    SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin
+)
+SELECT h.xmin::text AS horizon,
+       EXISTS (SELECT 1 FROM {schema}.events w WHERE w.transaction_id >= h.xmin) AS held_back,
+       e.global_position, e.event_id, e.tenant_id, e.aggregate_id, e.aggregate_type, e.version,
+       e.type, e.payload, e.metadata, e.recorded_at, e.txid
+FROM horizon h
+LEFT JOIN LATERAL (
+    SELECT ev.global_position, ev.event_id, ev.tenant_id, ev.aggregate_id, ev.aggregate_type,
+           ev.version, ev.type, ev.payload, ev.metadata, ev.recorded_at,
+           ev.transaction_id::text AS txid
+    FROM {schema}.events ev
+    WHERE (ev.transaction_id, ev.global_position) > (%(txid)s::xid8, %(position)s::bigint)
+      AND ev.transaction_id < h.xmin
+      AND ev.type = ANY(%(types)s::text[])
+    ORDER BY ev.transaction_id, ev.global_position
+    LIMIT %(limit)s
+) e ON true
+ORDER BY e.txid::xid8, e.global_position;
+
+-- name: append_event
+INSERT INTO {schema}.events
+    (event_id, tenant_id, aggregate_id, aggregate_type, version, type, payload, metadata)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+RETURNING global_position;
+
+-- name: aggregate_version
+SELECT coalesce(max(version), 0) FROM {schema}.events WHERE aggregate_id = %(aggregate_id)s;
+
+-- name: load_aggregate
+SELECT global_position, event_id, tenant_id, aggregate_id, aggregate_type, version, type, payload,
+       metadata, recorded_at, transaction_id::text
+FROM {schema}.events
+WHERE aggregate_id = %(aggregate_id)s AND version > %(after_version)s
+ORDER BY version;
+
+-- name: latest_event_of_types
+-- The last committed event of these types in commit order: `wait` waits until checkpoints pass it.
+SELECT transaction_id::text, global_position
+FROM {schema}.events
+WHERE type = ANY(%(types)s::text[])
+ORDER BY transaction_id DESC, global_position DESC
+LIMIT 1;
+
+-- name: count_unapplied
+-- Lag: committed events of a projection's types beyond its checkpoint.
+SELECT count(*)
+FROM {schema}.events
+WHERE (transaction_id, global_position) > (%(txid)s::xid8, %(position)s::bigint)
+  AND type = ANY(%(types)s::text[]);

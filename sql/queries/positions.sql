@@ -1,0 +1,28 @@
+-- name: ensure_position
+INSERT INTO {schema}.projection_positions (name) VALUES (%(name)s) ON CONFLICT (name) DO NOTHING;
+
+-- name: read_position
+SELECT transaction_id::text, global_position, state, applied_total
+FROM {schema}.projection_positions WHERE name = %(name)s;
+
+-- name: read_positions
+SELECT name, transaction_id::text, global_position, state, applied_total, last_error, updated_at
+FROM {schema}.projection_positions ORDER BY name;
+
+-- name: advance_checkpoint
+-- Compare-and-set: moves the checkpoint only from the value this runner last read, so a second
+-- writer of the same projection (or a reset by an operator) makes the batch roll back.
+UPDATE {schema}.projection_positions
+SET transaction_id = %(new_txid)s::xid8,
+    global_position = %(new_position)s,
+    applied_total = applied_total + %(applied)s,
+    last_error = CASE WHEN %(applied)s > 0 THEN NULL ELSE last_error END,
+    updated_at = now()
+WHERE name = %(name)s
+  AND transaction_id = %(old_txid)s::xid8
+  AND global_position = %(old_position)s;
+
+-- name: record_error
+UPDATE {schema}.projection_positions
+SET last_error = %(error)s, updated_at = now()
+WHERE name = %(name)s;

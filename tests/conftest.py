@@ -1,0 +1,67 @@
+"""Test fixtures: a real Postgres (embedded by default, or the server named by
+PROJECTORD_TEST_DATABASE_URL), a fresh database per test cloned from a migrated template, and
+helpers to run the real daemon as a process."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from projectord.embedded import EmbeddedPostgres
+from tests.harness import TestDatabase, init_database
+
+TEST_URL_ENV = "PROJECTORD_TEST_DATABASE_URL"
+TEMPLATE = f"projectord_template_{os.getpid()}"
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A superuser URL of the server the tests use."""
+    url = os.environ.get(TEST_URL_ENV)
+    if url:
+        yield url
+        return
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "pgdata", durable=False)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.destroy()
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_admin_url: str) -> Iterator[str]:
+    """A database with projectord's schema migrated, cloned for every test."""
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}"')
+        conn.execute(f'CREATE DATABASE "{TEMPLATE}"')
+    init_database(make_conninfo(pg_admin_url, dbname=TEMPLATE))
+    yield TEMPLATE
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db(pg_admin_url: str, template_db: str) -> Iterator[TestDatabase]:
+    name = f"pd_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    database = TestDatabase(make_conninfo(pg_admin_url, dbname=name), name)
+    try:
+        yield database
+    finally:
+        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "state"
+    path.mkdir()
+    return path

@@ -1,0 +1,191 @@
+"""Helpers shared by the tests: a test database handle, writers, and the daemon as a process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psycopg
+from psycopg.types.json import Jsonb
+
+from projectord.database import connect
+from projectord.projection import load_projections
+from projectord.schema import initialise
+
+ROOT = Path(__file__).resolve().parent.parent
+TENANT = uuid.UUID("00000000-0000-0000-0000-00000000000a")
+
+
+def init_database(dsn: str, projections: Sequence[str] = ()) -> list[str]:
+    async def run() -> list[str]:
+        conn = await connect(dsn, autocommit=True)
+        async with conn:
+            return await initialise(
+                conn,
+                schema="projectord",
+                read_model_schema="public",
+                projections=load_projections(projections),
+            )
+
+    return anyio.run(run)
+
+
+@dataclass
+class TestDatabase:
+    url: str
+    name: str
+
+    def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.url, **kwargs)
+
+    def scalar(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> Any:
+        with self.connect(autocommit=True) as conn:
+            row = conn.execute(query, params).fetchone()
+            return row[0] if row else None
+
+    def rows(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+        with self.connect(autocommit=True) as conn:
+            return conn.execute(query, params).fetchall()
+
+    def init(self, *projections: str) -> list[str]:
+        return init_database(self.url, projections)
+
+
+def append_sql(
+    conn: psycopg.Connection[Any],
+    type_: str,
+    payload: dict[str, Any],
+    *,
+    aggregate_id: uuid.UUID | None = None,
+    version: int = 1,
+    tenant_id: uuid.UUID = TENANT,
+) -> None:
+    """A plain SQL append, as any writer may do it."""
+    conn.execute(
+        "INSERT INTO projectord.events (tenant_id, aggregate_id, version, type, payload)"
+        " VALUES (%s, %s, %s, %s, %s)",
+        (tenant_id, aggregate_id or uuid.uuid4(), version, type_, Jsonb(payload)),
+    )
+
+
+def bulk_credits(conn: psycopg.Connection[Any], count: int, accounts: int = 100) -> None:
+    """`count` Credited events of amount 1..7 spread over `accounts` accounts, in one statement."""
+    conn.execute(
+        """
+        INSERT INTO projectord.events (tenant_id, aggregate_id, version, type, payload)
+        SELECT %s, md5('acct' || (g %% %s))::uuid, g, 'Credited',
+               jsonb_build_object('account', (g %% %s), 'amount', 1 + g %% 7)
+        FROM generate_series(1, %s) g
+        """,
+        (TENANT, accounts, accounts, count),
+    )
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> float:
+    """Poll `predicate` until it holds; return the seconds it took; fail at the deadline."""
+    start = time.monotonic()
+    deadline = start + timeout
+    while True:
+        if predicate():
+            return time.monotonic() - start
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+class DaemonProcess:
+    """`projectord run` as a real process, with its JSON log lines collected in a file."""
+
+    def __init__(
+        self,
+        database_url: str,
+        projections: str,
+        state_dir: Path,
+        *,
+        extra_env: dict[str, str] | None = None,
+        args: Sequence[str] = (),
+    ) -> None:
+        self.log_path = state_dir / f"daemon-{uuid.uuid4().hex[:6]}.log"
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "PROJECTORD_DATABASE_URL": database_url,
+            "PROJECTORD_PROJECTIONS": projections,
+            "PROJECTORD_STATE_DIR": str(state_dir),
+            "PROJECTORD_LOG_FORMAT": "json",
+            **(extra_env or {}),
+        }
+        self._log_file = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "projectord", "run", *args],
+            env=env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def log_events(self) -> list[dict[str, Any]]:
+        events = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+        return events
+
+    def has_logged(self, event: str) -> bool:
+        return any(e.get("event") == event for e in self.log_events())
+
+    def wait_started(self, timeout: float = 30) -> DaemonProcess:
+        def started() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"daemon exited early:\n{self.log_path.read_text()}")
+            return self.has_logged("daemon.started") and self.has_logged("listener.connected")
+
+        wait_until(started, timeout)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self._log_file.close()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
+        self._log_file.close()
+
+    def __enter__(self) -> DaemonProcess:
+        return self.wait_started()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.kill()
+        else:
+            self._log_file.close()
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "projectord", *args],
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+    )
