@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import anyio
 
+from projectord.catch_up import wait_for_projections
 from projectord.config import ConfigError, Settings, load_settings
 from projectord.database import connect, describe_error, redact
 from projectord.embedded import EmbeddedPostgres, EmbeddedUnavailable
@@ -206,34 +206,6 @@ def cmd_wait(args: argparse.Namespace) -> int:
         return EXIT_OK
     print("projectord: timed out waiting for projections", file=sys.stderr)
     return EXIT_FAILED
-
-
-async def wait_for_projections(
-    conn: Any, queries: Queries, projections: Sequence[Projection], *, timeout: float
-) -> bool:
-    """Wait until each projection's checkpoint has passed the last event of its types that was
-    committed when the call began. Polls the positions table with a deadline."""
-    targets: dict[str, tuple[int, int]] = {}
-    for projection in projections:
-        cur = await conn.execute(
-            queries["latest_event_of_types"], {"types": list(projection.event_types)}
-        )
-        row = await cur.fetchone()
-        if row is not None:
-            targets[projection.name] = (int(row[0]), int(row[1]))
-    deadline = time.monotonic() + timeout
-    while targets:
-        for name, target in list(targets.items()):
-            cur = await conn.execute(queries["read_position"], {"name": name})
-            row = await cur.fetchone()
-            if row is not None and (int(row[0]), int(row[1])) >= target:
-                del targets[name]
-        if not targets:
-            break
-        if time.monotonic() >= deadline:
-            return False
-        await anyio.sleep(0.05)
-    return True
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

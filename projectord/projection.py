@@ -3,7 +3,6 @@ batches of events inside the transaction that also moves its checkpoint."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -11,6 +10,7 @@ from typing import Any, ClassVar
 from psycopg import AsyncConnection
 
 from projectord.event_store import Event
+from projectord.specs import resolve_spec
 
 
 class ProjectionError(Exception):
@@ -74,24 +74,8 @@ def load_projections(specs: Iterable[str]) -> list[Projection]:
 
 
 def _load_spec(spec: str) -> list[Projection]:
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise ProjectionError(
-            f"projections: cannot import {module_name!r} ({spec}): {exc}"
-        ) from None
-    try:
-        target: Any = module
-        for part in attr.split("."):
-            target = getattr(target, part)
-    except AttributeError:
-        raise ProjectionError(f"projections: {module_name!r} has no attribute {attr!r}") from None
-    if callable(target) and not isinstance(target, type) and not isinstance(target, (list, tuple)):
-        target = target()
-    items = target if isinstance(target, (list, tuple)) else [target]
     result = []
-    for item in items:
+    for item in resolve_spec(spec, "projections", ProjectionError):
         if isinstance(item, type) and issubclass(item, Projection):
             item = item()
         if not isinstance(item, Projection):

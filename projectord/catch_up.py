@@ -1,0 +1,65 @@
+"""Waiting for projections to catch up with a point in the event history.
+
+A target is a commit position `(transaction_id, global_position)`; a projection has caught up with
+it once its checkpoint is at or past it. `projectord wait` targets the last event of each
+projection's types committed before the call; a read-your-writes dispatch targets the events its
+command appended. Both poll the checkpoints with a deadline: checkpoints move without notifying.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import anyio
+
+from projectord.projection import Projection
+from projectord.queries import Queries
+
+Position = tuple[int, int]  # (transaction_id, global_position), compared in commit order
+
+POLL_INTERVAL = 0.05  # seconds between checkpoint reads while waiting
+
+
+async def latest_positions(
+    conn: Any, queries: Queries, projections: Sequence[Projection]
+) -> dict[str, Position]:
+    """Per projection, the last committed event of its types (none: the projection is left out)."""
+    targets: dict[str, Position] = {}
+    for projection in projections:
+        cur = await conn.execute(
+            queries["latest_event_of_types"], {"types": list(projection.event_types)}
+        )
+        row = await cur.fetchone()
+        if row is not None:
+            targets[projection.name] = (int(row[0]), int(row[1]))
+    return targets
+
+
+async def wait_for_positions(
+    conn: Any, queries: Queries, targets: Mapping[str, Position], *, timeout: float
+) -> list[str]:
+    """Wait until each named projection's checkpoint has reached its target. Returns the names
+    still behind when `timeout` ran out (empty: all caught up)."""
+    behind = dict(targets)
+    deadline = time.monotonic() + timeout
+    while behind:
+        for name, target in list(behind.items()):
+            cur = await conn.execute(queries["read_position"], {"name": name})
+            row = await cur.fetchone()
+            if row is not None and (int(row[0]), int(row[1])) >= target:
+                del behind[name]
+        if not behind or time.monotonic() >= deadline:
+            break
+        await anyio.sleep(POLL_INTERVAL)
+    return sorted(behind)
+
+
+async def wait_for_projections(
+    conn: Any, queries: Queries, projections: Sequence[Projection], *, timeout: float
+) -> bool:
+    """Wait until each projection's checkpoint has passed the last event of its types that was
+    committed when the call began."""
+    targets = await latest_positions(conn, queries, projections)
+    return not await wait_for_positions(conn, queries, targets, timeout=timeout)
