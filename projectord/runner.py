@@ -217,6 +217,9 @@ class ProjectionRunner:
             for r in rows
             if r[2] is not None
         ]
+        # The query returns commit order; sorting an already sorted list is a linear check that
+        # keeps the guarantee even if a future plan stopped preserving it.
+        events.sort(key=_commit_position)
         return Batch(events, horizon, held_back)
 
     def _next_checkpoint(self, batch: Batch) -> Checkpoint:
@@ -316,6 +319,10 @@ class ProjectionRunner:
                 )
         except Exception as record_exc:  # the database may be what failed; the log has it
             self._log.debug("projection.error_not_recorded", error=str(record_exc))
+
+
+def _commit_position(event: Event) -> Checkpoint:
+    return (event.transaction_id, event.global_position)
 
 
 def _backoff(attempts: int) -> float:

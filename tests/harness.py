@@ -42,6 +42,8 @@ def init_database(dsn: str, projections: Sequence[str] = ()) -> list[str]:
 
 @dataclass
 class TestDatabase:
+    __test__ = False  # not a test class, despite its name
+
     url: str
     name: str
 
@@ -83,9 +85,10 @@ def bulk_credits(conn: psycopg.Connection[Any], count: int, accounts: int = 100)
     conn.execute(
         """
         INSERT INTO projectord.events (tenant_id, aggregate_id, version, type, payload)
-        SELECT %s, md5('acct' || (g %% %s))::uuid, g, 'Credited',
+        SELECT %s, md5('acct' || (g %% %s))::uuid, base.n + g, 'Credited',
                jsonb_build_object('account', (g %% %s), 'amount', 1 + g %% 7)
-        FROM generate_series(1, %s) g
+        FROM generate_series(1, %s) g,
+             (SELECT coalesce(max(version), 0) AS n FROM projectord.events) base
         """,
         (TENANT, accounts, accounts, count),
     )

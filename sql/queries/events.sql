@@ -3,6 +3,8 @@
 -- One statement, so the horizon and the rows come from the same snapshot: every transaction below
 -- the snapshot's xmin has ended, so no event can later appear at or behind a checkpoint taken here.
 -- The horizon row is always returned (LEFT JOIN), with NULL event columns when the batch is empty.
+-- No outer ORDER BY: the lateral join is a nested loop over the single horizon row, which keeps
+-- the index order, and an outer sort would cost more than the scan (tests/test_query_plan.py).
 -- `held_back` says some committed events sit beyond the horizon, waiting for an older transaction.
 WITH horizon AS (
     SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin
@@ -22,8 +24,7 @@ LEFT JOIN LATERAL (
       AND ev.type = ANY(%(types)s::text[])
     ORDER BY ev.transaction_id, ev.global_position
     LIMIT %(limit)s
-) e ON true
-ORDER BY e.txid::xid8, e.global_position;
+) e ON true;
 
 -- name: append_event
 INSERT INTO {schema}.events
