@@ -82,32 +82,23 @@ class EventStore:
         """Append atomically; a version clash raises `ConcurrencyError` and writes nothing."""
         if not events:
             return []
-        rows = [
-            (
-                e.event_id,
-                e.tenant_id,
-                e.aggregate_id,
-                e.aggregate_type,
-                e.version,
-                e.type,
-                Jsonb(dict(e.payload)),
-                Jsonb(dict(e.metadata)),
-            )
-            for e in events
-        ]
-        positions: list[int] = []
+        params = {
+            "event_ids": [e.event_id for e in events],
+            "tenant_ids": [e.tenant_id for e in events],
+            "aggregate_ids": [e.aggregate_id for e in events],
+            "aggregate_types": [e.aggregate_type for e in events],
+            "versions": [e.version for e in events],
+            "types": [e.type for e in events],
+            "payloads": [Jsonb(dict(e.payload)) for e in events],
+            "metadata": [Jsonb(dict(e.metadata)) for e in events],
+        }
         try:
-            async with conn.transaction(), conn.cursor() as cur:
-                await cur.executemany(self._queries["append_event"], rows, returning=True)
-                while True:
-                    row = await cur.fetchone()
-                    if row is not None:
-                        positions.append(row[0])
-                    if not cur.nextset():
-                        break
+            async with conn.transaction():
+                cur = await conn.execute(self._queries["append_events"], params)
+                positions = sorted(row[0] for row in await cur.fetchall())
         except psycopg.errors.UniqueViolation as exc:
-            diag = exc.diag.constraint_name or ""
-            if "aggregate_id" in diag or "version" in diag:
+            constraint = exc.diag.constraint_name or ""
+            if "aggregate_id" in constraint or "version" in constraint:
                 clash = _find_clash(events, str(exc))
                 raise ConcurrencyError(clash.aggregate_id, clash.version) from None
             raise

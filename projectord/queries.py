@@ -47,6 +47,11 @@ class Queries:
         self._schema = quote_ident(schema)
         self._cache: dict[str, str] = {}
 
+    @property
+    def schema_sql(self) -> str:
+        """The schema, quoted as an identifier, for SQL kept outside the query files."""
+        return self._schema
+
     def __getitem__(self, name: str) -> str:
         query = self._cache.get(name)
         if query is None:

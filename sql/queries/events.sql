@@ -26,10 +26,18 @@ LEFT JOIN LATERAL (
     LIMIT %(limit)s
 ) e ON true;
 
--- name: append_event
+-- name: append_events
+-- One statement for the whole append, rows in the order given (identity values follow it).
 INSERT INTO {schema}.events
     (event_id, tenant_id, aggregate_id, aggregate_type, version, type, payload, metadata)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+SELECT u.event_id, u.tenant_id, u.aggregate_id, u.aggregate_type, u.version, u.type, u.payload,
+       u.metadata
+FROM unnest(%(event_ids)s::uuid[], %(tenant_ids)s::uuid[], %(aggregate_ids)s::uuid[],
+            %(aggregate_types)s::text[], %(versions)s::int[], %(types)s::text[],
+            %(payloads)s::jsonb[], %(metadata)s::jsonb[])
+     WITH ORDINALITY AS u(event_id, tenant_id, aggregate_id, aggregate_type, version, type,
+                          payload, metadata, n)
+ORDER BY u.n
 RETURNING global_position;
 
 -- name: aggregate_version
@@ -56,3 +64,6 @@ SELECT count(*)
 FROM {schema}.events
 WHERE (transaction_id, global_position) > (%(txid)s::xid8, %(position)s::bigint)
   AND type = ANY(%(types)s::text[]);
+
+-- name: count_events
+SELECT count(*) FROM {schema}.events;
