@@ -1,0 +1,36 @@
+-- The request's claims, for the row-level security policies that `read_access` implies.
+-- Runs with search_path set to projectord's own schema; `SET search_path FROM CURRENT` pins it,
+-- so the functions find each other whatever the caller's search_path is.
+--
+-- Claims follow the PostgREST/Supabase convention: a JSON object in the setting
+-- `request.jwt.claims`. A cast of malformed JSON (or of a malformed uuid) raises, and an error in a
+-- policy would fail the reader's whole query; these functions turn a missing, empty, malformed or
+-- non-object value into NULL instead, which matches no row: such a session reads nothing.
+
+CREATE OR REPLACE FUNCTION request_claims() RETURNS jsonb
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    claims jsonb;
+BEGIN
+    claims := nullif(current_setting('request.jwt.claims', true), '')::jsonb;
+    IF jsonb_typeof(claims) = 'object' THEN
+        RETURN claims;
+    END IF;
+    RETURN NULL;
+EXCEPTION WHEN others THEN
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION request_tenant_id() RETURNS uuid
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    RETURN (request_claims() ->> 'tenant_id')::uuid;
+EXCEPTION WHEN others THEN
+    RETURN NULL;
+END;
+$$;
