@@ -81,5 +81,11 @@ def make_pool(
         configure=configure,
         check=AsyncConnectionPool.check_connection,
         kwargs={"application_name": APPLICATION_NAME, "autocommit": True},
-        reconnect_timeout=0,
+        # psycopg_pool's own reconnection backs off exponentially without a cap (1, 2, 4, … s)
+        # until reconnect_timeout: after a long outage it would sleep for about as long again.
+        # So its attempts stop early and the runners own the retry policy instead: a runner that
+        # waits `timeout` for a connection gets PoolTimeout, a transient error, backs off (capped
+        # at a few seconds) and asks again, which makes the pool try to connect again.
+        reconnect_timeout=2.0,
+        timeout=3.0,
     )

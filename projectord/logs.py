@@ -19,11 +19,15 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         if use_json
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
+    stamp: list[structlog.types.Processor] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    _route_stdlib_logging(renderer, stamp, level)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *stamp,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -31,6 +35,29 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def _route_stdlib_logging(
+    renderer: structlog.types.Processor, stamp: list[structlog.types.Processor], level: str
+) -> None:
+    """Libraries log through the stdlib; render their records like ours (JSON off a TTY).
+
+    psycopg's pool logs every failed reconnection attempt as a warning; projectord logs one line
+    per state change itself (`listener.disconnected`, `projection.database_unavailable`), so the
+    pool is kept to errors.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *stamp],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+    logging.getLogger("psycopg").setLevel(max(logging.WARNING, root.level))
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
