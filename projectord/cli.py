@@ -18,6 +18,7 @@ import anyio
 from projectord.catch_up import wait_for_projections
 from projectord.config import ConfigError, Settings, load_settings
 from projectord.database import connect, describe_error, redact
+from projectord.drift_cli import add_drift_commands
 from projectord.embedded import EmbeddedPostgres, EmbeddedUnavailable
 from projectord.logs import configure_logging
 from projectord.projection import Projection, ProjectionError, load_projections
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = add("demo", cmd_demo, "the main job end to end on the embedded Postgres")
     demo.add_argument("--duration", type=float, default=20.0, help="seconds of writing (20)")
     demo.add_argument("--writers", type=int, default=8, help="concurrent writers (8)")
+    add_drift_commands(add, commands, parent)
     return parser
 
 

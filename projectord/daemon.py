@@ -22,6 +22,7 @@ from projectord.projection import Projection
 from projectord.queries import Queries
 from projectord.runner import ProjectionRunner
 from projectord.schema import initialise
+from projectord.security import SecurityError, check_write_access
 
 log = get_logger("projectord.daemon")
 
@@ -81,6 +82,12 @@ class Daemon:
                 raise StartupError(
                     f"cannot create projectord's tables: {describe_error(exc, self.dsn)}"
                 ) from None
+            try:  # forced row-level security must not stop this role's own writes
+                await check_write_access(
+                    conn, self.queries, self.settings.read_model_schema, self.projections
+                )
+            except SecurityError as exc:
+                raise StartupError(str(exc)) from None
         for item in created:
             log.info("schema.created", item=item)
 

@@ -1,0 +1,457 @@
+"""Schema drift: how the read-model tables in the database differ from what the projections declare.
+
+The expected shape of each table comes from Postgres itself (see `catalog`), the actual one from
+the catalog of the configured read-model schema only. Every difference is a `Drift` with a kind,
+the column it concerns, what was expected and found, and how it can be repaired:
+
+- `in_place`: a safe change of the live table (add a column with its default, a widening type
+  change, set or drop NOT NULL when the data allows, an index, row-level security, a policy, a
+  grant);
+- `rebuild`: the table's contents must be recomputed from events (a type without a safe cast, a new
+  primary key, a NOT NULL column for existing rows, a missing table of a projection that has applied
+  events): an online rebuild into shadow tables, swapped in when caught up;
+- `drop`: something extra (a column, a policy) that only an explicit flag removes;
+- `manual`: something only an operator can do (create a role, grant BYPASSRLS).
+
+`drift_check` is the entry point for the command line and the control socket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection, sql
+
+from projectord.catalog import ColumnShape, TableShape, declared_shapes, read_shapes
+from projectord.config import Settings
+from projectord.database import connect
+from projectord.projection import Projection
+from projectord.queries import Queries
+from projectord.security import (
+    READ_POLICY,
+    check_declaration,
+    current_role,
+    existing_roles,
+    policy_statements,
+)
+
+
+class DriftError(Exception):
+    """Drift cannot be checked (a declaration that cannot be enforced); one line."""
+
+
+class Kind(StrEnum):
+    MISSING_TABLE = "missing_table"
+    MISSING_COLUMN = "missing_column"
+    EXTRA_COLUMN = "extra_column"
+    TYPE_MISMATCH = "type_mismatch"
+    NULLABILITY_MISMATCH = "nullability_mismatch"
+    DEFAULT_MISMATCH = "default_mismatch"
+    PRIMARY_KEY_MISMATCH = "primary_key_mismatch"
+    MISSING_INDEX = "missing_index"
+    RLS_NOT_ENABLED = "rls_not_enabled"
+    RLS_NOT_FORCED = "rls_not_forced"
+    POLICY_MISSING = "policy_missing"
+    POLICY_DIFFERENT = "policy_different"
+    EXTRA_POLICY = "extra_policy"
+    GRANT_MISSING = "grant_missing"
+    ROLE_MISSING = "role_missing"
+    WRITER_CANNOT_BYPASS_RLS = "writer_cannot_bypass_rls"
+
+
+class Repair(StrEnum):
+    IN_PLACE = "in_place"
+    REBUILD = "rebuild"
+    DROP = "drop"
+    MANUAL = "manual"
+
+
+@dataclass(frozen=True)
+class Drift:
+    projection: str | None
+    table: str | None
+    column: str | None
+    kind: Kind
+    expected: str | None
+    actual: str | None
+    repair: Repair
+    reason: str = ""
+    subject: str | None = None  # the role or policy the item is about, if any
+
+    def line(self, schema: str) -> str:
+        if self.table:
+            subject = ".".join(part for part in (schema, self.table, self.column) if part)
+        elif self.projection:
+            subject = f"projection {self.projection}"
+        else:
+            subject = "database"
+        text = f"{subject}: {self.kind.value.replace('_', ' ')}"
+        if self.expected is not None or self.actual is not None:
+            text += f" (expected {self.expected or 'none'}, found {self.actual or 'none'})"
+        repair = self.repair.value.replace("_", " ")
+        return text + f"; repair: {repair}" + (f" ({self.reason})" if self.reason else "")
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self) | {"kind": self.kind.value, "repair": self.repair.value}
+
+    @classmethod
+    def from_json(cls, item: dict[str, Any]) -> Drift:
+        return cls(**item | {"kind": Kind(item["kind"]), "repair": Repair(item["repair"])})
+
+
+@dataclass
+class Inspection:
+    """A drift check's findings and what repair needs to act on them."""
+
+    schema: str
+    items: list[Drift]
+    expected: dict[str, TableShape]
+    actual: dict[str, TableShape]
+    projections: dict[str, Projection]  # by name
+    readers: set[str]  # the read_access roles that exist
+    bypasses_rls: bool  # the connection's role (projectord's) is exempt from row-level security
+
+    def lines(self) -> list[str]:
+        return [item.line(self.schema) for item in self.items]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "drift": [item.as_json() for item in self.items],
+            "count": len(self.items),
+        }
+
+
+async def drift_check(
+    db: str | AsyncConnection[Any], settings: Settings, projections: Sequence[Projection]
+) -> dict[str, Any]:
+    """The drift of the projections' tables, as JSON: `{"schema", "drift": [...], "count"}`.
+    `db` is a DSN or an open connection (left open). Changes nothing."""
+    if isinstance(db, str):
+        conn = await connect(db, autocommit=True, connect_timeout=10)
+        async with conn:
+            return (await inspect(conn, settings, projections)).as_json()
+    return (await inspect(db, settings, projections)).as_json()
+
+
+async def inspect(
+    conn: AsyncConnection[Any], settings: Settings, projections: Sequence[Projection]
+) -> Inspection:
+    """Compare every declared table with the database, in a transaction that is rolled back."""
+    for projection in projections:
+        problem = check_declaration(projection)
+        if problem:
+            raise DriftError(problem)
+    queries = Queries(settings.schema)
+    schema = settings.read_model_schema
+    tables = [name for projection in projections for name in projection.tables]
+    declared_readers = {role for p in projections for role in p.read_access}
+    async with conn.transaction(force_rollback=True):
+        await conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)))
+        readers = await existing_roles(conn, queries, declared_readers)
+        _, bypasses = await current_role(conn, queries)
+        # Actual shapes first: once temporary tables exist they shadow same-named sequences in
+        # the deparsed defaults of the real tables.
+        actual = await read_shapes(conn, queries, schema, tables)
+
+        def secure(temp_schema: str, projection: Projection, table: str) -> list[sql.Composed]:
+            ident = sql.Identifier(temp_schema, table)
+            return policy_statements(ident, settings.schema, projection, readers)
+
+        expected = await declared_shapes(conn, queries, projections, secure)
+        comparer = _Comparer(conn, queries, schema, readers)
+        items: list[Drift] = []
+        for projection in projections:
+            items += await comparer.projection(projection, expected, actual)
+        if declared_readers and not bypasses:
+            items.append(_writer_cannot_bypass())
+    return Inspection(
+        schema,
+        items,
+        expected,
+        actual,
+        {p.name: p for p in projections},
+        readers,
+        bypasses,
+    )
+
+
+def _writer_cannot_bypass() -> Drift:
+    return Drift(
+        None,
+        None,
+        None,
+        Kind.WRITER_CANNOT_BYPASS_RLS,
+        "BYPASSRLS",
+        "projectord's role lacks it",
+        Repair.MANUAL,
+        "forced row-level security would stop projectord's writes: ALTER ROLE … BYPASSRLS",
+    )
+
+
+def uses_sequence(default: str | None) -> bool:
+    return default is not None and "nextval(" in default
+
+
+@dataclass
+class _Comparer:
+    """Compares one projection's tables at a time; probes the live data where the repair class
+    depends on it (NULLs present, rows present, a cast that would lose values)."""
+
+    conn: AsyncConnection[Any]
+    queries: Queries
+    schema: str
+    readers: set[str]
+    _has_rows: dict[str, bool] = field(default_factory=dict)
+
+    async def projection(
+        self,
+        projection: Projection,
+        expected: dict[str, TableShape],
+        actual: dict[str, TableShape],
+    ) -> list[Drift]:
+        items: list[Drift] = []
+        for table in projection.tables:
+            if table not in actual:
+                items.append(await self._missing_table(projection, table))
+                continue
+            items += await self._table(projection, expected[table], actual[table])
+        if projection.read_access:
+            items += await self._readers(projection, actual)
+        return items
+
+    async def _table(
+        self, projection: Projection, want: TableShape, have: TableShape
+    ) -> list[Drift]:
+        item = _ItemMaker(projection.name, want.name)
+        items: list[Drift] = []
+        for column in want.columns.values():
+            found = have.columns.get(column.name)
+            if found is None:
+                items.append(await self._missing_column(item, want, column))
+            else:
+                items += await self._column(item, have, column, found)
+        for extra in have.columns.values():
+            if extra.name not in want.columns:
+                items.append(
+                    item(Kind.EXTRA_COLUMN, Repair.DROP, column=extra.name,
+                         actual=extra.definition(), reason="kept unless dropped explicitly")
+                )  # fmt: skip
+        if want.primary_key != have.primary_key:
+            items.append(
+                item(Kind.PRIMARY_KEY_MISMATCH, Repair.REBUILD, expected=_key(want.primary_key),
+                     actual=_key(have.primary_key), reason="a primary key cannot change in place")
+            )  # fmt: skip
+        for index in sorted(want.indexes - have.indexes, key=lambda i: i.describe()):
+            items.append(item(Kind.MISSING_INDEX, Repair.IN_PLACE, expected=index.describe()))
+        if projection.read_access:
+            items += _security(item, want, have)
+        return items
+
+    async def _missing_table(self, projection: Projection, table: str) -> Drift:
+        cur = await self.conn.execute(
+            self.queries["projection_has_applied_events"],
+            {"name": projection.name, "types": list(projection.event_types)},
+        )
+        row = await cur.fetchone()
+        item = _ItemMaker(projection.name, table)
+        if row and row[0]:
+            return item(Kind.MISSING_TABLE, Repair.REBUILD, expected="table",
+                        reason="the projection has applied events: fill it from them")  # fmt: skip
+        return item(Kind.MISSING_TABLE, Repair.IN_PLACE, expected="table")
+
+    async def _missing_column(
+        self, item: _ItemMaker, want: TableShape, column: ColumnShape
+    ) -> Drift:
+        reason = ""
+        if column.name in want.primary_key:
+            reason = "part of the primary key"
+        elif column.special or uses_sequence(column.default):
+            reason = "an identity, generated or serial column"
+        elif column.not_null and column.default is None and await self._rows(want.name):
+            reason = "NOT NULL without a default: existing rows need values computed from events"
+        repair = Repair.REBUILD if reason else Repair.IN_PLACE
+        return item(Kind.MISSING_COLUMN, repair, column=column.name,
+                    expected=column.definition(), reason=reason)  # fmt: skip
+
+    async def _column(
+        self, item: _ItemMaker, have: TableShape, column: ColumnShape, found: ColumnShape
+    ) -> list[Drift]:
+        items = []
+        name = column.name
+        if column.type != found.type:
+            reason = await self._cast_problem(have.name, found, column)
+            items.append(
+                item(Kind.TYPE_MISMATCH, _repair(reason), column=name, expected=column.type,
+                     actual=found.type, reason=reason)
+            )  # fmt: skip
+        if column.not_null != found.not_null:
+            reason = await self._nullability_problem(have, column)
+            items.append(
+                item(Kind.NULLABILITY_MISMATCH, _repair(reason), column=name,
+                     expected=_nullability(column), actual=_nullability(found), reason=reason)
+            )  # fmt: skip
+        if column.default != found.default:
+            special = column.special or found.special
+            sequence = uses_sequence(column.default) or uses_sequence(found.default)
+            reason = "an identity, generated or serial column" if special or sequence else ""
+            items.append(
+                item(Kind.DEFAULT_MISMATCH, _repair(reason), column=name,
+                     expected=column.default, actual=found.default, reason=reason)
+            )  # fmt: skip
+        return items
+
+    async def _readers(self, projection: Projection, actual: dict[str, TableShape]) -> list[Drift]:
+        """Roles, grants and schema access for the projection's readers."""
+        item = _ItemMaker(projection.name, None)
+        items = [
+            item(Kind.ROLE_MISSING, Repair.MANUAL, expected=f"role {role}", subject=role,
+                 reason=f"create it, e.g. CREATE ROLE {sql.Identifier(role).as_string()} NOLOGIN")
+            for role in projection.read_access
+            if role not in self.readers
+        ]  # fmt: skip
+        roles = sorted(set(projection.read_access) & self.readers)
+        tables = [t for t in projection.tables if t in actual]
+        cur = await self.conn.execute(
+            self.queries["missing_select_grants"],
+            {"schema": self.schema, "tables": tables, "roles": roles},
+        )
+        for table, role in await cur.fetchall():
+            items.append(
+                _ItemMaker(projection.name, table)(
+                    Kind.GRANT_MISSING, Repair.IN_PLACE, expected=f"SELECT to {role}", subject=role
+                )
+            )
+        cur = await self.conn.execute(
+            self.queries["missing_schema_usage"], {"schema": self.schema, "roles": roles}
+        )
+        for (role,) in await cur.fetchall():
+            items.append(
+                item(Kind.GRANT_MISSING, Repair.IN_PLACE, subject=role,
+                     expected=f"USAGE on schema {self.schema} to {role}")
+            )  # fmt: skip
+        return items
+
+    # -- probes of the live data -----------------------------------------------------------------
+
+    def _table_ident(self, table: str) -> sql.Identifier:
+        return sql.Identifier(self.schema, table)
+
+    async def _rows(self, table: str) -> bool:
+        if table not in self._has_rows:
+            query = sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(self._table_ident(table))
+            cur = await self.conn.execute(query)
+            row = await cur.fetchone()
+            self._has_rows[table] = bool(row and row[0])
+        return self._has_rows[table]
+
+    async def _nullability_problem(self, have: TableShape, column: ColumnShape) -> str:
+        if not column.not_null:
+            return "part of the live primary key" if column.name in have.primary_key else ""
+        query = sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE {} IS NULL)").format(
+            self._table_ident(have.name), sql.Identifier(column.name)
+        )
+        cur = await self.conn.execute(query)
+        row = await cur.fetchone()
+        if row and row[0]:
+            return "the column holds NULLs: values must be computed from events"
+        return ""
+
+    async def _cast_problem(self, table: str, found: ColumnShape, want: ColumnShape) -> str:
+        """Why the live column cannot be converted in place, or "" when it can: Postgres casts the
+        old type to the new one implicitly (a widening) and every stored value survives the
+        round trip old → new → old."""
+        if want.special or found.special:
+            return "an identity or generated column"
+        cur = await self.conn.execute(
+            self.queries["implicit_cast_exists"],
+            {"source": found.type_oid, "target": want.type_oid},
+        )
+        row = await cur.fetchone()
+        if not (row and row[0]):
+            return f"no safe cast from {found.type} to {want.type}"
+        # The type names come from format_type() of the catalog, never from a request.
+        query = sql.SQL(
+            "SELECT NOT EXISTS (SELECT 1 FROM {table} WHERE {col} IS DISTINCT FROM"
+            " ({col}::{new})::{old})"
+        ).format(
+            table=self._table_ident(table),
+            col=sql.Identifier(want.name),
+            new=sql.SQL(want.type),
+            old=sql.SQL(found.type),
+        )
+        try:
+            async with self.conn.transaction():
+                cur = await self.conn.execute(query)
+                row = await cur.fetchone()
+        except psycopg.Error:
+            row = None
+        if not (row and row[0]):
+            return f"stored values do not survive a cast from {found.type} to {want.type}"
+        return ""
+
+
+@dataclass(frozen=True)
+class _ItemMaker:
+    """Makes the drift items of one projection's table (or of the projection, without a table)."""
+
+    projection: str
+    table: str | None
+
+    def __call__(
+        self,
+        kind: Kind,
+        repair: Repair,
+        *,
+        column: str | None = None,
+        expected: str | None = None,
+        actual: str | None = None,
+        reason: str = "",
+        subject: str | None = None,
+    ) -> Drift:
+        return Drift(
+            self.projection, self.table, column, kind, expected, actual, repair, reason, subject
+        )
+
+
+def _security(item: _ItemMaker, want: TableShape, have: TableShape) -> list[Drift]:
+    """Row-level security switched on and forced, and exactly the reader policy."""
+    items = []
+    if not have.rls_enabled:
+        items.append(item(Kind.RLS_NOT_ENABLED, Repair.IN_PLACE, expected="enabled",
+                          actual="disabled"))  # fmt: skip
+    if not have.rls_forced:
+        items.append(item(Kind.RLS_NOT_FORCED, Repair.IN_PLACE, expected="forced",
+                          actual="not forced",
+                          reason="without FORCE the table's owner reads every row"))  # fmt: skip
+    wanted = want.policies.get(READ_POLICY)
+    found = have.policies.get(READ_POLICY)
+    if wanted is not None and found is None:
+        items.append(item(Kind.POLICY_MISSING, Repair.IN_PLACE, expected=wanted.describe(),
+                          subject=READ_POLICY))  # fmt: skip
+    elif found is not None and wanted != found:
+        items.append(item(Kind.POLICY_DIFFERENT, Repair.IN_PLACE, subject=READ_POLICY,
+                          expected=wanted.describe() if wanted else None,
+                          actual=found.describe()))  # fmt: skip
+    for name in sorted(set(have.policies) - {READ_POLICY}):
+        items.append(item(Kind.EXTRA_POLICY, Repair.DROP, subject=name,
+                          actual=f"{name}: {have.policies[name].describe()}",
+                          reason="another policy changes what read_access implies"))  # fmt: skip
+    return items
+
+
+def _repair(reason: str) -> Repair:
+    """A reason against changing in place means a rebuild."""
+    return Repair.REBUILD if reason else Repair.IN_PLACE
+
+
+def _key(columns: Sequence[str]) -> str | None:
+    return f"({', '.join(columns)})" if columns else None
+
+
+def _nullability(column: ColumnShape) -> str:
+    return "NOT NULL" if column.not_null else "NULL"

@@ -1,0 +1,240 @@
+"""Drift repair: the SQL that removes the drift a check found, printed (dry run) or applied.
+
+In-place changes run in one transaction, so a repair that fails half-way changes nothing. Drift
+that needs a table's contents recomputed is repaired by an online rebuild of its projection
+(`online_rebuild`), after the in-place changes commit; the in-place changes of the tables a rebuild
+replaces are left out, since the rebuilt tables are created as declared. Nothing is dropped (an
+extra column or policy, or by a rebuild a table with extra columns) unless `drop_extra` is given.
+Repair is idempotent: once applied, the next check finds nothing and the next repair does nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from psycopg import AsyncConnection, sql
+
+from projectord.catalog import TableShape
+from projectord.config import Settings
+from projectord.database import connect
+from projectord.drift import Drift, Inspection, Kind, Repair, inspect
+from projectord.logs import get_logger
+from projectord.online_rebuild import rebuild_online
+from projectord.projection import Projection
+from projectord.security import (
+    READ_POLICY,
+    drop_policy,
+    enable_rls,
+    force_rls,
+    grant_schema_usage,
+    grant_select,
+    reader_policy,
+    secure_statements,
+)
+
+log = get_logger("projectord.repair")
+
+LOCK_TIMEOUT = "10s"  # an in-place repair waits this long for a table's lock, then fails cleanly
+RLS_KINDS = {Kind.RLS_NOT_ENABLED, Kind.RLS_NOT_FORCED, Kind.POLICY_MISSING, Kind.POLICY_DIFFERENT}
+
+
+class RepairError(Exception):
+    """A repair that must not or could not be applied; one line for an operator."""
+
+
+@dataclass
+class RepairPlan:
+    steps: list[tuple[Drift, list[sql.Composable]]] = field(default_factory=list)
+    rebuilds: dict[str, list[Drift]] = field(default_factory=dict)  # projection → its drift
+    left: list[tuple[Drift, str]] = field(default_factory=list)  # not repaired, and why
+
+    def statements(self) -> list[sql.Composable]:
+        return [statement for _, statements in self.steps for statement in statements]
+
+
+async def drift_repair(
+    dsn: str,
+    settings: Settings,
+    projections: Sequence[Projection],
+    *,
+    apply: bool = False,
+    drop_extra: bool = False,
+) -> dict[str, Any]:
+    """Plan the repair of the projections' drift; with `apply`, carry it out. Returns JSON:
+    the drift found, the SQL, the projections rebuilt online, and what was left and why."""
+    conn = await connect(dsn, autocommit=True, connect_timeout=10)
+    async with conn:
+        inspection = await inspect(conn, settings, projections)
+        plan = plan_repair(inspection, settings, drop_extra=drop_extra)
+        result = describe_plan(conn, inspection, plan) | {"applied": False}
+        if not apply:
+            return result
+        await apply_in_place(conn, inspection, plan)
+    for name in plan.rebuilds:
+        await rebuild_online(dsn, settings, inspection.projections[name])
+    return result | {"applied": True}
+
+
+def plan_repair(inspection: Inspection, settings: Settings, *, drop_extra: bool) -> RepairPlan:
+    plan = RepairPlan()
+    for item in inspection.items:
+        if item.repair is Repair.REBUILD and item.projection:
+            plan.rebuilds.setdefault(item.projection, []).append(item)
+    for name in list(plan.rebuilds):
+        extras = [i for i in inspection.items if i.projection == name and i.repair is Repair.DROP]
+        if extras and not drop_extra:
+            for item in plan.rebuilds.pop(name):
+                plan.left.append((item, "rebuilding would drop extras: pass --drop-extra"))
+    rebuilt = {t for name in plan.rebuilds for t in inspection.projections[name].tables}
+    builder = _StatementBuilder(inspection, settings)
+    for item in inspection.items:
+        if item.repair is Repair.REBUILD or (item.table in rebuilt and item.projection):
+            continue
+        if item.repair is Repair.MANUAL:
+            plan.left.append((item, item.reason))
+        elif item.repair is Repair.DROP and not drop_extra:
+            plan.left.append((item, "kept: pass --drop-extra to drop it"))
+        else:
+            plan.steps.append((item, builder.statements(item)))
+    return plan
+
+
+def describe_plan(
+    conn: AsyncConnection[Any], inspection: Inspection, plan: RepairPlan
+) -> dict[str, Any]:
+    return {
+        "drift": [item.as_json() for item in inspection.items],
+        "statements": [statement.as_string(conn) for statement in plan.statements()],
+        "rebuilds": sorted(plan.rebuilds),
+        "left": [item.as_json() | {"why": why} for item, why in plan.left],
+    }
+
+
+def plan_text(result: dict[str, Any], schema: str) -> list[str]:
+    """The dry run as an operator reads it: SQL, with what is not done as comments."""
+    lines = [f"{statement};" for statement in result["statements"]]
+    for name in result["rebuilds"]:
+        lines.append(f"-- online rebuild of projection {name}: projectord rebuild {name} --online")
+    for item in result["left"]:
+        if item["table"]:
+            where = ".".join(p for p in (schema, item["table"], item["column"]) if p)
+        else:
+            where = f"projection {item['projection']}" if item["projection"] else "database"
+        lines.append(f"-- not repaired: {where}: {item['kind']}: {item['why']}")
+    return lines or ["-- no drift: nothing to do"]
+
+
+async def apply_in_place(
+    conn: AsyncConnection[Any], inspection: Inspection, plan: RepairPlan
+) -> None:
+    """Run the in-place statements in one transaction."""
+    if not inspection.bypasses_rls and _secures_anything(inspection, plan):
+        raise RepairError(
+            "refusing to force row-level security: projectord's database role lacks BYPASSRLS,"
+            " so its own writes would stop; ALTER ROLE … BYPASSRLS first"
+        )
+    statements = plan.statements()
+    if not statements:
+        return
+    async with conn.transaction():
+        await conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(LOCK_TIMEOUT))
+        for statement in statements:
+            await conn.execute(statement)
+    log.info("drift.repaired", statements=len(statements))
+
+
+def _secures_anything(inspection: Inspection, plan: RepairPlan) -> bool:
+    """Whether the plan switches on row-level security somewhere (which stops the writes of a
+    role that does not bypass it)."""
+    secured = {name for name, p in inspection.projections.items() if p.read_access}
+    in_place = any(
+        item.kind in RLS_KINDS or (item.kind is Kind.MISSING_TABLE and item.projection in secured)
+        for item, _ in plan.steps
+    )
+    return in_place or bool(secured & set(plan.rebuilds))
+
+
+@dataclass
+class _StatementBuilder:
+    """The statements that repair one drift item in place."""
+
+    inspection: Inspection
+    settings: Settings
+
+    def statements(self, item: Drift) -> list[sql.Composable]:
+        schema = self.inspection.schema
+        table = sql.Identifier(schema, item.table) if item.table else sql.SQL("")
+        column = sql.Identifier(item.column) if item.column else sql.SQL("")
+        want = self.inspection.expected.get(item.table or "")
+        alter = sql.SQL("ALTER TABLE {} ").format(table)
+        match item.kind:
+            case Kind.MISSING_TABLE:
+                return self._create_table(item)
+            case Kind.MISSING_COLUMN:
+                definition = _column(want, item).definition()
+                return [alter + sql.SQL("ADD COLUMN {} {}").format(column, sql.SQL(definition))]
+            case Kind.TYPE_MISMATCH:
+                new_type = sql.SQL(_column(want, item).type)
+                return [alter + sql.SQL("ALTER COLUMN {} TYPE {}").format(column, new_type)]
+            case Kind.NULLABILITY_MISMATCH:
+                change = "SET NOT NULL" if _column(want, item).not_null else "DROP NOT NULL"
+                return [alter + sql.SQL("ALTER COLUMN {} " + change).format(column)]
+            case Kind.DEFAULT_MISMATCH:
+                default = _column(want, item).default
+                change = sql.SQL("DROP DEFAULT" if default is None else f"SET DEFAULT {default}")
+                return [alter + sql.SQL("ALTER COLUMN {} {}").format(column, change)]
+            case Kind.MISSING_INDEX:
+                return [_create_index(table, item.expected or "")]
+            case Kind.EXTRA_COLUMN:
+                return [alter + sql.SQL("DROP COLUMN {}").format(column)]
+            case Kind.RLS_NOT_ENABLED:
+                return [enable_rls(table)]
+            case Kind.RLS_NOT_FORCED:
+                return [force_rls(table)]
+            case Kind.POLICY_MISSING:
+                return [self._policy(table, item)]
+            case Kind.POLICY_DIFFERENT:
+                return [drop_policy(table, READ_POLICY), self._policy(table, item)]
+            case Kind.EXTRA_POLICY:
+                return [drop_policy(table, item.subject or "")]
+            case Kind.GRANT_MISSING if item.table:
+                return [grant_select(table, item.subject or "")]
+            case Kind.GRANT_MISSING:
+                return [grant_schema_usage(schema, item.subject or "")]
+        raise RepairError(f"no in-place repair for {item.kind}")
+
+    def _projection(self, item: Drift) -> Projection:
+        return self.inspection.projections[item.projection or ""]
+
+    def _create_table(self, item: Drift) -> list[sql.Composable]:
+        projection = self._projection(item)
+        declared = projection.tables[item.table or ""]
+        table = sql.Identifier(self.inspection.schema, item.table or "")
+        qualified = table.as_string()
+        statements: list[sql.Composable] = [sql.SQL(declared.create_sql(qualified))]
+        for columns in declared.indexes:
+            cols = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+            statements.append(sql.SQL("CREATE INDEX ON {} ({})").format(table, cols))
+        roles = set(projection.read_access) & self.inspection.readers
+        return statements + list(secure_statements(table, self.settings.schema, projection, roles))
+
+    def _policy(self, table: sql.Composable, item: Drift) -> sql.Composed:
+        projection = self._projection(item)
+        roles = set(projection.read_access) & self.inspection.readers
+        return reader_policy(table, self.settings.schema, projection.read_access, roles)
+
+
+def _column(want: TableShape | None, item: Drift) -> Any:
+    assert want is not None and item.column is not None
+    return want.columns[item.column]
+
+
+def _create_index(table: sql.Composable, described: str) -> sql.Composed:
+    """`described` is an IndexShape description, deparsed by Postgres from the declaration."""
+    unique = described.startswith("UNIQUE ")
+    definition = described.removeprefix("UNIQUE ")
+    return sql.SQL("CREATE {}INDEX ON {} {}").format(
+        sql.SQL("UNIQUE " if unique else ""), table, sql.SQL(definition)
+    )

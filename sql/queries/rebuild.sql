@@ -1,0 +1,34 @@
+-- name: try_rebuild_lock
+-- One online rebuild per projection at a time; a session lock, released when its connection ends.
+SELECT pg_try_advisory_lock(hashtext('projectord.online_rebuild'), hashtext(%(key)s));
+
+-- name: delete_position
+DELETE FROM {schema}.projection_positions WHERE name = %(name)s;
+
+-- name: take_over_position
+-- The swap: the live projection continues from where its shadow stopped, with the shadow's count.
+UPDATE {schema}.projection_positions AS live
+SET transaction_id = shadow.transaction_id,
+    global_position = shadow.global_position,
+    applied_total = shadow.applied_total,
+    last_error = NULL,
+    updated_at = now()
+FROM {schema}.projection_positions AS shadow
+WHERE live.name = %(name)s AND shadow.name = %(shadow)s
+RETURNING live.transaction_id::text, live.global_position, live.applied_total;
+
+-- name: table_grants
+-- Privileges others hold on a table (not its owner's), to carry over to the table replacing it.
+SELECT CASE WHEN a.grantee = 0 THEN 'public' ELSE pg_get_userbyid(a.grantee) END, a.privilege_type
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+CROSS JOIN LATERAL aclexplode(c.relacl) AS a
+WHERE n.nspname = %(schema)s AND c.relname = %(table)s AND a.grantee <> c.relowner
+ORDER BY 1, 2;
+
+-- name: table_owners
+-- Which of these tables exist in the schema, and who owns them.
+SELECT c.relname, pg_get_userbyid(c.relowner)
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s::text[]) AND c.relkind IN ('r', 'p');

@@ -1,0 +1,39 @@
+-- name: existing_roles
+SELECT rolname FROM pg_roles WHERE rolname = ANY(%(roles)s::text[]);
+
+-- name: current_role_bypasses_rls
+-- Superusers and BYPASSRLS roles are exempt from every row-level security policy, even FORCEd ones.
+SELECT rolname, rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user;
+
+-- name: rls_tables_blocking_writes
+-- Tables whose row-level security applies to the current role: enabled, and either forced or
+-- owned by a role whose privileges the current role does not have (owners are exempt unless
+-- forced). Empty for superusers and BYPASSRLS roles.
+SELECT c.relname
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s::text[]) AND c.relrowsecurity
+  AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE'))
+  AND NOT EXISTS (
+      SELECT 1 FROM pg_roles WHERE rolname = current_user AND (rolsuper OR rolbypassrls)
+  )
+ORDER BY 1;
+
+-- name: missing_select_grants
+-- (table, role) pairs where a reader role cannot SELECT the table.
+SELECT c.relname, r.rolname
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+CROSS JOIN pg_roles r
+WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s::text[])
+  AND r.rolname = ANY(%(roles)s::text[])
+  AND NOT has_table_privilege(r.oid, c.oid, 'SELECT')
+ORDER BY 1, 2;
+
+-- name: missing_schema_usage
+-- Reader roles without USAGE on the read-model schema: they could not name its tables.
+SELECT r.rolname
+FROM pg_roles r
+JOIN pg_namespace n ON n.nspname = %(schema)s
+WHERE r.rolname = ANY(%(roles)s::text[]) AND NOT has_schema_privilege(r.oid, n.oid, 'USAGE')
+ORDER BY 1;
