@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from psycopg import AsyncConnection
 
 from projectord.catch_up import wait_for_projections
 from projectord.config import ConfigError, Settings, load_settings
 from projectord.database import connect, describe_error, redact
+from projectord.dispatch_cli import add_dispatch_command
 from projectord.drift_cli import add_drift_commands
 from projectord.embedded import EmbeddedPostgres, EmbeddedUnavailable
 from projectord.logs import configure_logging
@@ -43,6 +45,7 @@ def _settings_parent() -> argparse.ArgumentParser:
     group.add_argument("--config", type=Path, help="TOML configuration file")
     group.add_argument("--database-url", help="libpq URL or DSN (default: embedded Postgres)")
     group.add_argument("--projections", help="comma-separated module:attr list")
+    group.add_argument("--aggregates", help="comma-separated module:attr list (command side)")
     group.add_argument("--schema", help="schema of projectord's own tables")
     group.add_argument("--read-model-schema", help="schema of the projections' tables")
     group.add_argument("--control-socket", type=Path)
@@ -57,6 +60,7 @@ def _settings_parent() -> argparse.ArgumentParser:
 SETTING_FLAGS = (
     "database_url",
     "projections",
+    "aggregates",
     "schema",
     "read_model_schema",
     "control_socket",
@@ -93,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = add("demo", cmd_demo, "the main job end to end on the embedded Postgres")
     demo.add_argument("--duration", type=float, default=20.0, help="seconds of writing (20)")
     demo.add_argument("--writers", type=int, default=8, help="concurrent writers (8)")
+    add_dispatch_command(add)
     add_drift_commands(add, commands, parent)
     return parser
 
@@ -142,18 +147,22 @@ async def database(settings: Settings) -> AsyncIterator[str]:
                 await anyio.to_thread.run_sync(server.stop)
 
 
+async def open_connection(dsn: str) -> AsyncConnection[Any]:
+    """An autocommit connection for a command, or a one-line `CommandError` saying why not."""
+    try:
+        return await connect(dsn, autocommit=True, connect_timeout=10)
+    except Exception as exc:
+        raise CommandError(
+            f"cannot connect to the database ({redact(dsn)}): {describe_error(exc, dsn)}"
+        ) from None
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     settings, projections = load(args)
 
     async def init() -> list[str]:
         async with database(settings) as dsn:
-            try:
-                conn = await connect(dsn, autocommit=True, connect_timeout=10)
-            except Exception as exc:
-                raise CommandError(
-                    f"cannot connect to the database ({redact(dsn)}): {describe_error(exc, dsn)}"
-                ) from None
-            async with conn:
+            async with await open_connection(dsn) as conn:
                 try:
                     return await initialise(
                         conn,

@@ -38,6 +38,7 @@ with warnings.catch_warnings():
 
         database_url: SecretStr | None = None
         projections: Annotated[list[str], NoDecode] = []
+        aggregates: Annotated[list[str], NoDecode] = []
         schema: str = "projectord"  # type: ignore[assignment]
         read_model_schema: str = "public"
         control_socket: Path | None = None
@@ -49,14 +50,14 @@ with warnings.catch_warnings():
         log_format: Literal["auto", "json", "console"] = "auto"
         log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
 
-        @field_validator("projections", mode="before")
+        @field_validator("projections", "aggregates", mode="before")
         @classmethod
-        def _split_projections(cls, value: Any) -> Any:
+        def _split_specs(cls, value: Any) -> Any:
             if isinstance(value, str):
                 return [part.strip() for part in value.split(",") if part.strip()]
             return value
 
-        @field_validator("projections")
+        @field_validator("projections", "aggregates")
         @classmethod
         def _check_specs(cls, value: list[str]) -> list[str]:
             for spec in value:

@@ -1,4 +1,5 @@
-"""Sample projections, used by the demo, the benchmarks and the README.
+"""Sample projections and the sample `Account` aggregate, used by the demo, the benchmarks and the
+README.
 
 `Balances` is the reference account-balances projection, written set-based: one upsert per batch
 through `unnest` arrays. `ActivityFeed` is written the obvious way, one statement per event in `on`.
@@ -12,7 +13,9 @@ from typing import Any
 from uuid import UUID
 
 from psycopg import AsyncConnection
+from pydantic import Field
 
+from projectord.aggregate import Aggregate, Change, CommandPayload, CommandRejected, handles
 from projectord.event_store import Event
 from projectord.projection import Projection, Table
 
@@ -88,3 +91,53 @@ class ActivityFeed(Projection):
 
 def demo_projections() -> list[Projection]:
     return [Balances(), ActivityFeed()]
+
+
+class Deposit(CommandPayload):
+    """Put `amount` (whole units, > 0) into account `account_id`; opens the account if new."""
+
+    aggregate_field = "account_id"
+    account_id: UUID
+    amount: int = Field(gt=0, le=10**12, strict=True)
+
+
+class Withdraw(CommandPayload):
+    """Take `amount` out of account `account_id`; refused if the balance would go below zero."""
+
+    aggregate_field = "account_id"
+    account_id: UUID
+    amount: int = Field(gt=0, le=10**12, strict=True)
+
+
+class Account(Aggregate):
+    """The write side of `Balances`: its events are the `Deposited`/`Withdrawn` that projection
+    folds, payload `{"amount": int}`, keyed by the account's aggregate id."""
+
+    aggregate_type = "account"
+
+    def __init__(self, aggregate_id: UUID, tenant_id: UUID) -> None:
+        super().__init__(aggregate_id, tenant_id)
+        self.balance = 0
+
+    @handles(Deposit)
+    def deposit(self, command: Deposit) -> list[Change]:
+        return [Change(DEPOSITED, {"amount": command.amount})]
+
+    @handles(Withdraw)
+    def withdraw(self, command: Withdraw) -> list[Change]:
+        if command.amount > self.balance:
+            raise CommandRejected(
+                f"insufficient funds: account {self.id} holds {self.balance},"
+                f" cannot withdraw {command.amount}"
+            )
+        return [Change(WITHDRAWN, {"amount": command.amount})]
+
+    def apply(self, event: Event) -> None:
+        if event.type == DEPOSITED:
+            self.balance += int(event.payload["amount"])
+        elif event.type == WITHDRAWN:
+            self.balance -= int(event.payload["amount"])
+
+
+def demo_aggregates() -> list[type[Aggregate]]:
+    return [Account]
