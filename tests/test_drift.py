@@ -3,24 +3,18 @@ repaired, gone on the next check; repair twice changes nothing; extras reported 
 
 from __future__ import annotations
 
-import functools
 import json
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
-import anyio
 import pytest
 
-from projectord.config import Settings, load_settings
-from projectord.drift import drift_check
 from projectord.projection import Projection, Table
-from projectord.repair import drift_repair
-from tests.drift_projections import READERS_ENV, Accounts
+from tests.drift_projections import Accounts
+from tests.drift_support import TENANT, add_account, check, cli_env, repair, secured_accounts
 from tests.harness import TestDatabase, run_cli
 from tests.role_support import TemporaryRoles
-
-TENANT = uuid.UUID("00000000-0000-0000-0000-0000000000a1")
 
 
 @pytest.fixture
@@ -33,38 +27,6 @@ def roles(pg_admin_url: str, db: TestDatabase) -> Iterator[TemporaryRoles]:
 @pytest.fixture
 def reader(roles: TemporaryRoles) -> str:
     return roles.create("reader")
-
-
-def settings_for(db: TestDatabase, **overrides: Any) -> Settings:
-    return load_settings(None, database_url=db.url, **overrides)
-
-
-def check(db: TestDatabase, projections: Sequence[Projection], **overrides: Any) -> list[tuple]:
-    """(kind, table, column, repair) of every drift item."""
-    report = anyio.run(drift_check, db.url, settings_for(db, **overrides), projections)
-    return [(d["kind"], d["table"], d["column"], d["repair"]) for d in report["drift"]]
-
-
-def repair(db: TestDatabase, projections: Sequence[Projection], **options: Any) -> dict[str, Any]:
-    run = functools.partial(drift_repair, db.url, settings_for(db), projections, **options)
-    return anyio.run(run)
-
-
-def secured_accounts(db: TestDatabase, reader: str) -> list[Projection]:
-    """The accounts table created by a repair from nothing, with its row-level security."""
-    projections: list[Projection] = [Accounts([reader])]
-    assert check(db, projections) == [("missing_table", "accounts", None, "in_place")]
-    repair(db, projections, apply=True)
-    assert check(db, projections) == []
-    return projections
-
-
-def add_account(db: TestDatabase, **values: Any) -> None:
-    row = {"id": uuid.uuid4(), "tenant_id": TENANT, "owner": "o", "opened_at": "now"} | values
-    names = ", ".join(row)
-    marks = ", ".join(["%s"] * len(row))
-    with db.connect(autocommit=True) as conn:
-        conn.execute(f"INSERT INTO accounts ({names}) VALUES ({marks})", list(row.values()))
 
 
 # (damage done to a correct table, the drift expected: (kind, column, repair class) ...)
@@ -163,31 +125,31 @@ def test_each_drift_kind_is_detected_repaired_and_gone(
     db: TestDatabase, reader: str, case: str
 ) -> None:
     damage, expected = CASES[case]
-    projections = secured_accounts(db, reader)
+    projections = secured_accounts(db.url, reader)
     add_account(db, balance=5)
     with db.connect(autocommit=True) as conn:
         conn.execute(damage.replace("{reader}", f'"{reader}"'))
 
-    found = check(db, projections)
+    found = check(db.url, projections)
     assert found == [(kind, "accounts", column, how) for kind, column, how in expected]
 
-    first = repair(db, projections, apply=True, drop_extra=True)
+    first = repair(db.url, projections, apply=True, drop_extra=True)
     assert first["applied"] and (first["statements"] or first["rebuilds"])
-    assert check(db, projections) == []
-    second = repair(db, projections, apply=True, drop_extra=True)
+    assert check(db.url, projections) == []
+    second = repair(db.url, projections, apply=True, drop_extra=True)
     assert second["statements"] == [] and second["rebuilds"] == [] and second["drift"] == []
 
 
 def test_in_place_repairs_keep_the_rows(db: TestDatabase, reader: str) -> None:
-    projections = secured_accounts(db, reader)
+    projections = secured_accounts(db.url, reader)
     add_account(db, balance=2**31 - 1, note="kept")
     with db.connect(autocommit=True) as conn:
         conn.execute("ALTER TABLE accounts ALTER COLUMN balance TYPE integer")
         conn.execute("ALTER TABLE accounts DROP COLUMN owner")  # has a default: added in place
-    result = repair(db, projections, apply=True)
+    result = repair(db.url, projections, apply=True)
     assert result["rebuilds"] == [] and len(result["statements"]) == 3  # column, type, index
     assert db.rows("SELECT balance, note, owner FROM accounts") == [(2**31 - 1, "kept", "")]
-    assert check(db, projections) == []
+    assert check(db.url, projections) == []
 
 
 def test_types_are_compared_as_postgres_normalises_them(db: TestDatabase) -> None:
@@ -206,31 +168,31 @@ def test_types_are_compared_as_postgres_normalises_them(db: TestDatabase) -> Non
         conn.execute(
             "CREATE TABLE spelled (a integer, b int4, c varchar(9), d double precision, e boolean)"
         )
-    assert check(db, [Spelled()]) == []
+    assert check(db.url, [Spelled()]) == []
     with db.connect(autocommit=True) as conn:
         conn.execute("ALTER TABLE spelled ALTER COLUMN c TYPE varchar(10)")
-    assert check(db, [Spelled()]) == [("type_mismatch", "spelled", "c", "in_place")]
+    assert check(db.url, [Spelled()]) == [("type_mismatch", "spelled", "c", "in_place")]
     with db.connect(autocommit=True) as conn:
         conn.execute("INSERT INTO spelled (c) VALUES ('ten chars!')")  # would not fit in 9
-    assert check(db, [Spelled()]) == [("type_mismatch", "spelled", "c", "rebuild")]
+    assert check(db.url, [Spelled()]) == [("type_mismatch", "spelled", "c", "rebuild")]
 
 
 def test_extra_columns_are_reported_and_kept(db: TestDatabase, reader: str) -> None:
-    projections = secured_accounts(db, reader)
+    projections = secured_accounts(db.url, reader)
     add_account(db)
     with db.connect(autocommit=True) as conn:
         conn.execute("ALTER TABLE accounts ADD COLUMN legacy text DEFAULT 'hand-made'")
         conn.execute("ALTER TABLE accounts DROP CONSTRAINT accounts_pkey")  # needs a rebuild
 
-    result = repair(db, projections, apply=True)
+    result = repair(db.url, projections, apply=True)
     assert result["statements"] == [] and result["rebuilds"] == []
     why = {item["kind"]: item["why"] for item in result["left"]}
     assert "--drop-extra" in why["extra_column"] and "--drop-extra" in why["primary_key_mismatch"]
     assert db.rows("SELECT legacy FROM accounts") == [("hand-made",)]
-    assert ("extra_column", "accounts", "legacy", "drop") in check(db, projections)
+    assert ("extra_column", "accounts", "legacy", "drop") in check(db.url, projections)
 
-    repair(db, projections, apply=True, drop_extra=True)
-    assert check(db, projections) == []
+    repair(db.url, projections, apply=True, drop_extra=True)
+    assert check(db.url, projections) == []
     assert db.scalar("SELECT count(*) FROM pg_attribute WHERE attname = 'legacy'") == 0
 
 
@@ -239,11 +201,11 @@ def test_only_the_configured_read_model_schema_is_compared(db: TestDatabase) -> 
     with db.connect(autocommit=True) as conn:
         conn.execute("CREATE SCHEMA elsewhere")
         conn.execute("CREATE TABLE elsewhere.accounts (id text)")  # a same-named stranger
-    assert check(db, projections) == [("missing_table", "accounts", None, "in_place")]
-    kinds = {kind for kind, *_ in check(db, projections, read_model_schema="elsewhere")}
+    assert check(db.url, projections) == [("missing_table", "accounts", None, "in_place")]
+    kinds = {kind for kind, *_ in check(db.url, projections, read_model_schema="elsewhere")}
     assert {"type_mismatch", "missing_column", "primary_key_mismatch", "missing_index"} <= kinds
-    repair(db, projections, apply=True)
-    assert check(db, projections) == []
+    repair(db.url, projections, apply=True)
+    assert check(db.url, projections) == []
     assert db.scalar("SELECT count(*) FROM elsewhere.accounts") == 0  # untouched
 
 
@@ -252,24 +214,24 @@ def test_a_missing_role_is_reported_for_an_operator(
 ) -> None:
     absent = f"pd_absent_{uuid.uuid4().hex[:8]}"
     projections: list[Projection] = [Accounts([absent])]
-    repair(db, projections, apply=True)
-    found = check(db, projections)
+    repair(db.url, projections, apply=True)
+    found = check(db.url, projections)
     assert ("role_missing", None, None, "manual") in found
-    left = repair(db, projections, apply=True)["left"]
+    left = repair(db.url, projections, apply=True)["left"]
     assert [item["kind"] for item in left] == ["role_missing"] and "CREATE ROLE" in left[0]["why"]
 
     roles.names.append(absent)
     with db.connect(autocommit=True) as conn:
         conn.execute(f'CREATE ROLE "{absent}" NOLOGIN')
-    kinds = {kind for kind, *_ in check(db, projections)}
+    kinds = {kind for kind, *_ in check(db.url, projections)}
     assert kinds == {"policy_missing", "grant_missing"}
-    repair(db, projections, apply=True)
-    assert check(db, projections) == []
+    repair(db.url, projections, apply=True)
+    assert check(db.url, projections) == []
 
 
 def test_missing_table_of_a_projection_with_applied_events_is_rebuilt(db: TestDatabase) -> None:
     projections: list[Projection] = [Accounts()]
-    repair(db, projections, apply=True)
+    repair(db.url, projections, apply=True)
     with db.connect(autocommit=True) as conn:
         for amount in (3, 4):
             conn.execute(
@@ -278,27 +240,18 @@ def test_missing_table_of_a_projection_with_applied_events_is_rebuilt(db: TestDa
                 (TENANT, amount),
             )
     run_cli(
-        "rebuild", "accounts", "--online", env=cli_env(db, "tests.drift_projections:accounts")
+        "rebuild", "accounts", "--online", env=cli_env(db.url, "tests.drift_projections:accounts")
     ).check_returncode()
     with db.connect(autocommit=True) as conn:
         conn.execute("DROP TABLE accounts")
-    assert check(db, projections) == [("missing_table", "accounts", None, "rebuild")]
-    result = repair(db, projections, apply=True)
+    assert check(db.url, projections) == [("missing_table", "accounts", None, "rebuild")]
+    result = repair(db.url, projections, apply=True)
     assert result["rebuilds"] == ["accounts"]
     assert db.scalar("SELECT sum(balance) FROM accounts") == 7
 
 
-def cli_env(db: TestDatabase, projections: str, readers: Sequence[str] = ()) -> dict[str, str]:
-    return {
-        "PROJECTORD_DATABASE_URL": db.url,
-        "PROJECTORD_PROJECTIONS": projections,
-        "PROJECTORD_LOG_FORMAT": "json",
-        READERS_ENV: ",".join(readers),
-    }
-
-
 def test_command_line_exit_statuses_and_json(db: TestDatabase, reader: str) -> None:
-    env = cli_env(db, "tests.drift_projections:accounts", [reader])
+    env = cli_env(db.url, "tests.drift_projections:accounts", [reader])
     checked = run_cli("drift", "check", "--json", env=env)
     assert checked.returncode == 1, checked.stderr
     report = json.loads(checked.stdout)
@@ -324,13 +277,13 @@ def test_command_line_exit_statuses_and_json(db: TestDatabase, reader: str) -> N
 
 
 def test_check_fails_with_status_2_and_one_line(db: TestDatabase) -> None:
-    unreachable = cli_env(db, "tests.drift_projections:accounts")
+    unreachable = cli_env(db.url, "tests.drift_projections:accounts")
     unreachable["PROJECTORD_DATABASE_URL"] = "postgresql://nobody:s3cret@127.0.0.1:1/none"
     failed = run_cli("drift", "check", env=unreachable)
     assert failed.returncode == 2
     lines = failed.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("projectord: ") and "s3cret" not in lines[0]
 
-    no_tenant = run_cli("drift", "check", env=cli_env(db, "tests.drift_projections:no_tenant"))
+    no_tenant = run_cli("drift", "check", env=cli_env(db.url, "tests.drift_projections:no_tenant"))
     assert no_tenant.returncode == 2
     assert "has no tenant_id column" in no_tenant.stderr
