@@ -17,6 +17,7 @@ import anyio
 import psycopg
 
 from projectord.database import connect, describe_error
+from projectord.heartbeat import Heartbeat
 from projectord.logs import get_logger
 
 log = get_logger("projectord.listener")
@@ -47,10 +48,12 @@ class NotificationListener:
         self.connected = False
         self.last_heard = 0.0  # monotonic time of the last notification or successful probe
         self.reconnects = 0
+        self.heartbeat = Heartbeat("listener")  # beats at least every probe_interval / 2
 
     async def run(self) -> None:
         failures = 0
         while True:
+            self.heartbeat.beat()
             try:
                 await self._listen(failures)
             except (psycopg.Error, OSError, TimeoutError) as exc:
@@ -59,7 +62,8 @@ class NotificationListener:
                 self.connected = False
                 failures += 1
                 delay = min(self.max_backoff, 0.05 * 2 ** min(failures, 10))
-                await anyio.sleep(delay * random.uniform(0.5, 1.0))
+                with self.heartbeat.waiting():
+                    await anyio.sleep(delay * random.uniform(0.5, 1.0))
             else:  # pragma: no cover - _listen only returns by raising
                 failures = 0
 
@@ -80,12 +84,15 @@ class NotificationListener:
             self._connected(failures)
             probe_sent = 0.0
             while True:
-                async for notify in conn.notifies(timeout=self.probe_interval / 2):
-                    self.last_heard = time.monotonic()
-                    if notify.payload == PROBE_PAYLOAD:
-                        probe_sent = 0.0
-                    else:
-                        self.wake()
+                self.heartbeat.beat()
+                # A deliberate wait, bounded: the probe below catches a connection gone silent.
+                with self.heartbeat.waiting():
+                    async for notify in conn.notifies(timeout=self.probe_interval / 2):
+                        self.last_heard = time.monotonic()
+                        if notify.payload == PROBE_PAYLOAD:
+                            probe_sent = 0.0
+                        else:
+                            self.wake()
                 now = time.monotonic()
                 if probe_sent and now - probe_sent > self.probe_interval:
                     raise TimeoutError("the listener did not hear its own probe notification")

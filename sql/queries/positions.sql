@@ -12,6 +12,8 @@ FROM {schema}.projection_positions ORDER BY name;
 -- name: advance_checkpoint
 -- Compare-and-set: moves the checkpoint only from the value this runner last read, so a second
 -- writer of the same projection (or a reset by an operator) makes the batch roll back.
+-- A committed pause also makes it roll back: no batch commits after `pause` has answered
+-- (an operator's `skip` passes even_if_paused).
 UPDATE {schema}.projection_positions
 SET transaction_id = %(new_txid)s::xid8,
     global_position = %(new_position)s,
@@ -20,7 +22,8 @@ SET transaction_id = %(new_txid)s::xid8,
     updated_at = now()
 WHERE name = %(name)s
   AND transaction_id = %(old_txid)s::xid8
-  AND global_position = %(old_position)s;
+  AND global_position = %(old_position)s
+  AND (state <> 'paused' OR %(even_if_paused)s);
 
 -- name: record_error
 UPDATE {schema}.projection_positions
