@@ -52,10 +52,12 @@ ORDER BY version;
 
 -- name: latest_event_of_types
 -- The last committed event of these types in commit order: `wait` waits until checkpoints pass it.
-SELECT transaction_id::text, global_position
-FROM {schema}.events
-WHERE type = ANY(%(types)s::text[])
-ORDER BY transaction_id DESC, global_position DESC
+-- ORDER BY is qualified: a bare `transaction_id` would sort by the text output column ('999' after
+-- '1337'), and return an event far behind the last one.
+SELECT e.transaction_id::text, e.global_position
+FROM {schema}.events e
+WHERE e.type = ANY(%(types)s::text[])
+ORDER BY e.transaction_id DESC, e.global_position DESC
 LIMIT 1;
 
 -- name: count_unapplied
