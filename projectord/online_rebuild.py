@@ -324,9 +324,16 @@ class _OnlineRebuild:
                 )
             )
         for table in owners:
-            await conn.execute(
-                sql.SQL("DROP TABLE {}").format(sql.Identifier(self.names.retired, table))
-            )
+            try:
+                await conn.execute(
+                    sql.SQL("DROP TABLE {}").format(sql.Identifier(self.names.retired, table))
+                )
+            except psycopg.errors.DependentObjectsStillExist as exc:
+                detail = "; ".join((exc.diag.message_detail or str(exc)).splitlines())
+                raise RebuildError(
+                    f"cannot replace {self.schema}.{table}: {detail}"
+                    " (drop it first, then recreate it on the rebuilt table)"
+                ) from None
         await conn.execute(sql.SQL("DROP SCHEMA {}").format(retired))
         await conn.execute(sql.SQL("DROP SCHEMA {}").format(self._shadow_schema))
 
