@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -37,6 +38,15 @@ class TemporaryRoles:
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
             for name in self.names:
                 conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def temporary_roles(admin_url: str, *database_urls: str) -> Iterator[TemporaryRoles]:
+    """The body of a fixture: roles made during the test, dropped after it."""
+    made = TemporaryRoles(admin_url)
+    try:
+        yield made
+    finally:
+        made.drop(*database_urls)
 
 
 def read_as(url: str, role: str, claims: Any, query: str) -> list[tuple[Any, ...]]:

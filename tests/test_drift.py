@@ -14,14 +14,12 @@ from projectord.projection import Projection, Table
 from tests.drift_projections import Accounts
 from tests.drift_support import TENANT, add_account, check, cli_env, repair, secured_accounts
 from tests.harness import TestDatabase, run_cli
-from tests.role_support import TemporaryRoles
+from tests.role_support import TemporaryRoles, temporary_roles
 
 
 @pytest.fixture
 def roles(pg_admin_url: str, db: TestDatabase) -> Iterator[TemporaryRoles]:
-    made = TemporaryRoles(pg_admin_url)
-    yield made
-    made.drop(db.url)
+    yield from temporary_roles(pg_admin_url, db.url)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from projectord.projection import Projection
 from tests.drift_projections import Accounts
 from tests.drift_support import add_account, check, cli_env, repair, secured_accounts
 from tests.harness import DaemonProcess, TestDatabase, run_cli, wait_until
-from tests.role_support import TemporaryRoles, read_as
+from tests.role_support import TemporaryRoles, read_as, temporary_roles
 
 TENANT_A = uuid.UUID("00000000-0000-0000-0000-00000000aaaa")
 TENANT_B = uuid.UUID("00000000-0000-0000-0000-00000000bbbb")
@@ -27,9 +27,7 @@ TENANTS = "SELECT tenant_id FROM accounts"
 
 @pytest.fixture
 def roles(pg_admin_url: str, db: TestDatabase) -> Iterator[TemporaryRoles]:
-    made = TemporaryRoles(pg_admin_url)
-    yield made
-    made.drop(db.url)
+    yield from temporary_roles(pg_admin_url, db.url)
 
 
 @pytest.fixture
