@@ -482,6 +482,10 @@ def test_dispatch_command_exit_statuses(db: TestDatabase, tmp_path: Path) -> Non
     no_aggregates = cli("Deposit", "{}", env={**cli_env(db), "PROJECTORD_AGGREGATES": ""})
     assert no_aggregates.returncode == 2 and "set `aggregates`" in no_aggregates.stderr
 
+    broken = cli("Deposit", "{}", env={**cli_env(db), "PROJECTORD_AGGREGATES": "no_such_mod:x"})
+    assert broken.returncode == 2
+    assert broken.stderr.strip().startswith("projectord: aggregates: cannot import 'no_such_mod'")
+
     config = tmp_path / "projectord.toml"
     config.write_text(
         f'database_url = "{db.url}"\naggregates = ["{SAMPLE_AGGREGATES}"]\nlog_format = "json"\n'
