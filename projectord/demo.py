@@ -1,7 +1,8 @@
 """`projectord demo`: the main job end to end, on the embedded Postgres by default.
 
 It starts the real daemon as a separate process on the sample projections, runs several
-concurrent writers (random delays before commit, some rollbacks, optimistic-concurrency retries),
+concurrent writers (deposits and withdrawals dispatched through the command side, with
+optimistic-concurrency retries; plain appends with random delays before commit and rollbacks),
 shows each projection's applied count, lag and events/s live, and at the end checks that every
 read model equals a fold of the committed events, printing the verdict.
 """
@@ -24,31 +25,40 @@ import anyio
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+from projectord.aggregate import CommandRegistry
 from projectord.catch_up import wait_for_projections
+from projectord.commands import Command
 from projectord.config import Settings
 from projectord.database import connect
+from projectord.dispatch import Dispatcher
 from projectord.embedded import EmbeddedPostgres
-from projectord.event_store import ConcurrencyError, EventStore, NewEvent
+from projectord.event_store import EventStore, NewEvent
+from projectord.logs import configure_logging
 from projectord.projection import Projection
 from projectord.queries import Queries
-from projectord.samples import DEPOSITED, NOTED, WITHDRAWN, demo_projections
+from projectord.samples import NOTED, Deposit, Withdraw, demo_aggregates, demo_projections
 from projectord.schema import initialise
 
 DEMO_DATABASE = "projectord_demo"
 PROJECTIONS_SPEC = "projectord.samples:demo_projections"
 TENANTS = [uuid.UUID(int=n) for n in range(1, 6)]
-ACCOUNTS = [(TENANTS[n % len(TENANTS)], uuid.uuid5(uuid.NAMESPACE_OID, f"acct{n}"))
-            for n in range(40)]
+ACCOUNTS = [
+    (TENANTS[n % len(TENANTS)], uuid.uuid5(uuid.NAMESPACE_OID, f"acct{n}")) for n in range(40)
+]
 
 
 @dataclass
 class WriterStats:
-    committed: int = 0
-    rolled_back: int = 0
-    conflicts: int = 0
+    committed: int = 0  # commands consumed
+    rejected: int = 0  # commands refused by the aggregate (insufficient funds)
+    rolled_back: int = 0  # plain append transactions rolled back
+    conflicts: int = 0  # version conflicts the dispatcher retried
 
 
 def run_demo(settings: Settings, *, duration: float, writers: int) -> int:
+    # The live view owns the terminal: the writers' own info lines (command conflicts) would
+    # scroll it away. The daemon's log goes to a file.
+    configure_logging(settings.log_format, "warning")
     return anyio.run(_demo, settings, duration, writers)
 
 
@@ -80,8 +90,12 @@ async def _run(settings: Settings, dsn: str, duration: float, writer_count: int)
     queries = Queries(settings.schema)
     conn = await connect(dsn, autocommit=True)
     async with conn:
-        await initialise(conn, schema=settings.schema,
-                         read_model_schema=settings.read_model_schema, projections=projections)
+        await initialise(
+            conn,
+            schema=settings.schema,
+            read_model_schema=settings.read_model_schema,
+            projections=projections,
+        )
     daemon, log_path = _start_daemon(settings, dsn)
     print(f"daemon started (pid {daemon.pid}, log {log_path})", flush=True)
     stats = WriterStats()
@@ -89,11 +103,15 @@ async def _run(settings: Settings, dsn: str, duration: float, writer_count: int)
         async with anyio.create_task_group() as tg:
             stop = anyio.Event()
             for seed in range(writer_count):
-                tg.start_soon(_writer, dsn, settings.schema, seed, stop, stats)
+                writer = _activity_writer if seed % 4 == 3 else _command_writer
+                tg.start_soon(writer, dsn, settings.schema, seed, stop, stats)
             await _live_view(dsn, queries, projections, duration, stats, daemon)
             stop.set()
-        print(f"writers stopped: {stats.committed} transactions committed, "
-              f"{stats.rolled_back} rolled back, {stats.conflicts} version conflicts retried")
+        print(
+            f"writers stopped: {stats.committed} commands consumed, {stats.rejected} refused, "
+            f"{stats.conflicts} version conflicts retried, {stats.rolled_back} appends "
+            "rolled back"
+        )
         ok = await _verify(dsn, queries, projections)
     finally:
         exit_code = _stop_daemon(daemon)
@@ -116,7 +134,10 @@ def _start_daemon(settings: Settings, dsn: str) -> tuple[subprocess.Popen[bytes]
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "projectord", "run"],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
     return process, log_path
 
@@ -131,38 +152,59 @@ def _stop_daemon(process: subprocess.Popen[bytes]) -> int:
         return process.wait()
 
 
-async def _writer(dsn: str, schema: str, seed: int, stop: anyio.Event,
-                  stats: WriterStats) -> None:
-    """Appends a stream of events with optimistic concurrency on each account."""
+async def _command_writer(
+    dsn: str, schema: str, seed: int, stop: anyio.Event, stats: WriterStats
+) -> None:
+    """Deposits and withdrawals through the command side: dispatch, aggregate, append."""
+    rng = random.Random(seed)
+    dispatcher = Dispatcher(CommandRegistry(demo_aggregates()), schema=schema)
+    conn = await connect(dsn, autocommit=True)
+    async with conn:
+        while not stop.is_set():
+            tenant, account = rng.choice(ACCOUNTS)
+            kind = Deposit if rng.random() < 0.7 else Withdraw
+            command = Command(
+                tenant,
+                kind.type_name(),
+                {"account_id": str(account), "amount": rng.randint(1, 100)},
+            )
+            outcome = await dispatcher.dispatch(conn, command)
+            if outcome.status.succeeded:
+                stats.committed += 1
+            else:
+                stats.rejected += 1
+            stats.conflicts += max(outcome.attempts - 1, 0)
+            await anyio.sleep(rng.uniform(0, 0.01))
+
+
+async def _activity_writer(
+    dsn: str, schema: str, seed: int, stop: anyio.Event, stats: WriterStats
+) -> None:
+    """Plain appends of `Noted` events, with random delays before commit (so commit order and
+    position order differ) and some rollbacks."""
     rng = random.Random(seed)
     store = EventStore(schema)
     conn = await connect(dsn)
     async with conn:
         while not stop.is_set():
-            tenant, account = rng.choice(ACCOUNTS)
-            try:
-                async with conn.transaction() as tx:
-                    version = await store.aggregate_version(conn, account)
-                    events = []
-                    for n in range(rng.randint(1, 3)):
-                        kind = rng.choice((DEPOSITED, DEPOSITED, WITHDRAWN, NOTED))
-                        payload = {"amount": rng.randint(1, 100)} if kind != NOTED else {}
-                        events.append(NewEvent(tenant, account, version + n + 1, kind, payload,
-                                               aggregate_type="account"))
-                    await store.append(conn, events)
-                    await anyio.sleep(rng.uniform(0, 0.03))  # commit order != position order
-                    if rng.random() < 0.05:
-                        stats.rolled_back += 1
-                        raise psycopg.Rollback(tx)
-                stats.committed += 1
-            except ConcurrencyError:
-                stats.conflicts += 1
+            tenant = rng.choice(TENANTS)
+            async with conn.transaction() as tx:
+                await store.append(conn, [NewEvent(tenant, uuid.uuid4(), 1, NOTED, {})])
+                await anyio.sleep(rng.uniform(0, 0.03))
+                if rng.random() < 0.1:
+                    stats.rolled_back += 1
+                    raise psycopg.Rollback(tx)
             await anyio.sleep(rng.uniform(0, 0.01))
 
 
-async def _live_view(dsn: str, queries: Queries, projections: Sequence[Projection],
-                     duration: float, stats: WriterStats,
-                     daemon: subprocess.Popen[bytes]) -> None:
+async def _live_view(
+    dsn: str,
+    queries: Queries,
+    projections: Sequence[Projection],
+    duration: float,
+    stats: WriterStats,
+    daemon: subprocess.Popen[bytes],
+) -> None:
     tty = sys.stdout.isatty()
     conn = await connect(dsn, autocommit=True)
     previous: dict[str, tuple[float, int]] = {}
@@ -173,10 +215,13 @@ async def _live_view(dsn: str, queries: Queries, projections: Sequence[Projectio
         while (elapsed := time.monotonic() - started) < duration:
             if daemon.poll() is not None:
                 raise RuntimeError(f"the daemon exited early with status {daemon.returncode}")
-            lines = [f"projectord demo  {elapsed:5.1f}s / {duration:.0f}s   "
-                     f"writer transactions: {stats.committed}"]
-            lines.append(f"  {'projection':<12} {'state':<10} {'applied':>9} {'lag':>6} "
-                         f"{'events/s':>9}")
+            lines = [
+                f"projectord demo  {elapsed:5.1f}s / {duration:.0f}s   "
+                f"commands consumed: {stats.committed}"
+            ]
+            lines.append(
+                f"  {'projection':<12} {'state':<10} {'applied':>9} {'lag':>6} {'events/s':>9}"
+            )
             for projection in projections:
                 row = await _position(conn, queries, projection)
                 applied, state, lag = row
@@ -184,8 +229,9 @@ async def _live_view(dsn: str, queries: Queries, projections: Sequence[Projectio
                 then, before = previous.get(projection.name, (now, applied))
                 rate = (applied - before) / (now - then) if now > then else 0.0
                 previous[projection.name] = (now, applied)
-                lines.append(f"  {projection.name:<12} {state:<10} {applied:>9} {lag:>6} "
-                             f"{rate:>9.0f}")
+                lines.append(
+                    f"  {projection.name:<12} {state:<10} {applied:>9} {lag:>6} {rate:>9.0f}"
+                )
             if tty:
                 if drawn:
                     sys.stdout.write(f"\x1b[{drawn}F")
@@ -203,8 +249,10 @@ async def _position(conn: Any, queries: Queries, projection: Projection) -> tupl
     row = await cur.fetchone()
     if row is None:
         return 0, "starting", 0
-    cur = await conn.execute(queries["count_unapplied"], {
-        "txid": row[0], "position": row[1], "types": list(projection.event_types)})
+    cur = await conn.execute(
+        queries["count_unapplied"],
+        {"txid": row[0], "position": row[1], "types": list(projection.event_types)},
+    )
     lag = await cur.fetchone()
     return int(row[3]), str(row[2]), int(lag[0]) if lag else 0
 
@@ -239,18 +287,22 @@ async def _verify(dsn: str, queries: Queries, projections: Sequence[Projection])
     async with conn:
         caught_up = await wait_for_projections(conn, queries, projections, timeout=120)
         total = await (await conn.execute(queries["count_events"])).fetchone()
-        print(f"caught up: {'yes' if caught_up else 'NO (timed out)'}; "
-              f"{total[0] if total else 0} events committed")
+        print(
+            f"caught up: {'yes' if caught_up else 'NO (timed out)'}; "
+            f"{total[0] if total else 0} events committed"
+        )
         ok = caught_up
         schema = queries.schema_sql
         for projection in projections:
             cur = await conn.execute(FOLD_CHECKS[projection.name].replace("{schema}", schema))
             row = await cur.fetchone()
             mismatches = int(row[0]) if row else -1
-            verdict = "equals the fold of the events" if mismatches == 0 else (
-                f"DIFFERS from the fold in {mismatches} rows")
+            verdict = (
+                "equals the fold of the events"
+                if mismatches == 0
+                else (f"DIFFERS from the fold in {mismatches} rows")
+            )
             print(f"  {projection.name}: {verdict}")
             ok = ok and mismatches == 0
     print(f"verdict: {'OK' if ok else 'FAILED'}", flush=True)
     return ok
-
