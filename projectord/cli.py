@@ -23,6 +23,7 @@ from projectord.dispatch_cli import add_dispatch_command
 from projectord.drift_cli import add_drift_commands
 from projectord.embedded import EmbeddedPostgres, EmbeddedUnavailable
 from projectord.logs import configure_logging
+from projectord.operator_cli import add_operator_commands
 from projectord.projection import Projection, ProjectionError, load_projections
 from projectord.queries import Queries
 from projectord.schema import initialise
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = add("demo", cmd_demo, "the main job end to end on the embedded Postgres")
     demo.add_argument("--duration", type=float, default=20.0, help="seconds of writing (20)")
     demo.add_argument("--writers", type=int, default=8, help="concurrent writers (8)")
+    add_operator_commands(add)
     add_dispatch_command(add)
     add_drift_commands(add, commands, parent)
     return parser
@@ -182,12 +184,21 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from projectord.daemon import Daemon, StartupError
+    from projectord.systemd import SystemdNotifier
 
     settings, projections = load(args)
+    # Taken from the environment before an embedded Postgres starts, so it does not inherit it.
+    notifier = SystemdNotifier.from_environment()
 
     async def run() -> None:
         async with database(settings) as dsn:
-            daemon = Daemon(settings, projections, dsn)
+            daemon = Daemon(
+                settings,
+                projections,
+                dsn,
+                notifier=notifier,
+                reload_settings=lambda: settings_from_args(args),
+            )
             try:
                 await daemon.run()
             except StartupError as exc:

@@ -49,6 +49,15 @@ with warnings.catch_warnings():
         drain_timeout: float = Field(default=20.0, gt=0)
         log_format: Literal["auto", "json", "console"] = "auto"
         log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+        # Operations: control socket limits, health thresholds, watchdog, metrics (README,
+        # "Operating projectord").
+        control_idle_timeout: float = Field(default=60.0, gt=0, le=86_400)
+        control_max_clients: int = Field(default=32, ge=1, le=1024)
+        health_max_lag: int = Field(default=10_000, ge=0)
+        health_max_lag_seconds: float = Field(default=300.0, gt=0)
+        health_horizon_seconds: float = Field(default=30.0, gt=0)
+        stall_timeout: float = Field(default=120.0, gt=0)
+        metrics_address: str | None = None
 
         @field_validator("projections", "aggregates", mode="before")
         @classmethod
@@ -73,6 +82,16 @@ with warnings.catch_warnings():
                 raise ValueError(
                     f"{value!r} is not a plain lower-case identifier ([a-z_][a-z0-9_]*)"
                 )
+            return value
+
+        @field_validator("metrics_address")
+        @classmethod
+        def _check_metrics_address(cls, value: str | None) -> str | None:
+            if value is None:
+                return None
+            host, _, port = value.rpartition(":")
+            if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{value!r} is not HOST:PORT (e.g. '127.0.0.1:9187')")
             return value
 
         @field_validator("log_level", mode="before")

@@ -1,28 +1,44 @@
 """The daemon: supervises the listener and one runner per projection, and drains on a signal.
 
 On SIGTERM or SIGINT no runner starts a new batch; the batches in flight finish and commit, or
-are rolled back once `drain_timeout` passes; then connections close and `run` returns.
+are rolled back once `drain_timeout` passes; then connections close and `run` returns. A second
+signal during the drain rolls the batches in flight back at once. SIGHUP re-reads the settings
+that can change at runtime (see `projectord.reload`).
+
+Around the runners it serves the control socket, tells systemd how it is doing (`READY=1`,
+`STATUS=`, `WATCHDOG=1` while its loops are alive, `STOPPING=1`) and, when configured, exposes
+Prometheus metrics.
 """
 
 from __future__ import annotations
 
+import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
-from projectord.config import Settings
+from projectord.config import ConfigError, Settings
+from projectord.control import ControlServer, ControlSocketError
 from projectord.database import connect, describe_error, make_pool, redact
+from projectord.health import HealthCheck, Thresholds
 from projectord.listener import NotificationListener
-from projectord.logs import get_logger
+from projectord.logs import get_logger, set_level
+from projectord.metrics import Metrics, MetricsError
+from projectord.monitor import Monitor
+from projectord.operations import Operations
 from projectord.projection import Projection
 from projectord.queries import Queries
+from projectord.reload import compare_settings
 from projectord.runner import ProjectionRunner
 from projectord.schema import initialise
 from projectord.security import SecurityError, check_write_access
+from projectord.status import StatusReporter, summary_line
+from projectord.systemd import SystemdNotifier
+from projectord.watchdog import Watchdog
 
 log = get_logger("projectord.daemon")
 
@@ -31,8 +47,22 @@ class StartupError(Exception):
     """The daemon cannot start (database unreachable, schema cannot be created); one line."""
 
 
+# After the drain timeout has cancelled the batches in flight, how long to wait for them to give
+# up before exiting anyway (a handler that ignores cancellation); the server rolls back.
+DRAIN_GRACE = 5.0
+READY_WAIT = 10.0  # seconds READY=1 waits for the listener's first connection
+
+
 class Daemon:
-    def __init__(self, settings: Settings, projections: Sequence[Projection], dsn: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        projections: Sequence[Projection],
+        dsn: str,
+        *,
+        notifier: SystemdNotifier | None = None,
+        reload_settings: Callable[[], Settings] | None = None,
+    ) -> None:
         self.settings = settings
         self.projections = list(projections)
         self.dsn = dsn
@@ -42,6 +72,7 @@ class Daemon:
             max_size=min(settings.pool_size, len(self.projections) + 2),
             read_model_schema=settings.read_model_schema,
         )
+        self.metrics = Metrics(settings.metrics_address) if settings.metrics_address else None
         self.runners = [
             ProjectionRunner(
                 projection,
@@ -49,14 +80,41 @@ class Daemon:
                 self.queries,
                 batch_size=settings.batch_size,
                 poll_interval=settings.poll_interval,
+                on_batch=self.metrics.observe_batch if self.metrics else None,
             )
             for projection in self.projections
         ]
         self.listener = NotificationListener(dsn, settings.schema, self.wake_all)
         self.stopping = anyio.Event()
         self.ready = anyio.Event()
+        self.listener_up = anyio.Event()
+        self.reload_settings = reload_settings
+        self.notifier = notifier or SystemdNotifier.from_environment()
+        self._wire_operations()
+        self._runners_scope: anyio.CancelScope | None = None
+
+    def _wire_operations(self) -> None:
+        """Status, health, the control socket, the watchdog, the monitor and metrics."""
+        settings = self.settings
+        self.reporter = StatusReporter(
+            self.runners, self.pool, self.queries, self.listener, dsn=self.dsn
+        )
+        heartbeats = [runner.heartbeat for runner in self.runners] + [self.listener.heartbeat]
+        self.health = HealthCheck(self.reporter, heartbeats, thresholds(settings))
+        self.commands = Operations(self.runners, self.reporter, self.health).commands()
+        self.control = ControlServer(
+            settings.socket_path(),
+            self.commands,
+            idle_timeout=settings.control_idle_timeout,
+            max_clients=settings.control_max_clients,
+        )
+        self.watchdog = Watchdog(self.notifier, heartbeats, settings.stall_timeout)
+        if self.metrics is not None:
+            self.metrics.watch(self.runners, self.listener)
+        self.monitor = Monitor(self.health, self.notifier, self.metrics)
 
     def wake_all(self) -> None:
+        self.listener_up.set()  # the listener wakes everyone when it (re)connects
         for runner in self.runners:
             runner.wakeup.set()
 
@@ -95,17 +153,33 @@ class Daemon:
         """Run until a stop is requested; drain; return."""
         await self.prepare()
         async with AsyncExitStack() as stack:
+            try:
+                await self.control.bind()
+            except ControlSocketError as exc:
+                raise StartupError(str(exc)) from None
+            stack.callback(self.control.close)
             await self.pool.open(wait=True, timeout=15)
             stack.push_async_callback(self.pool.close)
+            if self.metrics is not None:
+                try:
+                    self.metrics.start()
+                except MetricsError as exc:
+                    raise StartupError(str(exc)) from None
+                stack.callback(self.metrics.stop)
             async with anyio.create_task_group() as services:
                 services.start_soon(self._watch_signals)
                 services.start_soon(self.listener.run)
+                services.start_soon(self.control.serve)
+                services.start_soon(self.watchdog.run)
+                services.start_soon(self.monitor.run)
                 await self._run_runners(services)
                 services.cancel_scope.cancel()
+        self.notifier.close()
         log.info("daemon.stopped")
 
     async def _run_runners(self, services: TaskGroup) -> None:
         async with anyio.create_task_group() as runners:
+            self._runners_scope = runners.cancel_scope
             for runner in self.runners:
                 runners.start_soon(runner.run)
             log.info(
@@ -115,25 +189,81 @@ class Daemon:
                 poll_interval=self.settings.poll_interval,
             )
             self.ready.set()
+            services.start_soon(self._announce_ready)
             await self.stopping.wait()
             log.info("daemon.draining", timeout=self.settings.drain_timeout)
             for runner in self.runners:
                 runner.request_stop()
             services.start_soon(self._drain_deadline, runners.cancel_scope)
 
+    async def _announce_ready(self) -> None:
+        """READY=1 once the runners run and the listener has connected (or READY_WAIT passed)."""
+        with anyio.move_on_after(READY_WAIT):
+            await self.listener_up.wait()
+        try:
+            snapshot = await self.monitor.look()
+            self.notifier.ready(summary_line(snapshot))
+        except Exception as exc:  # the database may be down right now; ready all the same
+            log.debug("daemon.ready_without_summary", error=str(exc))
+            self.notifier.ready(f"{len(self.runners)} projections")
+
     async def _drain_deadline(self, scope: anyio.CancelScope) -> None:
         await anyio.sleep(self.settings.drain_timeout)
         log.warning("daemon.drain_timeout", timeout=self.settings.drain_timeout)
         scope.cancel()
+        await anyio.sleep(DRAIN_GRACE)
+        # Still here: a handler ignores cancellation. Exit; the server rolls its batch back.
+        log.error("daemon.drain_stuck", waited=self.settings.drain_timeout + DRAIN_GRACE)
+        os._exit(1)
 
     async def _watch_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 log.info("daemon.signal", signal=signal.Signals(signum).name)
-                self.request_stop()
+                if signum == signal.SIGHUP:
+                    self.reload()
+                elif self.stopping.is_set() and self._runners_scope is not None:
+                    log.warning("daemon.drain_abandoned")  # a second signal: roll back now
+                    self._runners_scope.cancel()
+                else:
+                    self.request_stop()
 
     def request_stop(self) -> None:
+        if not self.stopping.is_set():
+            self.reporter.stopping = True
+            self.notifier.stopping()
         self.stopping.set()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the configuration, apply what can change while running, and log what
+        changed and what would need a restart. Invalid settings are logged and ignored."""
+        if self.reload_settings is None:
+            log.warning("config.reload_unavailable")
+            return
+        try:
+            new = self.reload_settings()
+        except ConfigError as exc:
+            log.error("config.reload_failed", error=str(exc))
+            return
+        changed, needs_restart = compare_settings(self.settings, new)
+        self.settings = self.settings.model_copy(update={k: v[1] for k, v in changed.items()})
+        self._apply_runtime_settings()
+        log.info(
+            "config.reloaded",
+            changed={key: list(values) for key, values in changed.items()},
+            needs_restart=needs_restart,
+        )
+
+    def _apply_runtime_settings(self) -> None:
+        settings = self.settings
+        set_level(settings.log_level)
+        for runner in self.runners:
+            runner.batch_size = settings.batch_size
+            runner.poll_interval = settings.poll_interval
+        self.control.idle_timeout = settings.control_idle_timeout
+        self.control.max_clients = settings.control_max_clients
+        self.health.thresholds = thresholds(settings)
+        self.watchdog.stall_timeout = settings.stall_timeout
 
     def status(self) -> list[dict[str, Any]]:
         return [
@@ -146,3 +276,12 @@ class Daemon:
             }
             for r in self.runners
         ]
+
+
+def thresholds(settings: Settings) -> Thresholds:
+    return Thresholds(
+        max_lag=settings.health_max_lag,
+        max_lag_seconds=settings.health_max_lag_seconds,
+        horizon_seconds=settings.health_horizon_seconds,
+        stall_timeout=settings.stall_timeout,
+    )

@@ -11,8 +11,27 @@ import sys
 
 import structlog
 
+_METHOD_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+_METHOD_LEVELS.update(msg=20, warn=30, exception=40, fatal=50)
+_threshold = {"level": logging.INFO}
+
+
+def _drop_below_level(_logger: object, method_name: str, event_dict: dict) -> dict:  # type: ignore
+    """Level filtering as a processor that reads a mutable threshold, so a new level (SIGHUP)
+    also applies to loggers bound before it; a filtering wrapper class would be fixed at bind."""
+    if _METHOD_LEVELS.get(method_name, logging.INFO) < _threshold["level"]:
+        raise structlog.DropEvent
+    return event_dict
+
+
+def set_level(level: str) -> None:
+    """The level of every logger, ours and the stdlib's, from now on."""
+    _threshold["level"] = logging.getLevelName(level.upper())
+    logging.getLogger().setLevel(level.upper())
+
 
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:
+    set_level(level)
     use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
@@ -26,12 +45,13 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     _route_stdlib_logging(renderer, stamp, level)
     structlog.configure(
         processors=[
+            _drop_below_level,
             structlog.contextvars.merge_contextvars,
             *stamp,
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )

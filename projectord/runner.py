@@ -445,10 +445,10 @@ class ProjectionRunner:
         self._reload = True
 
     async def _wait_backoff(self, delay: float) -> None:
-        """Back off after a failure; an operator request or a stop ends the wait early."""
+        """Back off after a failure; an operator request, a pause or a stop ends it early."""
         deadline = time.monotonic() + delay
         with self.heartbeat.waiting():
-            while not self._stopping and not self._requests:
+            while not (self._stopping or self._requests or self._reload):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
