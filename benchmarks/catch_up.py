@@ -148,7 +148,10 @@ def check(url: str, contender: str) -> None:
         raise SystemExit(f"{contender}: the read model differs from the fold in {bad} rows")
 
 
-async def run_rounds(args: argparse.Namespace, url: str) -> dict[str, list[float]]:
+async def run_rounds(
+    args: argparse.Namespace, url: str
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Interleaved rounds; per contender, events/s and the client's CPU µs per event."""
     pool = make_pool(url, max_size=4, read_model_schema="public", name="bench")
     await pool.open(wait=True)
     try:
@@ -160,21 +163,27 @@ async def run_rounds(args: argparse.Namespace, url: str) -> dict[str, list[float
         }
         chosen = [c for c in CONTENDERS if c in args.contenders]
         rates: dict[str, list[float]] = {c: [] for c in chosen}
+        cpu_per_event: dict[str, list[float]] = {c: [] for c in chosen}
         for round_ in range(args.rounds):
             order = chosen[round_ % len(chosen) :] + chosen[: round_ % len(chosen)]
             line = []
             for contender in order:
                 reset(url)
-                started = time.perf_counter()
+                started, cpu = time.perf_counter(), time.process_time()
                 result = contenders[contender]()
                 if hasattr(result, "__await__"):
                     await result
                 elapsed = time.perf_counter() - started
+                cpu_us = (time.process_time() - cpu) / args.events * 1e6
                 check(url, contender)
                 rates[contender].append(args.events / elapsed)
-                line.append(f"{contender} {args.events / elapsed:,.0f}")
-            print(f"round {round_ + 1}: " + " | ".join(line) + " events/s", flush=True)
-        return rates
+                cpu_per_event[contender].append(cpu_us)
+                line.append(f"{contender} {args.events / elapsed:,.0f} ({cpu_us:.1f} us)")
+            print(
+                f"round {round_ + 1}: " + " | ".join(line) + " events/s (client CPU per event)",
+                flush=True,
+            )
+        return rates, cpu_per_event
     finally:
         await pool.close()
 
@@ -184,7 +193,9 @@ def _one_statement(url: str) -> None:
         conn.execute(f"INSERT INTO balances {FOLD_SQL}")
 
 
-def report(args: argparse.Namespace, rates: dict[str, list[float]]) -> None:
+def report(
+    args: argparse.Namespace, rates: dict[str, list[float]], cpu: dict[str, list[float]]
+) -> None:
     print(f"\nsummary: median of {args.rounds} interleaved rounds, {args.events:,} events")
     labels = {
         "reference": "hand-written psycopg loop (reference)",
@@ -193,7 +204,10 @@ def report(args: argparse.Namespace, rates: dict[str, list[float]]) -> None:
         "sql": "one SQL statement (ceiling)",
     }
     for contender, values in rates.items():
-        print(f"  {labels[contender]:<42} {median(values):>11,.0f} events/s")
+        print(
+            f"  {labels[contender]:<42} {median(values):>11,.0f} events/s"
+            f"  {median(cpu[contender]):5.1f} us client CPU/event"
+        )
     if "reference" in rates and "runner" in rates:
         ratios = [r / ref for r, ref in zip(rates["runner"], rates["reference"], strict=True)]
         print(
@@ -246,8 +260,8 @@ def main(argv: list[str] | None = None) -> None:
             f" {time.perf_counter() - started:.1f}s; batch size {args.batch_size}",
             flush=True,
         )
-        rates = anyio.run(run_rounds, args, url)
-    report(args, rates)
+        rates, cpu = anyio.run(run_rounds, args, url)
+    report(args, rates, cpu)
     sys.stdout.flush()
 
 

@@ -40,11 +40,22 @@ class Projection:
     event_types: ClassVar[tuple[str, ...]]
     tables: ClassVar[dict[str, Table]] = {}
     read_access: ClassVar[tuple[str, ...]] = ()
+    # The default `handle` runs `on` in psycopg's pipeline mode: each statement is sent without
+    # waiting for the previous one's result, so a batch costs a few round trips instead of one
+    # per event (about 10x faster). An error then surfaces when the pipeline syncs, at the end of
+    # the batch, not at the `execute` that caused it; the batch rolls back either way. Set it to
+    # False for an `on` that catches the errors of its own statements.
+    pipeline: ClassVar[bool] = True
 
     async def handle(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
         """Apply a batch, in commit order. The default calls `on` for each event."""
-        for event in events:
-            await self.on(event, conn)
+        if not self.pipeline:
+            for event in events:
+                await self.on(event, conn)
+            return
+        async with conn.pipeline():
+            for event in events:
+                await self.on(event, conn)
 
     async def on(self, event: Event, conn: AsyncConnection[Any]) -> None:
         raise NotImplementedError(

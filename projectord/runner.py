@@ -29,6 +29,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from projectord.event_store import Event
+from projectord.fetcher import Batch, Fetcher, ReadAhead
 from projectord.heartbeat import Heartbeat
 from projectord.logs import get_logger
 from projectord.projection import Projection
@@ -102,17 +103,6 @@ def is_transient(exc: BaseException) -> bool:
             psycopg.errors.LockNotAvailable,
         ),
     ) and not isinstance(exc, psycopg.errors.QueryCanceled)
-
-
-@dataclass
-class Batch:
-    events: list[Event]
-    horizon: int
-    held_back: bool
-
-    @property
-    def last(self) -> Checkpoint:
-        return self.events[-1].commit_position
 
 
 @dataclass
@@ -215,6 +205,8 @@ class ProjectionRunner:
         self.poll_interval = poll_interval
         self.on_batch = on_batch
         self.types = list(projection.event_types)
+        self.fetcher = Fetcher(queries, self.types)
+        self._read_ahead = ReadAhead(self.fetcher, pool)
         self.wakeup = Wakeup()  # new events (notifications), operator requests, stop
         self.control = Wakeup()  # operator requests and stop only: ends a pause or a backoff
         self.status = RunnerStatus(projection.name)
@@ -310,10 +302,12 @@ class ProjectionRunner:
     async def step(self) -> Batch:
         """Fetch one batch and apply it; returns the batch (empty when there was nothing)."""
         async with self.pool.connection() as conn:
-            batch = await self.fetch(conn, self._position)
+            batch = self._read_ahead.take(self._position)
+            if batch is None:
+                batch = await self.fetch(conn, self._position)
             if batch.events:
                 try:
-                    await self.apply(conn, batch)
+                    await self._apply_reading_ahead(conn, batch)
                 except CheckpointMoved:
                     raise
                 except Exception as exc:
@@ -323,27 +317,25 @@ class ProjectionRunner:
         return batch
 
     async def fetch(self, conn: AsyncConnection[Any], after: Checkpoint) -> Batch:
-        cur = await conn.execute(
-            self.queries["fetch_batch"],
-            {
-                "txid": str(after[0]),
-                "position": after[1],
-                "types": self.types,
-                "limit": self.batch_size,
-            },
-        )
-        rows = await cur.fetchall()
-        horizon = int(rows[0][0])
-        held_back = bool(rows[0][1])
-        events = [
-            Event(r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], int(r[12]))
-            for r in rows
-            if r[2] is not None
-        ]
-        # The query returns commit order; sorting an already sorted list is a linear check that
-        # keeps the guarantee even if a future plan stopped preserving it.
-        events.sort(key=_commit_position)
-        return Batch(events, horizon, held_back)
+        return await self.fetcher.fetch(conn, after, self.batch_size)
+
+    async def _apply_reading_ahead(self, conn: AsyncConnection[Any], batch: Batch) -> None:
+        """Apply a batch; when it is full (a catch-up), read the next one meanwhile on another
+        connection (projectord/fetcher.py). Errors are the batch's own, never the read-ahead's."""
+        if len(batch.events) < self.batch_size:
+            await self.apply(conn, batch)
+            return
+        failure: Exception | None = None
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self._read_ahead.read, batch.last, self.batch_size)
+            try:
+                await self.apply(conn, batch)
+            except Exception as exc:
+                failure = exc
+                tasks.cancel_scope.cancel()
+        if failure is not None:
+            self._read_ahead.discard()
+            raise failure
 
     def _next_checkpoint(self, batch: Batch) -> Checkpoint:
         """After a short batch everything below the horizon has been seen: move there, so events
@@ -678,10 +670,6 @@ class ProjectionRunner:
             "global_position": event.global_position,
             "applied_before": len(ahead),
         }
-
-
-def _commit_position(event: Event) -> Checkpoint:
-    return (event.transaction_id, event.global_position)
 
 
 def _backoff(attempts: int, error: BaseException) -> float:

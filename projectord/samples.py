@@ -2,12 +2,12 @@
 README.
 
 `Balances` is the reference account-balances projection, written set-based: one upsert per batch
-through `unnest` arrays. `ActivityFeed` is written the obvious way, one statement per event in `on`.
+(`projectord.read_model.upsert_many`). `ActivityFeed` is written the obvious way, one statement per
+event in `on`.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
@@ -18,6 +18,7 @@ from pydantic import Field
 from projectord.aggregate import Aggregate, Change, CommandPayload, CommandRejected, handles
 from projectord.event_store import Event
 from projectord.projection import Projection, Table
+from projectord.read_model import upsert_many
 
 DEPOSITED, WITHDRAWN, NOTED = "Deposited", "Withdrawn", "Noted"
 
@@ -38,27 +39,21 @@ class Balances(Projection):
     read_access = ("admin", "user")
 
     async def handle(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
-        deltas: dict[UUID, list[Any]] = defaultdict(lambda: [None, 0, 0])
+        rows: dict[UUID, dict[str, Any]] = {}
         for event in events:
             amount = int(event.payload["amount"])
-            row = deltas[event.aggregate_id]
-            row[0] = event.tenant_id
-            row[1] += amount if event.type == DEPOSITED else -amount
-            row[2] += 1
-        ids = list(deltas)
-        await conn.execute(
-            """
-            INSERT INTO balances AS b (id, tenant_id, balance, events)
-            SELECT * FROM unnest(%s::uuid[], %s::uuid[], %s::bigint[], %s::bigint[])
-            ON CONFLICT (id) DO UPDATE
-            SET balance = b.balance + excluded.balance, events = b.events + excluded.events
-            """,
-            (
-                ids,
-                [deltas[i][0] for i in ids],
-                [deltas[i][1] for i in ids],
-                [deltas[i][2] for i in ids],
-            ),
+            row = rows.get(event.aggregate_id)
+            if row is None:
+                row = rows[event.aggregate_id] = {
+                    "id": event.aggregate_id,
+                    "tenant_id": event.tenant_id,
+                    "balance": 0,
+                    "events": 0,
+                }
+            row["balance"] += amount if event.type == DEPOSITED else -amount
+            row["events"] += 1
+        await upsert_many(
+            conn, "balances", list(rows.values()), key=["id"], add=["balance", "events"]
         )
 
 

@@ -6,18 +6,24 @@
 -- No outer ORDER BY: the lateral join is a nested loop over the single horizon row, which keeps
 -- the index order, and an outer sort would cost more than the scan (tests/test_query_plan.py).
 -- `held_back` says some committed events sit beyond the horizon, waiting for an older transaction.
+-- Columns come in the forms cheapest to turn into an `Event` (projectord/fetcher.py): payload and
+-- metadata as JSON text and recorded_at as epoch microseconds, decoded only if a handler reads
+-- them; transaction ids as bigint. Converted columns are aliased and the ORDER BY is qualified, so
+-- it sorts by the index's columns, never by a converted output column.
 WITH horizon AS (
     SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin
 )
-SELECT h.xmin::text AS horizon,
+SELECT h.xmin::text::bigint AS horizon,
        EXISTS (SELECT 1 FROM {schema}.events w WHERE w.transaction_id >= h.xmin) AS held_back,
        e.global_position, e.event_id, e.tenant_id, e.aggregate_id, e.aggregate_type, e.version,
-       e.type, e.payload, e.metadata, e.recorded_at, e.txid
+       e.type, e.payload_json, e.metadata_json, e.recorded_us, e.txid
 FROM horizon h
 LEFT JOIN LATERAL (
     SELECT ev.global_position, ev.event_id, ev.tenant_id, ev.aggregate_id, ev.aggregate_type,
-           ev.version, ev.type, ev.payload, ev.metadata, ev.recorded_at,
-           ev.transaction_id::text AS txid
+           ev.version, ev.type, ev.payload::text AS payload_json,
+           ev.metadata::text AS metadata_json,
+           (extract(epoch FROM ev.recorded_at) * 1000000)::bigint AS recorded_us,
+           ev.transaction_id::text::bigint AS txid
     FROM {schema}.events ev
     WHERE (ev.transaction_id, ev.global_position) > (%(txid)s::xid8, %(position)s::bigint)
       AND ev.transaction_id < h.xmin
