@@ -13,7 +13,10 @@ from projectord.database import connect
 from tests.harness import TENANT, TestDatabase, append_sql
 
 CATALOG_SNAPSHOT = """
-SELECT string_agg(format('%s %s %s', c.relname, c.relkind, a.attname || ':' || format_type(a.atttypid, a.atttypmod)), ',' ORDER BY c.relname, a.attnum)
+SELECT string_agg(
+    format('%s %s %s', c.relname, c.relkind,
+           a.attname || ':' || format_type(a.atttypid, a.atttypmod)),
+    ',' ORDER BY c.relname, a.attnum)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
 WHERE n.nspname IN ('projectord', 'public')
