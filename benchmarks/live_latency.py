@@ -18,15 +18,11 @@ xmin horizon and one INSERT, nothing else.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import psycopg
@@ -41,18 +37,12 @@ from benchmarks.bench_db import (
     server,
     server_description,
 )
+from benchmarks.processes import append_with_pgbench, background, daemon
 from benchmarks.projections import LatencyProbe
 from projectord.database import configure_json
-from projectord.embedded import EmbeddedPostgres
 from projectord.listener import channel_name
+from projectord.queries import Queries
 
-ROOT = Path(__file__).resolve().parent.parent
-TENANT = "00000000-0000-0000-0000-00000000000b"
-WRITER_SCRIPT = (
-    "INSERT INTO projectord.events (tenant_id, aggregate_id, version, type, payload)"
-    f" VALUES ('{TENANT}', gen_random_uuid(), 1, 'Pinged',"
-    " jsonb_build_object('clock', extract(epoch FROM clock_timestamp())));\n"
-)
 REFERENCE_TABLE = """
 CREATE TABLE IF NOT EXISTS latency_reference (
     global_position bigint PRIMARY KEY, writer_xid xid8 NOT NULL, writer_clock float8 NOT NULL,
@@ -89,9 +79,11 @@ FROM {table} WHERE global_position > %s
 
 
 def reference_loop(url: str) -> None:
-    """The hand-written applier: LISTEN, read below the horizon, INSERT, commit."""
+    """The hand-written applier: LISTEN, read below the horizon, INSERT, commit. It stays armed
+    (sql/queries/listener.sql), so every append notifies it, as a simple loop would want."""
     listener = psycopg.connect(url, autocommit=True)
     listener.execute(f'LISTEN "{channel_name(SCHEMA)}"')
+    listener.execute(Queries(SCHEMA)["arm_wakeups"], {"channel": channel_name(SCHEMA)})
     conn = psycopg.connect(url)
     configure_json(conn)
     conn.execute(REFERENCE_TABLE)
@@ -114,71 +106,12 @@ def reference_loop(url: str) -> None:
         del horizon
 
 
-@contextmanager
-def applier(kind: str, url: str, state_dir: Path) -> Iterator[None]:
+def applier(kind: str, url: str, state_dir: Path) -> AbstractContextManager[object]:
     """The daemon (`projectord`) or the reference loop, as a process, for one phase."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if kind == "projectord":
-        env |= {
-            "PROJECTORD_DATABASE_URL": url,
-            "PROJECTORD_PROJECTIONS": "benchmarks.projections:latency_probe",
-            "PROJECTORD_STATE_DIR": str(state_dir),
-            "PROJECTORD_LOG_FORMAT": "json",
-            "PROJECTORD_LOG_LEVEL": "warning",
-        }
-        command = [sys.executable, "-m", "projectord", "run"]
-    else:
-        command = [sys.executable, "-m", "benchmarks.live_latency", "--reference-loop", url]
-    with (state_dir / f"{kind}.log").open("a") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            time.sleep(1.5)  # connected and listening (the warm-up phase confirms it)
-            if process.poll() is not None:
-                raise SystemExit(f"{kind} exited early; see {state_dir / f'{kind}.log'}")
-            yield
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(30)
-
-
-def pgbench() -> str:
-    found = shutil.which("pgbench")
-    if found:
-        return found
-    try:
-        return str(EmbeddedPostgres(Path(tempfile.gettempdir()) / "unused").bin_dir / "pgbench")
-    except Exception as exc:
-        raise SystemExit(f"pgbench not found ({exc}); install the `embedded` extra") from None
-
-
-def write(url: str, rate: int, seconds: float, clients: int, state_dir: Path) -> float:
-    """Single-event transactions at `rate` per second for `seconds`; returns the achieved rate."""
-    script = state_dir / "append.sql"
-    script.write_text(WRITER_SCRIPT)
-    result = subprocess.run(
-        [
-            pgbench(),
-            "-n",
-            "-c",
-            str(clients),
-            "-j",
-            "1",
-            "-R",
-            str(rate),
-            "-T",
-            str(int(seconds)),
-            "-f",
-            str(script),
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    for line in result.stdout.splitlines():
-        if line.startswith("tps ="):
-            return float(line.split()[2])
-    return 0.0
+        return daemon(url, "benchmarks.projections:latency_probe", state_dir)
+    command = [sys.executable, "-m", "benchmarks.live_latency", "--reference-loop", url]
+    return background("reference", command, state_dir)
 
 
 def measure(
@@ -186,7 +119,9 @@ def measure(
 ) -> tuple[float, list[float]]:
     with psycopg.connect(url, autocommit=True) as conn:
         before = scalar(conn, "SELECT coalesce(max(global_position), 0) FROM projectord.events")
-        achieved = write(url, rate, seconds, clients, state_dir)
+        achieved = append_with_pgbench(
+            url, clients=clients, seconds=seconds, state_dir=state_dir, rate=rate
+        )
         expected = scalar(
             conn, "SELECT count(*) FROM projectord.events WHERE global_position > %s", before
         )

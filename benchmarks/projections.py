@@ -65,3 +65,21 @@ class LatencyProbe(Projection):
 
 def latency_probe() -> list[Projection]:
     return [LatencyProbe()]
+
+
+class Pings(Projection):
+    """Counts `Pinged` events: a projection that costs the daemon as little as one can."""
+
+    name = "pings"
+    event_types = ("Pinged",)
+    tables = {"pings": Table({"id": "int PRIMARY KEY", "n": "bigint NOT NULL"})}
+
+    async def handle(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
+        await conn.execute(
+            "INSERT INTO pings AS p VALUES (1, %s) ON CONFLICT (id) DO UPDATE SET n = p.n + %s",
+            (len(events), len(events)),
+        )
+
+
+def pings() -> list[Projection]:
+    return [Pings()]

@@ -73,6 +73,7 @@ class Daemon:
             read_model_schema=settings.read_model_schema,
         )
         self.metrics = Metrics(settings.metrics_address) if settings.metrics_address else None
+        self.listener = NotificationListener(dsn, settings.schema, self.wake_all)
         self.runners = [
             ProjectionRunner(
                 projection,
@@ -81,10 +82,10 @@ class Daemon:
                 batch_size=settings.batch_size,
                 poll_interval=settings.poll_interval,
                 on_batch=self.metrics.observe_batch if self.metrics else None,
+                listener=self.listener,
             )
             for projection in self.projections
         ]
-        self.listener = NotificationListener(dsn, settings.schema, self.wake_all)
         self.stopping = anyio.Event()
         self.ready = anyio.Event()
         self.listener_up = anyio.Event()

@@ -5,6 +5,15 @@ and fills the server's queue). It never gives up: a lost connection is retried w
 and every (re)connection wakes every runner for a catch-up read, because notifications sent while
 it was away are gone. A notification it sends itself every `probe_interval` proves the path still
 works; a listener that cannot hear itself reconnects.
+
+Appends notify only while the listener is *armed* (sql/migrations/0006_notify_only_when_asleep.sql
+has the protocol): a busy daemon needs no wake-ups, and every NOTIFY costs the writers a
+serialised commit. A runner about to sleep calls `arm`, which makes the next appends notify and
+returns only after every append that decided not to notify has ended; the runner then reads once
+more and sleeps. The first notification disarms the listener again (and wakes every runner, so a
+runner that read while armed never sleeps through a disarm). Arming takes the channel's advisory
+lock stripes on this connection, so if the connection dies the server releases them and the
+writers stop notifying: a lost connection therefore wakes every runner too.
 """
 
 from __future__ import annotations
@@ -19,10 +28,14 @@ import psycopg
 from projectord.database import connect, describe_error
 from projectord.heartbeat import Heartbeat
 from projectord.logs import get_logger
+from projectord.queries import Queries
 
 log = get_logger("projectord.listener")
 
 PROBE_PAYLOAD = "probe"
+# Arming waits this long for a writer that holds its stripe (a transaction that appended and is
+# still open) before giving up; the runner then polls soon and asks again.
+ARM_LOCK_TIMEOUT = "200ms"
 
 
 def channel_name(schema: str) -> str:
@@ -49,6 +62,63 @@ class NotificationListener:
         self.last_heard = 0.0  # monotonic time of the last notification or successful probe
         self.reconnects = 0
         self.heartbeat = Heartbeat("listener")  # beats at least every probe_interval / 2
+        self.queries = Queries(schema)
+        self.armed = False  # holds the stripes: appends notify
+        self._arm_wanted = False
+        self._disarm_wanted = False
+        self._arm_attempt = anyio.Event()  # set when the pending arming attempt has ended
+        self._waiting: anyio.CancelScope | None = None  # the wait for notifications, if any
+
+    async def arm(self) -> bool:
+        """Make appends notify from now on, and wait until every append that decided not to has
+        ended. False if that cannot be done now (not connected, or a writer kept its stripe past
+        the lock timeout); the caller polls instead."""
+        if self.armed:
+            return True
+        if not self.connected:
+            return False
+        attempt = self._arm_attempt
+        self._arm_wanted = True
+        if self._waiting is not None:
+            self._waiting.cancel()
+        await attempt.wait()
+        return self.armed
+
+    def _heard(self) -> None:
+        """A notification: appends are happening, so the runners wake and need no more."""
+        if self.armed:
+            self.armed = False
+            self._disarm_wanted = True
+        self.wake()
+
+    def _lost(self) -> None:
+        """The connection is gone, and with it the stripes: wake everyone, end any attempt."""
+        self.connected = False
+        self.armed = self._arm_wanted = self._disarm_wanted = False
+        self._end_arm_attempt()
+        self.wake()
+
+    def _end_arm_attempt(self) -> None:
+        attempt, self._arm_attempt = self._arm_attempt, anyio.Event()
+        attempt.set()
+
+    async def _arm_or_disarm(self, conn: psycopg.AsyncConnection[object]) -> None:
+        if self._disarm_wanted:
+            self._disarm_wanted = False
+            await conn.execute(self.queries["disarm_wakeups"])
+        if self._arm_wanted:
+            self._arm_wanted = False
+            if self.armed:  # asked twice while one attempt ran
+                self._end_arm_attempt()
+                return
+            try:
+                await conn.execute(self.queries["arm_wakeups"], {"channel": self.channel})
+                self.armed = True
+            except psycopg.errors.LockNotAvailable:
+                log.debug("listener.arm_timed_out")
+                await conn.execute(self.queries["disarm_wakeups"])
+            finally:
+                self._end_arm_attempt()
 
     async def run(self) -> None:
         failures = 0
@@ -59,7 +129,7 @@ class NotificationListener:
             except (psycopg.Error, OSError, TimeoutError) as exc:
                 if self.connected or failures == 0:
                     log.warning("listener.disconnected", error=describe_error(exc, self.dsn))
-                self.connected = False
+                self._lost()
                 failures += 1
                 delay = min(self.max_backoff, 0.05 * 2 ** min(failures, 10))
                 with self.heartbeat.waiting():
@@ -80,19 +150,29 @@ class NotificationListener:
     async def _listen(self, failures: int) -> None:
         conn = await connect(self.dsn, autocommit=True, connect_timeout=5)
         async with conn:
+            await conn.execute(f"SET lock_timeout = '{ARM_LOCK_TIMEOUT}'")
             await conn.execute(f'LISTEN "{self.channel}"')
             self._connected(failures)
             probe_sent = 0.0
             while True:
                 self.heartbeat.beat()
+                await self._arm_or_disarm(conn)
                 # A deliberate wait, bounded: the probe below catches a connection gone silent.
-                with self.heartbeat.waiting():
-                    async for notify in conn.notifies(timeout=self.probe_interval / 2):
-                        self.last_heard = time.monotonic()
-                        if notify.payload == PROBE_PAYLOAD:
-                            probe_sent = 0.0
-                        else:
-                            self.wake()
+                # It ends after the first packet of notifications, so a disarm follows at once;
+                # `arm` cuts it short (psycopg keeps notifications that arrive in between).
+                try:
+                    with self.heartbeat.waiting(), anyio.CancelScope() as self._waiting:
+                        if not (self._arm_wanted or self._disarm_wanted):
+                            async for notify in conn.notifies(
+                                timeout=self.probe_interval / 2, stop_after=1
+                            ):
+                                self.last_heard = time.monotonic()
+                                if notify.payload == PROBE_PAYLOAD:
+                                    probe_sent = 0.0
+                                else:
+                                    self._heard()
+                finally:
+                    self._waiting = None
                 now = time.monotonic()
                 if probe_sent and now - probe_sent > self.probe_interval:
                     raise TimeoutError("the listener did not hear its own probe notification")

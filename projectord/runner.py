@@ -31,6 +31,7 @@ from psycopg_pool import AsyncConnectionPool
 from projectord.event_store import Event
 from projectord.fetcher import Batch, Fetcher, ReadAhead
 from projectord.heartbeat import Heartbeat
+from projectord.listener import NotificationListener
 from projectord.logs import get_logger
 from projectord.projection import Projection
 from projectord.queries import Queries, quote_ident
@@ -197,8 +198,10 @@ class ProjectionRunner:
         batch_size: int,
         poll_interval: float,
         on_batch: BatchObserver | None = None,
+        listener: NotificationListener | None = None,
     ) -> None:
         self.projection = projection
+        self.listener = listener  # None: rely on notifications the listener sends as it is
         self.pool = pool
         self.queries = queries
         self.batch_size = batch_size
@@ -260,6 +263,7 @@ class ProjectionRunner:
             if self.paused:
                 await self._wait_paused()
                 return
+            armed = self.listener is None or self.listener.armed
             batch = await self.step()
         except CheckpointMoved:
             self._persisted = None
@@ -275,7 +279,7 @@ class ProjectionRunner:
             return
         self._on_success(batch)
         if len(batch.events) < self.batch_size:
-            await self._wait_for_events(batch.held_back)
+            await self._wait_for_events(batch.held_back, armed)
 
     async def _load_checkpoint_after_move(self) -> None:
         try:
@@ -418,8 +422,15 @@ class ProjectionRunner:
 
     # -- waiting -------------------------------------------------------------------------------
 
-    async def _wait_for_events(self, held_back: bool) -> None:
+    async def _wait_for_events(self, held_back: bool, armed: bool) -> None:
         with self.heartbeat.waiting():
+            if not armed and self.listener is not None:
+                # Appends notify only while the listener is armed, and it was not when this batch
+                # was read: arm it and read once more before sleeping (listener.py). If it cannot
+                # be armed now, poll soon instead, as for events held back.
+                if await self.listener.arm():
+                    return
+                held_back = True
             if held_back:
                 await self.wakeup.wait(self._held_back_wait)
                 self._held_back_wait = min(self._held_back_wait * 2, HELD_BACK_POLL[1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import anyio
 import psycopg
@@ -10,6 +11,7 @@ import pytest
 
 from projectord import ConcurrencyError, EventStore, NewEvent
 from projectord.database import connect
+from projectord.queries import Queries
 from tests.harness import TENANT, TestDatabase, append_sql
 
 CATALOG_SNAPSHOT = """
@@ -91,6 +93,7 @@ def test_append_detects_a_concurrent_writer(db: TestDatabase) -> None:
 def test_one_notification_per_inserting_transaction(db: TestDatabase) -> None:
     with db.connect(autocommit=True) as listener, db.connect() as writer:
         listener.execute('LISTEN "projectord_projectord"')
+        arm(listener)  # appends notify only while a listener is armed (test_wakeup_arming.py)
         for _ in range(3):
             append_sql(writer, "Credited", {"account": 1, "amount": 1})
         writer.execute(
@@ -104,9 +107,14 @@ def test_one_notification_per_inserting_transaction(db: TestDatabase) -> None:
     assert received[0].payload == ""  # never the event body
 
 
+def arm(listener: psycopg.Connection[Any]) -> None:
+    listener.execute(Queries("projectord")["arm_wakeups"], {"channel": "projectord_projectord"})
+
+
 def test_rolled_back_append_notifies_nothing(db: TestDatabase) -> None:
     with db.connect(autocommit=True) as listener, db.connect() as writer:
         listener.execute('LISTEN "projectord_projectord"')
+        arm(listener)
         append_sql(writer, "Credited", {"account": 1, "amount": 1})
         writer.rollback()
         assert list(listener.notifies(timeout=0.5)) == []

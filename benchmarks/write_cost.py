@@ -1,0 +1,110 @@
+"""Write-side benchmark: what the wake-up mechanism costs the writers.
+
+8 pgbench clients append single-event transactions as fast as they can while the real daemon runs
+a projection of those events. Modes, in interleaved rounds:
+- `none`: the events trigger disabled (the daemon only polls): the writers' ceiling.
+- `always`: a trigger that notifies in every appending transaction (projectord's first design).
+- `projectord`: the installed trigger, which notifies only while a listener sleeps.
+Each NOTIFY takes a cluster-wide lock at commit and holds it through the commit's flush, so
+notifying in every transaction serialises the writers' commits.
+
+    python -m benchmarks.write_cost                    # 6 rounds of 8 s per mode
+    python -m benchmarks.write_cost --smoke            # CI: short
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+
+from benchmarks.bench_db import fresh_database, machine, median, server, server_description
+from benchmarks.processes import append_with_pgbench, daemon
+from benchmarks.projections import Pings
+from projectord.logs import configure_logging
+
+MODES = ("none", "always", "projectord")
+ALWAYS_NOTIFY = """
+CREATE OR REPLACE FUNCTION projectord.notify_events_appended() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('projectord_' || TG_TABLE_SCHEMA, '');
+    RETURN NULL;
+END;
+$$
+"""
+INSTALLED = """
+SELECT pg_get_functiondef('projectord.notify_events_appended()'::regprocedure)
+"""
+
+
+def set_mode(url: str, mode: str, installed: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        if mode == "none":
+            conn.execute("ALTER TABLE projectord.events DISABLE TRIGGER events_appended")
+            return
+        conn.execute(ALWAYS_NOTIFY if mode == "always" else installed)
+        conn.execute("ALTER TABLE projectord.events ENABLE TRIGGER events_appended")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--database-url", help="a server to create a throwaway database on")
+    parser.add_argument("--smoke", action="store_true", help="short rounds for CI")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.seconds, args.rounds = min(args.seconds, 2), 1
+    configure_logging("console", "warning")
+    print("projectord write-side benchmark")
+    print(f"machine: {machine()}")
+    with (
+        server(args.database_url) as admin_url,
+        fresh_database(admin_url, [Pings()]) as url,
+        tempfile.TemporaryDirectory(prefix="projectord-write-") as tmp,
+    ):
+        state_dir = Path(tmp)
+        print(f"server: {server_description(url)}")
+        print(
+            f"writers: pgbench, {args.clients} clients, one event per transaction,"
+            f" {args.seconds:.0f} s per round; the daemon runs `pings` throughout"
+        )
+        with psycopg.connect(url, autocommit=True) as conn:
+            row = conn.execute(INSTALLED).fetchone()
+            assert row is not None
+            installed = row[0]
+        rates: dict[str, list[float]] = {mode: [] for mode in MODES}
+        with daemon(url, "benchmarks.projections:pings", state_dir, poll_interval="1"):
+            for round_ in range(args.rounds):
+                order = MODES[round_ % 3 :] + MODES[: round_ % 3]
+                line = []
+                for mode in order:
+                    set_mode(url, mode, installed)
+                    time.sleep(0.5)  # let the daemon catch up between rounds
+                    tps = append_with_pgbench(
+                        url, clients=args.clients, seconds=args.seconds, state_dir=state_dir
+                    )
+                    rates[mode].append(tps)
+                    line.append(f"{mode} {tps:,.0f}")
+                print(f"round {round_ + 1}: " + " | ".join(line) + " appends/s", flush=True)
+            set_mode(url, "projectord", installed)
+    print(f"\nsummary: median of {args.rounds} interleaved rounds")
+    for mode in MODES:
+        ratios = [r / base for r, base in zip(rates[mode], rates["none"], strict=True)]
+        print(
+            f"  {mode:<11} {median(rates[mode]):>9,.0f} appends/s"
+            f"   vs none: {median(ratios):.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f})"
+        )
+    ratios = [r / base for r, base in zip(rates["projectord"], rates["none"], strict=True)]
+    cost = 1 - median(ratios)
+    verdict = "met" if cost <= 0.10 else "NOT met"
+    print(f"  wake-up cost with projectord's trigger: {cost:.0%} (target <= 10%): {verdict}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Appends notify only while a listener is armed (about to sleep), and no wake-up is ever lost.
+
+The race that matters: a writer decides not to notify (no listener is armed) and stays open; the
+listener then arms, the runner reads once more and goes to sleep; the writer commits. If arming did
+not wait for that writer, its event would be invisible to the last read and no notification would
+come: the event would wait for the next poll. These tests set up exactly that interleaving.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+
+from projectord.queries import Queries
+from tests.ops_projections import Slow
+from tests.harness import DaemonProcess, TestDatabase, append_sql, wait_until
+
+QUERIES = Queries("projectord")
+CHANNEL = "projectord_projectord"
+SLOW = "tests.test_wakeup_arming:slow_only"  # alone: an idle projection would keep it armed
+slow_only = [Slow]
+
+
+def notifications(listener: psycopg.Connection[object], timeout: float = 0.5) -> int:
+    return len(list(listener.notifies(timeout=timeout)))
+
+
+def test_arming_waits_for_writers_that_decided_not_to_notify(db: TestDatabase) -> None:
+    with (
+        db.connect(autocommit=True) as listener,
+        db.connect() as writer,
+        db.connect(autocommit=True) as reader,
+    ):
+        listener.execute(f'LISTEN "{CHANNEL}"')
+        # Not armed: appends do not notify.
+        append_sql(writer, "Credited", {"account": 1, "amount": 1})
+        writer.commit()
+        assert notifications(listener) == 0
+
+        # A writer appends while no listener is armed, and stays open.
+        append_sql(writer, "Credited", {"account": 1, "amount": 2})
+        armed = threading.Event()
+
+        def arm() -> None:
+            with db.connect(autocommit=True) as arming:  # no lock timeout: wait as long as it takes
+                arming.execute(QUERIES["arm_wakeups"], {"channel": CHANNEL})
+                armed.set()
+                stop.wait(10)
+
+        stop = threading.Event()
+        thread = threading.Thread(target=arm)
+        thread.start()
+        try:
+            # Arming waits for that writer: the listener cannot sleep before the event commits.
+            assert not armed.wait(0.5), "armed while a writer that did not notify was open"
+            writer.commit()
+            assert armed.wait(5)
+            # So the runner's last read before sleeping, taken now, sees the event.
+            assert reader.execute("SELECT count(*) FROM projectord.events").fetchone() == (2,)
+
+            # Armed: every appending transaction notifies, whatever its isolation level.
+            append_sql(writer, "Credited", {"account": 1, "amount": 4})
+            writer.commit()
+            writer.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            append_sql(writer, "Credited", {"account": 2, "amount": 8})
+            writer.commit()
+            assert notifications(listener, timeout=1.0) == 2
+        finally:
+            stop.set()
+            thread.join()
+        # The arming session is gone, and its stripes with it: no notifications any more.
+        append_sql(writer, "Credited", {"account": 1, "amount": 16})
+        writer.commit()
+        assert notifications(listener) == 0
+
+
+def advisory_share_locks(db: TestDatabase) -> int:
+    return db.scalar(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+        " WHERE l.locktype = 'advisory' AND l.mode = 'ShareLock' AND l.granted"
+        " AND a.application_name = 'projectord' AND a.datname = current_database()"
+    )
+
+
+def slow_applied(db: TestDatabase) -> int:
+    return db.scalar("SELECT count(*) FROM slow_seen")
+
+
+def test_no_wake_up_is_lost_when_the_daemon_goes_to_sleep_during_an_append(
+    db: TestDatabase, state_dir: Path
+) -> None:
+    db.init(SLOW)
+    env = {"PROJECTORD_POLL_INTERVAL": "600"}  # only a wake-up can apply the events in time
+    with DaemonProcess(db.url, SLOW, state_dir, extra_env=env), db.connect() as writer:
+        wait_until(lambda: advisory_share_locks(db) == 64, timeout=10)  # idle: armed
+        # A slow batch keeps the runner busy; its notification disarmed the listener.
+        append_sql(writer, "Slow", {"sleep": 1.5})
+        writer.commit()
+        wait_until(lambda: advisory_share_locks(db) == 0, timeout=5)
+        # Meanwhile a writer appends (and decides not to notify), and stays open until well after
+        # the runner has finished the slow batch and tried to go to sleep.
+        append_sql(writer, "Slow", {})
+        time.sleep(2.5)
+        assert slow_applied(db) == 1
+        writer.commit()
+        committed = time.monotonic()
+        wait_until(lambda: slow_applied(db) == 2, timeout=5)
+        took = time.monotonic() - committed
+        assert took < 1.5, f"applied {took:.2f}s after the commit: a wake-up was lost"
+        # And the daemon is armed again, asleep.
+        wait_until(lambda: advisory_share_locks(db) == 64, timeout=5)
