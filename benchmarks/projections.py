@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,3 +84,15 @@ class Pings(Projection):
 
 def pings() -> list[Projection]:
     return [Pings()]
+
+
+def balances_copy(number: int) -> Projection:
+    """Balances under another name, into its own table `balances_NN`."""
+    table = f"balances_{number:02d}"
+    attributes = {"name": table, "table": table, "tables": {table: Balances.tables["balances"]}}
+    return type(f"Balances{number:02d}", (Balances,), attributes)()  # type: ignore[no-any-return]
+
+
+def many_balances() -> list[Projection]:
+    """`BENCH_PROJECTIONS` (default 50) copies of Balances, for one daemon."""
+    return [balances_copy(n) for n in range(int(os.environ.get("BENCH_PROJECTIONS", "50")))]

@@ -73,7 +73,9 @@ class Daemon:
             read_model_schema=settings.read_model_schema,
         )
         self.metrics = Metrics(settings.metrics_address) if settings.metrics_address else None
-        self.listener = NotificationListener(dsn, settings.schema, self.wake_all)
+        self.listener = NotificationListener(
+            dsn, settings.schema, self.wake_all, poll_interval=settings.poll_interval
+        )
         self.runners = [
             ProjectionRunner(
                 projection,
@@ -261,6 +263,7 @@ class Daemon:
         for runner in self.runners:
             runner.batch_size = settings.batch_size
             runner.poll_interval = settings.poll_interval
+        self.listener.poll_interval = settings.poll_interval
         self.control.idle_timeout = settings.control_idle_timeout
         self.control.max_clients = settings.control_max_clients
         self.health.thresholds = thresholds(settings)

@@ -14,6 +14,11 @@ more and sleeps. The first notification disarms the listener again (and wakes ev
 runner that read while armed never sleeps through a disarm). Arming takes the channel's advisory
 lock stripes on this connection, so if the connection dies the server releases them and the
 writers stop notifying: a lost connection therefore wakes every runner too.
+
+The listener also polls for every runner, one cheap query each `poll_interval` (the safety net for
+appends that notify nobody: a trigger disabled, `session_replication_role = replica`). Runners
+then poll on their own only rarely while it is connected, so 50 idle projections cost one query
+per poll interval, not 50.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ PROBE_PAYLOAD = "probe"
 # Arming waits this long for a writer that holds its stripe (a transaction that appended and is
 # still open) before giving up; the runner then polls soon and asks again.
 ARM_LOCK_TIMEOUT = "200ms"
+# While the listener polls for them, idle runners poll on their own this many times less often.
+RUNNER_POLL_FACTOR = 12
 
 
 def channel_name(schema: str) -> str:
@@ -52,6 +59,7 @@ class NotificationListener:
         *,
         probe_interval: float = 10.0,
         max_backoff: float = 5.0,
+        poll_interval: float = 5.0,
     ) -> None:
         self.dsn = dsn
         self.channel = channel_name(schema)
@@ -63,6 +71,9 @@ class NotificationListener:
         self.reconnects = 0
         self.heartbeat = Heartbeat("listener")  # beats at least every probe_interval / 2
         self.queries = Queries(schema)
+        self.poll_interval = poll_interval
+        self._polled_at = 0.0
+        self._poll_since = 0  # the horizon of the last poll: later commits have xids above it
         self.armed = False  # holds the stripes: appends notify
         self._arm_wanted = False
         self._disarm_wanted = False
@@ -83,6 +94,25 @@ class NotificationListener:
             self._waiting.cancel()
         await attempt.wait()
         return self.armed
+
+    def runner_poll_interval(self, poll_interval: float) -> float:
+        """How long an idle runner may wait for a wake-up before it reads on its own."""
+        return poll_interval * RUNNER_POLL_FACTOR if self.connected else poll_interval
+
+    async def _poll(self, conn: psycopg.AsyncConnection[object]) -> None:
+        """Every `poll_interval`: wake the runners if any event committed since the last poll.
+        An event that commits after a snapshot belongs to a transaction whose xid is at or above
+        that snapshot's xmin, so one index probe answers for every projection."""
+        now = time.monotonic()
+        if now - self._polled_at < self.poll_interval:
+            return
+        self._polled_at = now
+        cur = await conn.execute(self.queries["poll_events"], {"since": str(self._poll_since)})
+        row = await cur.fetchone()
+        assert row is not None
+        self._poll_since = row[0]
+        if row[1]:
+            self.wake()
 
     def _heard(self) -> None:
         """A notification: appends are happening, so the runners wake and need no more."""
@@ -137,6 +167,10 @@ class NotificationListener:
             else:  # pragma: no cover - _listen only returns by raising
                 failures = 0
 
+    def _wait_time(self) -> float:
+        until_poll = self._polled_at + self.poll_interval - time.monotonic()
+        return max(0.0, min(self.probe_interval / 2, until_poll))
+
     def _connected(self, failures: int) -> None:
         self.connected = True
         self.last_heard = time.monotonic()
@@ -156,6 +190,7 @@ class NotificationListener:
             probe_sent = 0.0
             while True:
                 self.heartbeat.beat()
+                await self._poll(conn)
                 await self._arm_or_disarm(conn)
                 # A deliberate wait, bounded: the probe below catches a connection gone silent.
                 # It ends after the first packet of notifications, so a disarm follows at once;
@@ -164,7 +199,7 @@ class NotificationListener:
                     with self.heartbeat.waiting(), anyio.CancelScope() as self._waiting:
                         if not (self._arm_wanted or self._disarm_wanted):
                             async for notify in conn.notifies(
-                                timeout=self.probe_interval / 2, stop_after=1
+                                timeout=self._wait_time(), stop_after=1
                             ):
                                 self.last_heard = time.monotonic()
                                 if notify.payload == PROBE_PAYLOAD:

@@ -38,23 +38,30 @@ class Balances(Projection):
     }
     read_access = ("admin", "user")
 
+    table = "balances"  # where handle() writes; copies of this projection change it
+
     async def handle(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
-        rows: dict[UUID, dict[str, Any]] = {}
-        for event in events:
-            amount = int(event.payload["amount"])
-            row = rows.get(event.aggregate_id)
-            if row is None:
-                row = rows[event.aggregate_id] = {
-                    "id": event.aggregate_id,
-                    "tenant_id": event.tenant_id,
-                    "balance": 0,
-                    "events": 0,
-                }
-            row["balance"] += amount if event.type == DEPOSITED else -amount
-            row["events"] += 1
         await upsert_many(
-            conn, "balances", list(rows.values()), key=["id"], add=["balance", "events"]
+            conn, self.table, fold_balances(events), key=["id"], add=["balance", "events"]
         )
+
+
+def fold_balances(events: Sequence[Event]) -> list[dict[str, Any]]:
+    """One row per account of the batch: its tenant, the change of its balance, its events."""
+    rows: dict[UUID, dict[str, Any]] = {}
+    for event in events:
+        amount = int(event.payload["amount"])
+        row = rows.get(event.aggregate_id)
+        if row is None:
+            row = rows[event.aggregate_id] = {
+                "id": event.aggregate_id,
+                "tenant_id": event.tenant_id,
+                "balance": 0,
+                "events": 0,
+            }
+        row["balance"] += amount if event.type == DEPOSITED else -amount
+        row["events"] += 1
+    return list(rows.values())
 
 
 class ActivityFeed(Projection):

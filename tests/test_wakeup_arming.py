@@ -15,8 +15,8 @@ from pathlib import Path
 import psycopg
 
 from projectord.queries import Queries
-from tests.ops_projections import Slow
 from tests.harness import DaemonProcess, TestDatabase, append_sql, wait_until
+from tests.ops_projections import Slow
 
 QUERIES = Queries("projectord")
 CHANNEL = "projectord_projectord"
@@ -77,12 +77,8 @@ def test_arming_waits_for_writers_that_decided_not_to_notify(db: TestDatabase) -
         assert notifications(listener) == 0
 
 
-def advisory_share_locks(db: TestDatabase) -> int:
-    return db.scalar(
-        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
-        " WHERE l.locktype = 'advisory' AND l.mode = 'ShareLock' AND l.granted"
-        " AND a.application_name = 'projectord' AND a.datname = current_database()"
-    )
+def armed_listeners(db: TestDatabase) -> int:
+    return db.scalar(QUERIES["armed_listeners"], {"channel": CHANNEL})
 
 
 def slow_applied(db: TestDatabase) -> int:
@@ -95,11 +91,11 @@ def test_no_wake_up_is_lost_when_the_daemon_goes_to_sleep_during_an_append(
     db.init(SLOW)
     env = {"PROJECTORD_POLL_INTERVAL": "600"}  # only a wake-up can apply the events in time
     with DaemonProcess(db.url, SLOW, state_dir, extra_env=env), db.connect() as writer:
-        wait_until(lambda: advisory_share_locks(db) == 64, timeout=10)  # idle: armed
+        wait_until(lambda: armed_listeners(db) == 1, timeout=10)  # idle: armed
         # A slow batch keeps the runner busy; its notification disarmed the listener.
         append_sql(writer, "Slow", {"sleep": 1.5})
         writer.commit()
-        wait_until(lambda: advisory_share_locks(db) == 0, timeout=5)
+        wait_until(lambda: armed_listeners(db) == 0, timeout=5)
         # Meanwhile a writer appends (and decides not to notify), and stays open until well after
         # the runner has finished the slow batch and tried to go to sleep.
         append_sql(writer, "Slow", {})
@@ -111,4 +107,4 @@ def test_no_wake_up_is_lost_when_the_daemon_goes_to_sleep_during_an_append(
         took = time.monotonic() - committed
         assert took < 1.5, f"applied {took:.2f}s after the commit: a wake-up was lost"
         # And the daemon is armed again, asleep.
-        wait_until(lambda: advisory_share_locks(db) == 64, timeout=5)
+        wait_until(lambda: armed_listeners(db) == 1, timeout=5)
