@@ -108,3 +108,26 @@ def test_no_wake_up_is_lost_when_the_daemon_goes_to_sleep_during_an_append(
         assert took < 1.5, f"applied {took:.2f}s after the commit: a wake-up was lost"
         # And the daemon is armed again, asleep.
         wait_until(lambda: armed_listeners(db) == 1, timeout=5)
+
+
+def test_one_poll_serves_every_projection(db: TestDatabase, state_dir: Path) -> None:
+    """Appends that notify nobody (trigger disabled) are found by the listener's poll, which
+    wakes every runner: idle runners poll on their own only every 12 poll intervals."""
+    specs = "tests.projections:ledger_and_counter"
+    db.init(specs)
+    with db.connect() as conn:
+        conn.execute("ALTER TABLE projectord.events DISABLE TRIGGER events_appended")
+    env = {"PROJECTORD_POLL_INTERVAL": "0.5"}  # runners alone: every 6 s
+    with DaemonProcess(db.url, specs, state_dir, extra_env=env), db.connect() as writer:
+        time.sleep(1)  # every runner asleep
+        for n in range(1, 4):
+            append_sql(writer, "Credited", {"account": 1, "amount": 1})
+            writer.commit()
+            took = wait_until(
+                lambda n=n: (
+                    db.scalar("SELECT coalesce(sum(n), 0) FROM counts") == n
+                    and db.scalar("SELECT count(*) FROM applied_log") == n
+                ),
+                timeout=10,
+            )
+            assert took < 1.5, f"applied after {took:.2f}s: the shared poll did not wake them"
