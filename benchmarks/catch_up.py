@@ -40,6 +40,7 @@ from benchmarks.bench_db import (
 )
 from benchmarks.projections import NaiveBalances
 from projectord.database import configure_json, make_pool
+from projectord.gc_tuning import tune_for_batches
 from projectord.logs import configure_logging
 from projectord.projection import Projection
 from projectord.queries import Queries
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         args.events, args.rounds = min(args.events, 20_000), min(args.rounds, 2)
     configure_logging("console", "warning")
+    tune_for_batches()  # as the daemon does; the reference loop, in this process, gains too
     print("projectord catch-up benchmark")
     print(f"machine: {machine()}")
     with (

@@ -19,6 +19,7 @@ from psycopg import AsyncConnection
 from projectord.catch_up import wait_for_projections
 from projectord.config import ConfigError, Settings, load_settings
 from projectord.database import connect, describe_error, redact
+from projectord.dead_letters_cli import add_dead_letter_commands
 from projectord.dispatch_cli import add_dispatch_command
 from projectord.drift_cli import add_drift_commands
 from projectord.embedded import EmbeddedPostgres, EmbeddedUnavailable
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_operator_commands(add)
     add_dispatch_command(add)
     add_drift_commands(add, commands, parent)
+    add_dead_letter_commands(commands, parent)
     return parser
 
 

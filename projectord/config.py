@@ -58,6 +58,12 @@ with warnings.catch_warnings():
         health_horizon_seconds: float = Field(default=30.0, gt=0)
         stall_timeout: float = Field(default=120.0, gt=0)
         metrics_address: str | None = None
+        health_outage_seconds: float = Field(default=60.0, gt=0)
+        # Faults and scale-out (README, "Errors and dead letters", "Running several instances").
+        on_error: Literal["pause", "skip"] = "pause"
+        max_attempts: int = Field(default=5, ge=1, le=1000)
+        handler_timeout: float = Field(default=60.0, gt=0, le=86_400)
+        instance_name: str | None = Field(default=None, min_length=1, max_length=200)
 
         @field_validator("projections", "aggregates", mode="before")
         @classmethod
@@ -92,6 +98,13 @@ with warnings.catch_warnings():
             host, _, port = value.rpartition(":")
             if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"{value!r} is not HOST:PORT (e.g. '127.0.0.1:9187')")
+            return value
+
+        @field_validator("instance_name")
+        @classmethod
+        def _check_instance_name(cls, value: str | None) -> str | None:
+            if value is not None and not value.isprintable():
+                raise ValueError("must be printable text (it appears in status and logs)")
             return value
 
         @field_validator("log_level", mode="before")

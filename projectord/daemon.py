@@ -24,6 +24,7 @@ from anyio.abc import TaskGroup
 from projectord.config import ConfigError, Settings
 from projectord.control import ControlServer, ControlSocketError
 from projectord.database import connect, describe_error, make_pool, redact
+from projectord.gc_tuning import tune_for_batches
 from projectord.health import HealthCheck, Thresholds
 from projectord.listener import NotificationListener
 from projectord.logs import get_logger, set_level
@@ -155,6 +156,7 @@ class Daemon:
     async def run(self) -> None:
         """Run until a stop is requested; drain; return."""
         await self.prepare()
+        tune_for_batches()
         async with AsyncExitStack() as stack:
             try:
                 await self.control.bind()

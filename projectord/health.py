@@ -1,8 +1,10 @@
 """`projectord health`: ok / degraded / failing, with the reasons an operator acts on.
 
-failing: the database does not answer, a projection keeps failing on an event, or a loop of the
-daemon is wedged (it would stop the systemd watchdog too). degraded: the listener is down (the
-runners still poll), a projection is paused, rebuilding or lagging beyond the thresholds, or an
+failing: a projection stopped on a poison event (state `failed`), the database has not answered
+for `health_outage_seconds`, or a loop of the daemon is wedged (it would stop the systemd watchdog
+too). degraded: the database does not answer (yet: the daemon reconnects by itself, so a restart or
+a failover is degraded, not failing), the listener is down (the runners still poll), a projection
+retries after a handler error, is paused, rebuilding or lagging beyond the thresholds, or an
 open transaction has held the xmin horizon back longer than `health_horizon_seconds` — then the
 reason names that transaction (pid, xid, age, state, start of its query), because that is who the
 operator must talk to.
@@ -29,6 +31,7 @@ class Thresholds:
     max_lag_seconds: float
     horizon_seconds: float
     stall_timeout: float
+    outage_seconds: float = 60.0
 
 
 def reason(severity: str, code: str, message: str, **detail: Any) -> dict[str, Any]:
@@ -42,6 +45,7 @@ class HealthCheck:
         self.reporter = reporter
         self.heartbeats = heartbeats
         self.thresholds = thresholds
+        self._unreachable_since: float | None = None  # monotonic; while the database is away
 
     async def check(self) -> dict[str, Any]:
         return await self.evaluate(await self.reporter.snapshot())
@@ -58,12 +62,21 @@ class HealthCheck:
 
     def _daemon_reasons(self, snapshot: dict[str, Any]) -> list[dict[str, Any]]:
         found = []
-        if not snapshot["database"]["reachable"]:
+        now = time.monotonic()
+        if snapshot["database"]["reachable"]:
+            self._unreachable_since = None
+        else:
+            if self._unreachable_since is None:
+                self._unreachable_since = now
+            away = now - self._unreachable_since
+            long = away >= self.thresholds.outage_seconds
             found.append(
                 reason(
-                    "failing",
+                    "failing" if long else "degraded",
                     "database_unreachable",
-                    f"the database does not answer: {snapshot['database']['error']}",
+                    f"the database does not answer (for {away:.0f}s; reconnecting): "
+                    f"{snapshot['database']['error']}",
+                    seconds=round(away, 1),
                 )
             )
         if not snapshot["listener"]["connected"]:
@@ -74,7 +87,6 @@ class HealthCheck:
                     "the notification listener is not connected; projections only poll",
                 )
             )
-        now = time.monotonic()
         for beat in self.heartbeats:
             stalled = beat.stalled_for(now)
             if stalled > self.thresholds.stall_timeout:
@@ -93,17 +105,30 @@ class HealthCheck:
 
     def _projection_reasons(self, p: dict[str, Any]) -> list[dict[str, Any]]:
         name, state, error = p["name"], p["state"], p["last_error"] or {}
-        if state == "retrying":
-            at = (
-                f" at event {error['event_id']} ({error['event_type']})"
-                if error.get("event_id")
-                else ""
-            )
+        at = (
+            f" at event {error['event_id']} ({error['event_type']}, position "
+            f"{error.get('global_position')})"
+            if error.get("event_id")
+            else ""
+        )
+        if state == "failed":
             return [
                 reason(
                     "failing",
                     "projection_failing",
-                    f"projection {name} fails{at}: {error.get('message')} "
+                    f"projection {name} stopped{at}: {error.get('message')} (after "
+                    f"{error.get('attempts')} attempts; `projectord resume {name}` retries, "
+                    f"`projectord skip {name}` moves the event to the dead letters)",
+                    projection=name,
+                    error=error,
+                )
+            ]
+        if state == "retrying":
+            return [
+                reason(
+                    "degraded",
+                    "projection_retrying",
+                    f"projection {name} retries{at}: {error.get('message')} "
                     f"(attempt {error.get('attempts')})",
                     projection=name,
                     error=error,

@@ -21,7 +21,17 @@ from projectord.runner import ProjectionRunner
 
 log = get_logger("projectord.metrics")
 
-STATES = ("starting", "running", "rebuilding", "paused", "retrying", "degraded", "stopped")
+STATES = (
+    "starting",
+    "running",
+    "rebuilding",
+    "paused",
+    "retrying",
+    "degraded",
+    "failed",
+    "standby",
+    "stopped",
+)
 BATCH_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 

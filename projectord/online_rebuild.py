@@ -278,6 +278,9 @@ class _OnlineRebuild:
             )
             row = await cur.fetchone()
             await control.execute(self.queries["delete_position"], {"name": self.names.checkpoint})
+            await control.execute(
+                self.queries["resolve_by_rebuild"], {"projection": self.projection.name}
+            )
         assert row is not None
         return (int(row[0]), int(row[1])), int(row[2])
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from datetime import datetime
 from typing import Any, TextIO
 
 from projectord.control_client import ControlClient, ControlError, NoDaemon
+from projectord.text_table import render_table
 
 EXIT_OK, EXIT_FAILED, EXIT_NO_DAEMON = 0, 1, 3
 FOLLOW_INTERVAL = 0.25  # seconds between progress polls of `rebuild`
@@ -100,18 +100,12 @@ def _watch(client: ControlClient, interval: float, out: TextIO) -> int:
         return EXIT_OK
 
 
-COLUMNS = ("NAME", "STATE", "LAG", "LAG_S", "CAUGHT_UP", "APPLIED", "EV/S", "LAST ERROR")
+COLUMNS = ("NAME", "STATE", "OWNER", "LAG", "LAG_S", "CAUGHT_UP", "APPLIED", "EV/S", "LAST ERROR")
 
 
 def render_status(result: dict[str, Any]) -> str:
-    rows = [COLUMNS] + [_status_row(p) for p in result["projections"]]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
-    width = shutil.get_terminal_size((120, 24)).columns
-    lines = []
-    for row in rows:
-        line = "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False))
-        lines.append((line + "  " + row[-1]).rstrip()[:width])
-    notes = []
+    lines = render_table([COLUMNS] + [_status_row(p) for p in result["projections"]])
+    notes = [f"* runs in this daemon ({result['instance']})"]
     if not result["database"]["reachable"]:
         notes.append(f"database unreachable: {result['database']['error']}")
     if not result["listener"]["connected"]:
@@ -132,13 +126,15 @@ def _status_row(p: dict[str, Any]) -> tuple[str, ...]:
     state = p["state"]
     if p.get("rebuild") and not p["rebuild"]["done"]:
         state += f" {_percent(p['rebuild'])}%"
+    owner = f"{p['owner'] or '-'}{' *' if p.get('local') else ''}"
     return (
         p["name"],
         state,
+        owner,
         _cell(p["lag"]),
         _cell(p["lag_seconds"]),
         "yes" if p["caught_up"] else "no",
-        str(p["applied_total"]),
+        _cell(p["applied_total"]),
         _cell(p["events_per_second"]),
         error_text,
     )
@@ -217,13 +213,13 @@ def _follow_rebuild(client: ControlClient, name: str, timeout: float, out: TextI
                 out.write("\n")
             print(f"rebuilt {name}: {progress['applied']} events applied", file=out)
             return EXIT_OK
-        if projection["state"] == "retrying":
+        if projection["state"] in ("retrying", "failed"):
             error = projection["last_error"] or {}
             if tty:
                 out.write("\n")
             raise _fail(
                 f"rebuild of {name} is stuck at event {error.get('event_id')}: "
-                f"{error.get('message')} (the daemon keeps retrying; `projectord skip {name}` "
+                f"{error.get('message')} (state {projection['state']}; `projectord skip {name}` "
                 "moves the event to the dead letters)",
                 EXIT_FAILED,
             )

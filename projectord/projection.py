@@ -46,6 +46,10 @@ class Projection:
     # the batch, not at the `execute` that caused it; the batch rolls back either way. Set it to
     # False for an `on` that catches the errors of its own statements.
     pipeline: ClassVar[bool] = True
+    # The error policy (projectord/error_policy.py); None takes the configuration's value.
+    on_error: ClassVar[str | None] = None  # "pause" or "skip"
+    max_attempts: ClassVar[int | None] = None
+    handler_timeout: ClassVar[float | None] = None
 
     async def handle(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
         """Apply a batch, in commit order. The default calls `on` for each event."""
@@ -113,3 +117,19 @@ def validate(projection: Projection) -> None:
             raise ProjectionError(f"projection {name!r}: table {table_name!r} is not a Table")
     if type(projection).handle is Projection.handle and type(projection).on is Projection.on:
         raise ProjectionError(f"projection {name!r} ({cls}) defines neither handle() nor on()")
+    _validate_policy(projection, name)
+
+
+def _validate_policy(projection: Projection, name: str) -> None:
+    """The error policy's overrides, checked at start-up like the rest of the declaration."""
+    on_error, attempts, timeout = (
+        projection.on_error,
+        projection.max_attempts,
+        projection.handler_timeout,
+    )
+    if on_error is not None and on_error not in ("pause", "skip"):
+        raise ProjectionError(f"projection {name!r}: on_error must be 'pause' or 'skip'")
+    if attempts is not None and (type(attempts) is not int or attempts < 1):
+        raise ProjectionError(f"projection {name!r}: max_attempts must be a whole number >= 1")
+    if timeout is not None and (type(timeout) not in (int, float) or timeout <= 0):
+        raise ProjectionError(f"projection {name!r}: handler_timeout must be seconds > 0")

@@ -24,6 +24,7 @@ RUNTIME_KEYS = (
     "health_max_lag_seconds",
     "health_horizon_seconds",
     "stall_timeout",
+    "health_outage_seconds",
 )
 
 

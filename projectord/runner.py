@@ -2,9 +2,12 @@
 
 One runner per projection. Each batch runs in one transaction that holds the handler's writes and
 the checkpoint's compare-and-set, so the read model and the checkpoint commit together or not at
-all. A handler that raises rolls its batch back and is retried with backoff; the runner never moves
-past an event it did not apply, unless an operator `skip`s it into the dead letters. Other runners
-are unaffected.
+all. What happens when a batch fails is the projection's error policy (projectord/error_policy.py):
+transient database errors are retried until the database is back; a handler failure is retried
+with backoff up to `max_attempts`, then the batch is bisected, committing the events before the
+poison event, and `on_error` decides: stop in state `failed` until an operator acts, or move the
+event to the dead letters and go on. The runner never moves past an event it did not apply except
+into the dead letters. Other runners are unaffected.
 
 Operator actions that touch the checkpoint (rebuild, skip) run inside the runner's own task,
 between batches (`call`), so they never race a batch. Pause needs no cooperation: it is a state in
@@ -14,20 +17,19 @@ has committed.
 
 from __future__ import annotations
 
-import random
 import time
-import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import psycopg
-import psycopg_pool
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from projectord.dead_letters import dead_letter_params, format_traceback
+from projectord.error_policy import ErrorPolicy, backoff, is_transient, run_handler
 from projectord.event_store import Event
 from projectord.fetcher import Batch, Fetcher, ReadAhead
 from projectord.heartbeat import Heartbeat
@@ -48,11 +50,8 @@ HELD_BACK_POLL = (0.02, 0.25)
 # gains from it (it rescans less), and every transaction, the daemon's own included, moves the
 # horizon: at 5 s, 50 idle projections committed 10 checkpoint transactions a second forever.
 HORIZON_PERSIST_INTERVAL = 60.0
-RETRY_BACKOFF = (0.1, 30.0)
-TRANSIENT_BACKOFF_CAP = 2.0
 # A rebuild waits at most this long for the locks on the projection's tables.
 REBUILD_LOCK_TIMEOUT = "10s"
-TRACEBACK_LIMIT = 20_000
 
 
 class CheckpointMoved(Exception):
@@ -92,20 +91,6 @@ class Wakeup:
         if woke:
             self._event = anyio.Event()
         return woke
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Errors that say nothing about the handler: the connection or the server's concurrency."""
-    return isinstance(
-        exc,
-        (
-            psycopg_pool.PoolTimeout,
-            psycopg.OperationalError,
-            psycopg.errors.SerializationFailure,
-            psycopg.errors.DeadlockDetected,
-            psycopg.errors.LockNotAvailable,
-        ),
-    ) and not isinstance(exc, psycopg.errors.QueryCanceled)
 
 
 @dataclass
@@ -201,8 +186,14 @@ class ProjectionRunner:
         poll_interval: float,
         on_batch: BatchObserver | None = None,
         listener: NotificationListener | None = None,
+        policy: ErrorPolicy | None = None,
+        owner: str | None = None,
     ) -> None:
         self.projection = projection
+        self.policy = policy or ErrorPolicy()
+        # The daemon instance this runner commits for; the compare-and-set checks it against the
+        # positions row's owner. None: no ownership (one-off runners such as an online rebuild's).
+        self.owner = owner
         self.listener = listener  # None: rely on notifications the listener sends as it is
         self.pool = pool
         self.queries = queries
@@ -217,10 +208,13 @@ class ProjectionRunner:
         self.status = RunnerStatus(projection.name)
         self.heartbeat = Heartbeat(f"runner:{projection.name}")
         self.paused = False  # as last read from the positions row
+        self.failed = False  # stopped on a poison event (on_error = "pause"), as last read
+        self.standby = False  # the positions row names another owner: commit nothing, wait
         self.stuck: StuckEvent | None = None
         self._requests: list[_Request] = []
         self._reload = False  # re-read the positions row before the next batch
-        self._failures = 0
+        self._failures = 0  # handler failures of the batch at the checkpoint
+        self._transient_failures = 0  # database errors in a row; never counted as the above
         self._held_back_wait = HELD_BACK_POLL[0]
         self._stopping = False
         self._persisted: Checkpoint | None = None  # the stored checkpoint, as last read or written
@@ -237,6 +231,20 @@ class ProjectionRunner:
         self._stopping = True
         self.wakeup.set()
         self.control.set()
+
+    def reset(self) -> None:
+        """Ready a stopped runner to run again (its daemon owns the projection again): all it
+        knew about the projection is read afresh from the positions row."""
+        self._stopping = False
+        self._persisted = None
+        self._reload = False
+        self._failures = self._transient_failures = 0
+        self.paused = self.failed = self.standby = False
+        self.stuck = None
+        self._read_ahead.discard()
+        self.status.state = "starting"
+        self.status.last_error = None
+        self.status.record_held_back(False)
 
     def nudge(self) -> None:
         """Make the runner re-read its positions row before its next batch (after a pause or a
@@ -255,6 +263,7 @@ class ProjectionRunner:
                 await self._turn()
         finally:
             self._refuse_requests()
+            self.status.record_held_back(False)
             self._set_state("stopped")
 
     async def _turn(self) -> None:
@@ -262,8 +271,11 @@ class ProjectionRunner:
         try:
             if self._persisted is None or self._reload:
                 await self._load_checkpoint()
-            if self.paused:
+            if self.paused or self.failed or self.standby:
                 await self._wait_paused()
+                return
+            if self._failures >= self.policy.max_attempts:
+                await self._isolate_poison()
                 return
             armed = self.listener is None or self.listener.armed
             batch = await self.step()
@@ -272,12 +284,10 @@ class ProjectionRunner:
             await self._load_checkpoint_after_move()
             return
         except BatchFailed as failed:
-            await self._on_failure(failed.error, failed.batch)
-            await self._wait_backoff(_backoff(self._failures, failed.error))
+            await self._on_error(failed.error, failed.batch)
             return
         except Exception as exc:
-            await self._on_failure(exc, None)
-            await self._wait_backoff(_backoff(self._failures, exc))
+            await self._on_error(exc, None)
             return
         self._on_success(batch)
         if len(batch.events) < self.batch_size:
@@ -289,7 +299,7 @@ class ProjectionRunner:
         except Exception as exc:  # the next turn retries the read and reports the failure
             self._log.debug("checkpoint.reload_failed", error=str(exc))
             return
-        if not self.paused:
+        if not (self.paused or self.failed or self.standby):
             self._log.warning("checkpoint.moved", position=self._position)
 
     async def _load_checkpoint(self) -> None:
@@ -301,6 +311,13 @@ class ProjectionRunner:
         self._persisted = (int(row[0]), int(row[1]))
         self._position = self._persisted
         self.paused = row[2] == "paused"
+        failed = row[2] == "failed"
+        if self.failed and not failed:  # resumed or skipped: the retries start over
+            self._failures = 0
+        self.failed = failed
+        if failed and row[4]:
+            self.status.last_error = row[4]
+        self.standby = self.owner is not None and row[5] != self.owner
         self._reload = False
         self.status.checkpoint = self._persisted
         self.status.applied_total = int(row[3])
@@ -356,7 +373,7 @@ class ProjectionRunner:
         started = time.perf_counter()
         try:
             async with conn.transaction():
-                await self.projection.handle(batch.events, conn)
+                await run_handler(self.projection, batch.events, conn, self.policy.handler_timeout)
                 await self._compare_and_set(conn, new, len(batch.events))
         except BaseException:
             # Cancelled mid-batch (drain timeout): psycopg's own rollback may have been cancelled
@@ -417,6 +434,7 @@ class ProjectionRunner:
                 "old_position": self._persisted[1],
                 "applied": n,
                 "even_if_paused": even_if_paused,
+                "owner": self.owner,
             },
         )
         if cur.rowcount != 1:
@@ -444,9 +462,9 @@ class ProjectionRunner:
                 await self.wakeup.wait(idle)
 
     async def _wait_paused(self) -> None:
-        """Paused: ignore notifications; re-read the state on a nudge or every poll interval
-        (a resume may also come from another process)."""
-        self._set_state("paused")
+        """Paused, failed or standing by: ignore notifications; re-read the state on a nudge or
+        every poll interval (a resume may also come from another process)."""
+        self._set_state("paused" if self.paused else "failed" if self.failed else "standby")
         self.status.record_held_back(False)
         with self.heartbeat.waiting():
             await self.control.wait(self.poll_interval)
@@ -465,9 +483,11 @@ class ProjectionRunner:
     # -- success and failure -------------------------------------------------------------------
 
     def _on_success(self, batch: Batch) -> None:
-        if self._failures:
-            self._log.info("projection.recovered", attempts=self._failures)
-            self._failures = 0
+        if self._failures or self._transient_failures:
+            self._log.info(
+                "projection.recovered", attempts=self._failures + self._transient_failures
+            )
+            self._failures = self._transient_failures = 0
             if self.status.last_error and self.status.last_error.get("transient"):
                 self.status.last_error = None
         self.status.record_held_back(batch.held_back)
@@ -485,40 +505,73 @@ class ProjectionRunner:
                 return
         self._set_state("running")
 
+    async def _on_error(self, exc: Exception, batch: Batch | None) -> None:
+        """A turn failed: wait as the error policy says. Once a batch's handler has failed
+        `max_attempts` times, the next turn isolates its poison event instead of waiting."""
+        if is_transient(exc):
+            await self._on_transient(exc)
+            return
+        await self._on_failure(exc, batch)
+        if batch is None or self._failures < self.policy.max_attempts:
+            await self._wait_backoff(backoff(self._failures, exc))
+
+    async def _on_transient(self, exc: Exception) -> None:
+        """The database is away, or refused for concurrency: retry soon, for as long as it
+        takes, without counting it against the handler. One log line when it starts, one
+        (`projection.recovered`) when it ends."""
+        self._transient_failures += 1
+        self.status.last_error = self._error_record(exc, self._transient_failures, None)
+        if self._transient_failures == 1:
+            self._log.warning(
+                "projection.database_unavailable",
+                error=str(exc)[:500],
+                error_type=type(exc).__name__,
+                position=self._position,
+            )
+        self._set_state("degraded")
+        await self._wait_backoff(backoff(self._transient_failures, exc))
+
     async def _on_failure(self, exc: Exception, batch: Batch | None) -> None:
+        """A handler failure (or an error outside the database's and the handler's: a bug):
+        count it, name the event when it can, and store the error for status."""
         self._failures += 1
         attempts = self._failures
         self.status.errors_total += 1
-        transient = is_transient(exc)
-        self._set_state("degraded" if transient else "retrying")
-        if not transient and batch is not None:
+        self._set_state("retrying")
+        if batch is not None:
             await self._find_stuck_event(batch, exc)
-        event = self.stuck.event if self.stuck is not None else None
-        error = {
+        error = self._error_record(exc, attempts, self.stuck.event if self.stuck else None)
+        self.status.last_error = error
+        if attempts == 1 or attempts % 10 == 0:
+            self._log.error(
+                "projection.handler_failed",
+                error=error["message"],
+                error_type=error["type"],
+                attempts=attempts,
+                max_attempts=self.policy.max_attempts,
+                position=self._position,
+                event_id=error["event_id"],
+                event_type=error["event_type"],
+            )
+        await self._store_error(error)
+
+    def _error_record(
+        self, exc: BaseException, attempts: int, event: Event | None
+    ) -> dict[str, Any]:
+        """The error as status, health and the positions row show it."""
+        return {
             "type": type(exc).__name__,
             "message": str(exc)[:2000],
             "attempts": attempts,
-            "transient": transient,
+            "transient": is_transient(exc),
             "at": time.time(),
             "event_id": str(event.event_id) if event else None,
             "event_type": event.type if event else None,
             "global_position": event.global_position if event else None,
             "transaction_id": str(event.transaction_id) if event else None,
         }
-        self.status.last_error = error
-        event_name = "projection.database_unavailable" if transient else "projection.failed"
-        if attempts == 1 or attempts % 10 == 0:
-            self._log.error(
-                event_name,
-                error=error["message"],
-                error_type=error["type"],
-                attempts=attempts,
-                position=self._position,
-                event_id=error["event_id"],
-                event_type=error["event_type"],
-            )
-        if transient:
-            return
+
+    async def _store_error(self, error: dict[str, Any]) -> None:
         try:
             async with self.pool.connection(timeout=5) as conn:
                 await conn.execute(
@@ -530,7 +583,8 @@ class ProjectionRunner:
     async def _find_stuck_event(self, batch: Batch, exc: Exception) -> None:
         """Which event of a failed batch fails: replay the batch one event at a time in a
         transaction that is always rolled back, so nothing of the search commits. Done once per
-        failed batch; a batch whose events only fail together leaves it unknown."""
+        failed batch, within one handler timeout; a batch whose events only fail together
+        leaves it unknown (bisection finds it once the retries are used up)."""
         start = batch.events[0].commit_position
         if self.stuck is not None and self.stuck.batch_start == start:
             return
@@ -538,29 +592,143 @@ class ProjectionRunner:
         culprit: Event | None = batch.events[0] if len(batch.events) == 1 else None
         error: BaseException = exc
         if culprit is None:
+            timeout = self.policy.handler_timeout
             try:
-                async with self.pool.connection(timeout=5) as conn:
-                    async with conn.transaction(force_rollback=True):
-                        for event in batch.events:
-                            try:
-                                await self.projection.handle([event], conn)
-                            except Exception as event_exc:
-                                culprit, error = event, event_exc
-                                break
+                with anyio.fail_after(timeout):
+                    async with self.pool.connection(timeout=5) as conn:
+                        async with conn.transaction(force_rollback=True):
+                            for event in batch.events:
+                                try:
+                                    await run_handler(self.projection, [event], conn, timeout)
+                                except Exception as event_exc:
+                                    culprit, error = event, event_exc
+                                    break
             except Exception as search_exc:
                 self._log.debug("projection.search_failed", error=str(search_exc))
                 return
         if culprit is not None:
-            text = "".join(traceback.format_exception(error))[-TRACEBACK_LIMIT:]
-            self.stuck = StuckEvent(culprit, start, text)
+            self.stuck = StuckEvent(culprit, start, format_traceback(error))
+
+    # -- the poison event ----------------------------------------------------------------------
+
+    async def _isolate_poison(self) -> None:
+        """The batch at the checkpoint failed `max_attempts` times: bisect it, committing the
+        events before the poison event, then let `on_error` deal with that event."""
+        self._log.info("projection.isolating", attempts=self._failures, position=self._position)
+        async with self.pool.connection() as conn:
+            batch = await self.fetch(conn, self._position)
+        found = await self._bisect(batch.events)
+        if self._stopping:
+            return
+        if found is None:  # every event applied: they only failed together, or not any more
+            self._log.info("projection.recovered", attempts=self._failures)
+            self._failures = 0
+            self._set_state("running")
+            return
+        event, exc = found
+        error = self._error_record(exc, self._failures, event)
+        trace = format_traceback(exc)
+        self.stuck = StuckEvent(event, event.commit_position, trace)
+        if self.policy.on_error == "skip":
+            await self._dead_letter(event, [], error, trace, by="on_error")
+        else:
+            await self._fail_on(event, {**error, "traceback": trace})
+
+    async def _bisect(self, events: list[Event]) -> tuple[Event, Exception] | None:
+        """Apply the longest prefix of `events` that applies, half of what is left at a time,
+        committing each part with its checkpoint; return the first event that fails alone, and
+        its error, or None when all applied. Transient errors and a moved checkpoint end it (the
+        next turn starts over from the committed checkpoint)."""
+        pending = events
+        while pending and not self._stopping:
+            self.heartbeat.beat()
+            size = max(len(pending) // 2, 1)
+            try:
+                async with self.pool.connection() as conn:
+                    # Horizon 0: the checkpoint stops at the part's last event.
+                    await self.apply(conn, Batch(pending[:size], horizon=0, held_back=False))
+            except CheckpointMoved:
+                raise
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                if size == 1:
+                    return pending[0], exc
+                pending = pending[:size]
+                continue
+            pending = pending[size:]
+        return None
+
+    async def _fail_on(self, event: Event, error: dict[str, Any]) -> None:
+        """`on_error = "pause"`: state `failed`, stored with the event and the error, so it
+        survives a restart and a change of owner; `resume` retries, `skip` dead-letters it."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                self.queries["mark_failed"],
+                {"name": self.name, "error": Jsonb(error), "owner": self.owner},
+            )
+            row = await cur.fetchone()
+        if row is None:  # another instance owns the projection now
+            raise CheckpointMoved(self.name)
+        self.failed, self.paused = row[0] == "failed", row[0] == "paused"
+        self.status.last_error = error
+        self._log.error(
+            "projection.failed",
+            event_id=error["event_id"],
+            event_type=error["event_type"],
+            global_position=error["global_position"],
+            error=error["message"],
+            error_type=error["type"],
+            attempts=error["attempts"],
+        )
+
+    async def _dead_letter(
+        self,
+        event: Event,
+        ahead: list[Event],
+        error: dict[str, Any],
+        trace: str,
+        *,
+        by: str,
+    ) -> None:
+        """In one transaction: apply the events `ahead` of `event`, record `event` as a dead
+        letter and move the checkpoint just past it. An operator's skip passes a pause."""
+        attempts = int(error.get("attempts") or self._failures)
+        async with self.pool.connection() as conn, conn.transaction():
+            if ahead:  # events of the failed batch before the stuck one
+                await run_handler(self.projection, ahead, conn, self.policy.handler_timeout)
+            await conn.execute(
+                self.queries["insert_dead_letter"],
+                dead_letter_params(self.name, event, error, trace, attempts),
+            )
+            await self._compare_and_set(
+                conn, event.commit_position, len(ahead), even_if_paused=by == "operator"
+            )
+        self._moved_to(event.commit_position, len(ahead))
+        self._failures = 0
+        self.failed = False
+        self._log.warning(
+            "event.dead_lettered",
+            event_id=str(event.event_id),
+            event_type=event.type,
+            global_position=event.global_position,
+            applied_before=len(ahead),
+            by=by,
+        )
 
     def _set_state(self, state: str) -> None:
-        """One log line per change of state, not per turn of the loop."""
+        """One log line per change of state, not per turn of the loop. Failures and recoveries
+        have their own lines (`projection.handler_failed`, `.database_unavailable`, `.failed`,
+        `.recovered`)."""
         old = self.status.state
         if state == old:
             return
         self.status.state = state
-        quiet = state in ("retrying", "degraded") or old == "starting" or state == "stopped"
+        quiet = (
+            state in ("retrying", "degraded", "failed", "stopped")
+            or old == "starting"
+            or (old in ("retrying", "degraded") and state == "running")
+        )
         if not quiet:
             self._log.info("projection.state_changed", previous=old, state=state)
 
@@ -617,6 +785,7 @@ class ProjectionRunner:
                 tables = ", ".join(quote_ident(t) for t in self.projection.tables)
                 await conn.execute(f"TRUNCATE {tables}")
             await conn.execute(self.queries["reset_position"], {"name": self.name})
+            await conn.execute(self.queries["resolve_by_rebuild"], {"projection": self.name})
             cur = await conn.execute(self.queries["count_unapplied"], params)
             total = int((await cur.fetchone() or (0,))[0])
             cur = await conn.execute(self.queries["latest_event_of_types"], params)
@@ -624,9 +793,9 @@ class ProjectionRunner:
         target = (int(row[0]), int(row[1])) if row else None
         self._persisted = self._position = (0, 0)
         self._persisted_at = time.monotonic()
-        self.paused = False
+        self.paused = self.failed = False
         self.stuck = None
-        self._failures = 0
+        self._failures = self._transient_failures = 0
         self.status.checkpoint = (0, 0)
         self.status.applied_total = 0
         self.status.last_error = None
@@ -641,45 +810,19 @@ class ProjectionRunner:
         return await self.call(self._skip_now, timeout=timeout)
 
     async def _skip_now(self) -> dict[str, Any]:
-        stuck = self.stuck
-        if stuck is None or self._persisted is None:
+        if self._persisted is None or (self.stuck is None and not self.failed):
             raise NothingToSkip(f"projection {self.name!r} is not stuck on an event")
-        event = stuck.event
-        error = self.status.last_error or {}
         async with self.pool.connection() as conn:
             batch = await self.fetch(conn, self._position)
-            ahead = [e for e in batch.events if e.commit_position < event.commit_position]
-            if not any(e.event_id == event.event_id for e in batch.events):
-                raise NothingToSkip(f"projection {self.name!r} has moved on; nothing skipped")
-            async with conn.transaction():
-                if ahead:  # events of the failed batch before the stuck one
-                    await self.projection.handle(ahead, conn)
-                await conn.execute(
-                    self.queries["insert_dead_letter"],
-                    {
-                        "projection": self.name,
-                        "event_id": event.event_id,
-                        "global_position": event.global_position,
-                        "transaction_id": str(event.transaction_id),
-                        "event_type": event.type,
-                        "error_type": error.get("type"),
-                        "error_message": error.get("message", ""),
-                        "traceback": stuck.traceback,
-                        "attempts": int(error.get("attempts") or self._failures),
-                    },
-                )
-                await self._compare_and_set(
-                    conn, event.commit_position, len(ahead), even_if_paused=True
-                )
-        self._moved_to(event.commit_position, len(ahead))
-        self._failures = 0
-        self._log.warning(
-            "event.dead_lettered",
-            event_id=str(event.event_id),
-            event_type=event.type,
-            global_position=event.global_position,
-            applied_before=len(ahead),
-        )
+        stuck = self.stuck or self._stuck_from_record(batch)
+        if stuck is None:
+            raise NothingToSkip(f"projection {self.name!r} is not stuck on an event")
+        event = stuck.event
+        ahead = [e for e in batch.events if e.commit_position < event.commit_position]
+        if not any(e.event_id == event.event_id for e in batch.events):
+            raise NothingToSkip(f"projection {self.name!r} has moved on; nothing skipped")
+        error = self.status.last_error or {}
+        await self._dead_letter(event, ahead, error, stuck.traceback, by="operator")
         return {
             "event_id": str(event.event_id),
             "event_type": event.type,
@@ -687,12 +830,14 @@ class ProjectionRunner:
             "applied_before": len(ahead),
         }
 
-
-def _backoff(attempts: int, error: BaseException) -> float:
-    """Exponential backoff with jitter. A lost database is retried at least every
-    TRANSIENT_BACKOFF_CAP seconds, so the daemon is back soon after the server is."""
-    low, high = RETRY_BACKOFF
-    if is_transient(error):
-        high = TRANSIENT_BACKOFF_CAP
-    delay = min(high, low * 2 ** min(attempts - 1, 20))
-    return delay * random.uniform(0.5, 1.0)
+    def _stuck_from_record(self, batch: Batch) -> StuckEvent | None:
+        """A projection found `failed` when its runner started (after a restart, or on another
+        instance) is stuck on the event its stored error names: the first one after its
+        checkpoint, since the events before it were committed."""
+        error = self.status.last_error or {}
+        if not (self.failed and batch.events and error.get("event_id")):
+            return None
+        first = batch.events[0]
+        if str(first.event_id) != error["event_id"]:
+            return None
+        return StuckEvent(first, first.commit_position, error.get("traceback") or "")

@@ -1,7 +1,8 @@
 """Projections the tests run in the real daemon.
 
 `Ledger` is additive (a double apply shows in the totals) and logs every event it applies, with
-the instance that applied it, so a test can prove each event was applied exactly once.
+the instance that applied it and when, so a test can prove each event was applied exactly once,
+and by one instance at a time.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from psycopg import AsyncConnection
 
 from projectord import Event, Projection, Table
+from projectord.queries import quote_ident
 
 APPLIED_LOG = Table(
     {
@@ -21,6 +23,7 @@ APPLIED_LOG = Table(
         "event_id": "uuid NOT NULL",
         "global_position": "bigint NOT NULL",
         "instance": "text NOT NULL",
+        "applied_at": "timestamptz NOT NULL DEFAULT clock_timestamp()",
     }
 )
 
@@ -34,19 +37,16 @@ async def log_applied(conn: AsyncConnection[Any], name: str, events: Sequence[Ev
     )
 
 
+LEDGER_TABLE = Table(
+    {"account": "bigint PRIMARY KEY", "total": "bigint NOT NULL", "events": "bigint NOT NULL"}
+)
+
+
 class Ledger(Projection):
     name = "ledger"
     event_types = ("Credited",)
-    tables = {
-        "ledger": Table(
-            {
-                "account": "bigint PRIMARY KEY",
-                "total": "bigint NOT NULL",
-                "events": "bigint NOT NULL",
-            }
-        ),
-        "applied_log": APPLIED_LOG,
-    }
+    totals = "ledger"  # the table of totals per account
+    tables = {"ledger": LEDGER_TABLE, "applied_log": APPLIED_LOG}
 
     async def handle(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
         totals: dict[int, list[int]] = defaultdict(lambda: [0, 0])
@@ -56,8 +56,8 @@ class Ledger(Projection):
             row[1] += 1
         accounts = list(totals)
         await conn.execute(
-            """
-            INSERT INTO ledger AS l (account, total, events)
+            f"""
+            INSERT INTO {quote_ident(self.totals)} AS l (account, total, events)
             SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[])
             ON CONFLICT (account) DO UPDATE
             SET total = l.total + excluded.total, events = l.events + excluded.events

@@ -25,6 +25,8 @@ def one_line(stderr: str) -> str:
         ("schema = 'drop table x;'\n", "schema"),
         ("log_format = 'xml'\n", "log_format"),
         ("projections = ['nocolon']\n", "projections"),
+        ("on_error = 'explode'\n", "on_error"),
+        ("max_attempts = 0\n", "max_attempts"),
         ("this is = not toml [\n", "not valid TOML"),
     ],
 )
@@ -53,6 +55,7 @@ def test_invalid_environment_value(tmp_path: Path) -> None:
         ("tests.projections:missing", "has no attribute 'missing'"),
         ("tests.projections:no_name", "has no `name`"),
         ("tests.projections:no_types", "has no `event_types`"),
+        ("tests.fault_projections:bad_policy", "on_error must be 'pause' or 'skip'"),
     ],
 )
 def test_bad_projections(db: TestDatabase, tmp_path: Path, spec: str, expected: str) -> None:

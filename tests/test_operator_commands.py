@@ -75,13 +75,14 @@ def test_every_command_with_exit_statuses_and_shapes(db: TestDatabase, state_dir
         }
         assert cli(state_dir, "health").returncode == 0
 
-        # A poison event: picky fails on it, retries, names it; health fails with exit 1.
+        # A poison event: picky fails on it, retries, stops on it (state failed) and names it;
+        # health fails with exit 1.
         credit(db, poison=True)
         credit(db, amount=2)
         poison_id = str(
             db.scalar("SELECT event_id FROM projectord.events WHERE payload ? 'poison'")
         )
-        wait_until(lambda: projection(state_dir, "picky")["state"] == "retrying", timeout=10)
+        wait_until(lambda: projection(state_dir, "picky")["state"] == "failed", timeout=15)
         failing = projection(state_dir, "picky")
         assert set(failing["last_error"]) >= ERROR_KEYS
         assert failing["last_error"]["event_id"] == poison_id

@@ -14,10 +14,13 @@ SET transaction_id = '0', global_position = 0, applied_total = 0, last_error = N
 WHERE name = %(name)s;
 
 -- name: insert_dead_letter
--- Part of `skip`: record the stuck event and clear the projection's error, in the transaction
--- that also moves its checkpoint past the event.
+-- Part of `skip` (and of `on_error = "skip"`): record the stuck event and clear the projection's
+-- error (a `failed` projection runs again), in the transaction that also moves its checkpoint
+-- past the event.
 WITH cleared AS (
-    UPDATE {schema}.projection_positions SET last_error = NULL, updated_at = now()
+    UPDATE {schema}.projection_positions
+    SET last_error = NULL, updated_at = now(),
+        state = CASE WHEN state = 'failed' THEN 'running' ELSE state END
     WHERE name = %(projection)s
 )
 INSERT INTO {schema}.dead_letters

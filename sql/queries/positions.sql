@@ -2,7 +2,7 @@
 INSERT INTO {schema}.projection_positions (name) VALUES (%(name)s) ON CONFLICT (name) DO NOTHING;
 
 -- name: read_position
-SELECT transaction_id::text, global_position, state, applied_total
+SELECT transaction_id::text, global_position, state, applied_total, last_error, owner
 FROM {schema}.projection_positions WHERE name = %(name)s;
 
 -- name: read_positions
@@ -12,8 +12,10 @@ FROM {schema}.projection_positions ORDER BY name;
 -- name: advance_checkpoint
 -- Compare-and-set: moves the checkpoint only from the value this runner last read, so a second
 -- writer of the same projection (or a reset by an operator) makes the batch roll back.
--- A committed pause also makes it roll back: no batch commits after `pause` has answered
--- (an operator's `skip` passes even_if_paused).
+-- A committed pause (or a `failed` state) also makes it roll back: no batch commits after `pause`
+-- has answered (an operator's `skip` passes even_if_paused). So does a change of owner: a runner
+-- whose daemon lost the projection to another instance cannot commit after the new owner took
+-- over (projectord/ownership.py records the owner; NULL when no daemon ever owned the row).
 UPDATE {schema}.projection_positions
 SET transaction_id = %(new_txid)s::xid8,
     global_position = %(new_position)s,
@@ -23,9 +25,19 @@ SET transaction_id = %(new_txid)s::xid8,
 WHERE name = %(name)s
   AND transaction_id = %(old_txid)s::xid8
   AND global_position = %(old_position)s
-  AND (state <> 'paused' OR %(even_if_paused)s);
+  AND (state = 'running' OR %(even_if_paused)s)
+  AND owner IS NOT DISTINCT FROM %(owner)s;
 
 -- name: record_error
 UPDATE {schema}.projection_positions
 SET last_error = %(error)s, updated_at = now()
 WHERE name = %(name)s;
+
+-- name: mark_failed
+-- `on_error = "pause"`: the projection stops on its poison event until `resume` or `skip`. The
+-- state survives a restart and a change of owner, so no instance retries it on its own.
+UPDATE {schema}.projection_positions
+SET state = CASE WHEN state = 'running' THEN 'failed' ELSE state END,
+    last_error = %(error)s, updated_at = now()
+WHERE name = %(name)s AND owner IS NOT DISTINCT FROM %(owner)s
+RETURNING state;
