@@ -5,6 +5,10 @@ are rolled back once `drain_timeout` passes; then connections close and `run` re
 signal during the drain rolls the batches in flight back at once. SIGHUP re-reads the settings
 that can change at runtime (see `projectord.reload`).
 
+Which projections it runs is decided with the other daemons on the same database through advisory
+locks (projectord/ownership.py): the supervisor (projectord/supervisor.py) runs a runner for each
+projection this instance owns, drains one it gives up and cancels at once the ones it lost.
+
 Around the runners it serves the control socket, tells systemd how it is doing (`READY=1`,
 `STATUS=`, `WATCHDOG=1` while its loops are alive, `STOPPING=1`) and, when configured, exposes
 Prometheus metrics.
@@ -24,6 +28,7 @@ from anyio.abc import TaskGroup
 from projectord.config import ConfigError, Settings
 from projectord.control import ControlServer, ControlSocketError
 from projectord.database import connect, describe_error, make_pool, redact
+from projectord.error_policy import ErrorPolicy
 from projectord.gc_tuning import tune_for_batches
 from projectord.health import HealthCheck, Thresholds
 from projectord.listener import NotificationListener
@@ -31,6 +36,7 @@ from projectord.logs import get_logger, set_level
 from projectord.metrics import Metrics, MetricsError
 from projectord.monitor import Monitor
 from projectord.operations import Operations
+from projectord.ownership import Ownership, default_instance_name
 from projectord.projection import Projection
 from projectord.queries import Queries
 from projectord.reload import compare_settings
@@ -38,6 +44,7 @@ from projectord.runner import ProjectionRunner
 from projectord.schema import initialise
 from projectord.security import SecurityError, check_write_access
 from projectord.status import StatusReporter, summary_line
+from projectord.supervisor import Supervisor
 from projectord.systemd import SystemdNotifier
 from projectord.watchdog import Watchdog
 
@@ -68,6 +75,8 @@ class Daemon:
         self.projections = list(projections)
         self.dsn = dsn
         self.queries = Queries(settings.schema)
+        self.instance = settings.instance_name or default_instance_name()
+        policy = ErrorPolicy.configured(settings)
         self.pool = make_pool(
             dsn,
             max_size=min(settings.pool_size, len(self.projections) + 2),
@@ -86,6 +95,8 @@ class Daemon:
                 poll_interval=settings.poll_interval,
                 on_batch=self.metrics.observe_batch if self.metrics else None,
                 listener=self.listener,
+                policy=ErrorPolicy.of(projection, policy),
+                owner=self.instance,
             )
             for projection in self.projections
         ]
@@ -98,12 +109,30 @@ class Daemon:
         self._runners_scope: anyio.CancelScope | None = None
 
     def _wire_operations(self) -> None:
-        """Status, health, the control socket, the watchdog, the monitor and metrics."""
+        """Ownership and the supervisor; status, health, the control socket, the watchdog, the
+        monitor and metrics."""
         settings = self.settings
-        self.reporter = StatusReporter(
-            self.runners, self.pool, self.queries, self.listener, dsn=self.dsn
+        # Live: the supervisor adds the heartbeat of each runner while it runs here.
+        heartbeats = [self.listener.heartbeat]
+        self.supervisor = Supervisor(self.runners, heartbeats, lambda: self.settings.drain_timeout)
+        self.ownership = Ownership(
+            self.dsn,
+            settings.schema,
+            self.instance,
+            [runner.name for runner in self.runners],
+            acquired=self.supervisor.start,
+            released=self.supervisor.drain,
+            lost=self.supervisor.stop_at_once,
         )
-        heartbeats = [runner.heartbeat for runner in self.runners] + [self.listener.heartbeat]
+        self.reporter = StatusReporter(
+            self.runners,
+            self.pool,
+            self.queries,
+            self.listener,
+            dsn=self.dsn,
+            instance=self.instance,
+            local=self.supervisor.local,
+        )
         self.health = HealthCheck(self.reporter, heartbeats, thresholds(settings))
         self.commands = Operations(self.runners, self.reporter, self.health).commands()
         self.control = ControlServer(
@@ -185,11 +214,15 @@ class Daemon:
     async def _run_runners(self, services: TaskGroup) -> None:
         async with anyio.create_task_group() as runners:
             self._runners_scope = runners.cancel_scope
-            for runner in self.runners:
-                runners.start_soon(runner.run)
+            self.supervisor.attach(runners)
+            services.start_soon(self.ownership.run)
+            with anyio.move_on_after(READY_WAIT):  # this instance's share, before READY=1
+                await self.ownership.balanced.wait()
             log.info(
                 "daemon.started",
+                instance=self.instance,
                 projections=[r.name for r in self.runners],
+                owned=sorted(self.supervisor.local),
                 batch_size=self.settings.batch_size,
                 poll_interval=self.settings.poll_interval,
             )
@@ -197,8 +230,7 @@ class Daemon:
             services.start_soon(self._announce_ready)
             await self.stopping.wait()
             log.info("daemon.draining", timeout=self.settings.drain_timeout)
-            for runner in self.runners:
-                runner.request_stop()
+            self.supervisor.stop_all()
             services.start_soon(self._drain_deadline, runners.cancel_scope)
 
     async def _announce_ready(self) -> None:
@@ -290,4 +322,5 @@ def thresholds(settings: Settings) -> Thresholds:
         max_lag_seconds=settings.health_max_lag_seconds,
         horizon_seconds=settings.health_horizon_seconds,
         stall_timeout=settings.stall_timeout,
+        outage_seconds=settings.health_outage_seconds,
     )

@@ -3,6 +3,10 @@
 Each command declares its arguments; the control server checks them before the handler runs, so
 a handler only ever sees a configured projection's name. Other parts of projectord add their own
 commands to the same table (`commands()` returns a plain dict).
+
+Pause and resume are states in the database: any daemon of the installation may set them. Rebuild
+and skip run inside the projection's runner, so only the daemon that owns the projection takes
+them; the others refuse with `not_owner`.
 """
 
 from __future__ import annotations
@@ -95,14 +99,25 @@ class Operations:
         )
         return {"name": name, "state": state}
 
+    def _runs_here(self, name: str) -> None:
+        local = self.reporter.local
+        if local is not None and name not in local:
+            raise RequestError(
+                "not_owner",
+                f"projection {name!r} does not run in this daemon ({self.reporter.instance}); "
+                "`projectord status` names its owner: send the command to that daemon",
+            )
+
     async def rebuild(self, args: dict[str, Any]) -> dict[str, Any]:
         self._not_stopping()
+        self._runs_here(args["name"])
         runner = self.runners[args["name"]]
         progress = await self._ask(runner, runner.rebuild)
         return {"name": runner.name, "rebuild": progress}
 
     async def skip(self, args: dict[str, Any]) -> dict[str, Any]:
         self._not_stopping()
+        self._runs_here(args["name"])
         runner = self.runners[args["name"]]
         try:
             skipped = await self._ask(runner, runner.skip)

@@ -60,6 +60,7 @@ class Ownership:
         self.owned: list[str] = []  # in the order taken: the last taken are given up first
         self.instances = 0
         self.connected = False
+        self.balanced = anyio.Event()  # set once the first rebalance has taken this one's share
         # Each instance tries projections in its own order, so instances starting together
         # spread out instead of contending for the same locks.
         self._preference = sorted(self.names, key=lambda n: _digest(f"{instance}/{n}"))
@@ -97,6 +98,7 @@ class Ownership:
         dies takes its locks with it, and the runners must stop at once."""
         while True:
             await self.rebalance(conn)
+            self.balanced.set()
             # notifies() waits on the socket: a terminated session raises here immediately.
             async for _ in conn.notifies(timeout=self.interval):
                 pass
@@ -111,16 +113,17 @@ class Ownership:
         while len(self.owned) > share:
             name = self.owned[-1]
             await self._released(name)  # drain its runner first
-            await conn.execute(
-                self.queries["release_projection"], {"schema": self.schema, "key": name}
-            )
-            self.owned.pop()
+            # Logged before the unlock: another instance may take it the moment it is free.
             log.info(
                 "ownership.released",
                 projection=name,
                 instance=self.instance,
                 instances=self.instances,
             )
+            await conn.execute(
+                self.queries["release_projection"], {"schema": self.schema, "key": name}
+            )
+            self.owned.pop()
         for name in self._preference:
             if len(self.owned) >= share:
                 break

@@ -5,31 +5,29 @@ only the database knows: the lag, counted as committed events of the projection'
 stored checkpoint, and the age of the oldest of them. The lag is counted, not estimated from
 positions, so a frozen daemon cannot look caught up (Marten #4982). When the database does not
 answer, the report still comes back, with the lag unknown and the error said.
+
+With several daemons on one database, each reports every configured projection: the owner comes
+from the positions row, `local` marks the ones this daemon runs, and for the others the state,
+count and last error are what the positions row says (their owner has the live details).
 """
 
 from __future__ import annotations
 
-import os
-import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import anyio
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from projectord.database import describe_error
 from projectord.listener import NotificationListener
+from projectord.ownership import default_instance_name
 from projectord.queries import Queries
 from projectord.runner import ProjectionRunner
 
 DB_TIMEOUT = 5.0  # seconds a status or health request waits for the database
-
-
-def instance_id() -> str:
-    """Names this daemon process in status output and logs: host and pid."""
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class StatusReporter:
@@ -41,13 +39,16 @@ class StatusReporter:
         listener: NotificationListener,
         *,
         dsn: str | None = None,
+        instance: str | None = None,
+        local: Container[str] | None = None,
     ) -> None:
         self.runners = {runner.name: runner for runner in runners}
         self.pool = pool
         self.queries = queries
         self.listener = listener
         self.dsn = dsn
-        self.instance = instance_id()
+        self.instance = instance or default_instance_name()
+        self.local = local  # names of the projections run here; None: all of them
         self.started_at = time.time()
         self.stopping = False
         # Operator requests share two connections at most: the runners keep theirs.
@@ -59,6 +60,8 @@ class StatusReporter:
         rows: dict[str, dict[str, Any]] = {}
         try:
             rows = await self._read_database(chosen)
+        except (TimeoutError, PoolTimeout):
+            database = {"reachable": False, "error": f"no connection within {DB_TIMEOUT:g}s"}
         except Exception as exc:
             database = {"reachable": False, "error": describe_error(exc, self.dsn)}
         return {
@@ -79,12 +82,17 @@ class StatusReporter:
             with anyio.fail_after(DB_TIMEOUT):
                 async with self.pool.connection(timeout=DB_TIMEOUT) as conn:
                     cur = await conn.execute(self.queries["read_positions"])
-                    for name, txid, position, state, _, _, updated_at in await cur.fetchall():
+                    for name, txid, position, state, applied, error, updated_at, owner in (
+                        await cur.fetchall()
+                    ):
                         if name in self.runners:
                             found[name] = {
                                 "checkpoint": (int(txid), int(position)),
                                 "state": state,
+                                "applied_total": int(applied),
+                                "last_error": error,
                                 "updated_at": updated_at,
+                                "owner": owner,
                             }
                     for runner in runners:
                         row = found.setdefault(runner.name, {"checkpoint": (0, 0)})
@@ -99,29 +107,47 @@ class StatusReporter:
         return found
 
     def _report(self, runner: ProjectionRunner, row: dict[str, Any] | None) -> dict[str, Any]:
-        status = runner.status
-        lag = row.get("lag") if row else None
-        lag_seconds = row.get("lag_seconds") if row else None
-        state = status.state
-        if state == "starting" and row and row.get("state") == "paused":
-            state = "paused"
-        rate = status.events_per_second()
-        txid, position = row["checkpoint"] if row else status.checkpoint
-        updated_at = row.get("updated_at") if row else None
-        rebuild = status.rebuild.report(status.applied_total, rate) if status.rebuild else None
-        return {
+        row = row or {}
+        lag, lag_seconds = row.get("lag"), row.get("lag_seconds")
+        txid, position = row.get("checkpoint", runner.status.checkpoint)
+        updated_at = row.get("updated_at")
+        common = {
             "name": runner.name,
-            "state": state,
             "lag": lag,
             "lag_seconds": round(lag_seconds, 3) if lag_seconds is not None else None,
             "caught_up": lag == 0,
+            "checkpoint": {"transaction_id": str(txid), "global_position": position},
+            "updated_at": updated_at.isoformat() if updated_at else None,
+        }
+        if self.local is None or runner.name in self.local:
+            return {**common, **self._local_report(runner, row)}
+        return {
+            **common,
+            "state": row.get("state", "unknown"),
+            "applied_total": row.get("applied_total"),
+            "events_per_second": None,
+            "held_back": None,
+            "last_error": row.get("last_error"),
+            "owner": row.get("owner"),
+            "local": False,
+            "rebuild": None,
+        }
+
+    def _local_report(self, runner: ProjectionRunner, row: dict[str, Any]) -> dict[str, Any]:
+        status = runner.status
+        state = status.state
+        if state == "starting" and row.get("state") in ("paused", "failed"):
+            state = row["state"]
+        rate = status.events_per_second()
+        rebuild = status.rebuild.report(status.applied_total, rate) if status.rebuild else None
+        return {
+            "state": state,
             "applied_total": status.applied_total,
             "events_per_second": round(rate, 1),
-            "checkpoint": {"transaction_id": str(txid), "global_position": position},
             "held_back": status.held_back,
             "last_error": status.last_error,
             "owner": self.instance,
-            "updated_at": updated_at.isoformat() if updated_at else None,
+            "local": True,
             "rebuild": rebuild,
         }
 
@@ -133,7 +159,7 @@ def _iso(timestamp: float) -> str:
 def summary_line(snapshot: dict[str, Any]) -> str:
     """One line for systemd's STATUS= and the console: '3 projections, 0 failed, max lag 12'."""
     projections = snapshot["projections"]
-    failed = sum(p["state"] == "retrying" for p in projections)
+    failed = sum(p["state"] in ("failed", "retrying") for p in projections)
     paused = sum(p["state"] == "paused" for p in projections)
     lags = [p["lag"] for p in projections if p["lag"] is not None]
     parts = [f"{len(projections)} projections", f"{failed} failed"]

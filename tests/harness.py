@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -92,6 +94,43 @@ def bulk_credits(conn: psycopg.Connection[Any], count: int, accounts: int = 100)
         """,
         (TENANT, accounts, accounts, count),
     )
+
+
+class Writers:
+    """Threads appending one committed event per transaction, riding out outages."""
+
+    def __init__(self, url: str, count: int = 4) -> None:
+        self.url = url
+        self.stop = threading.Event()
+        self.attempted_commits = 0
+        self.threads = [threading.Thread(target=self._write, args=(n,)) for n in range(count)]
+
+    def _write(self, seed: int) -> None:
+        rng = random.Random(seed)
+        while not self.stop.is_set():
+            try:
+                with psycopg.connect(self.url, connect_timeout=3) as conn:
+                    while not self.stop.is_set():
+                        append_sql(
+                            conn,
+                            "Credited",
+                            {"account": rng.randint(1, 9), "amount": 1},
+                            aggregate_id=uuid.uuid4(),
+                        )
+                        conn.commit()
+                        time.sleep(rng.uniform(0, 0.01))
+            except psycopg.Error:
+                time.sleep(0.1)  # the server is away; an uncertain commit is checked by the fold
+
+    def __enter__(self) -> Writers:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> float:

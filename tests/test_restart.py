@@ -1,14 +1,14 @@
 """The database goes away for real: immediate-mode restarts of Postgres and terminated backends,
-with writers running. The daemon never exits, and the end state is exact."""
+with writers running. The daemon never exits, reports `degraded` while the database is away
+(without spinning or flooding the log), and the end state is exact."""
 
 from __future__ import annotations
 
-import random
-import threading
-import time
-import uuid
+import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -18,10 +18,11 @@ from projectord.embedded import EmbeddedPostgres
 from tests.harness import (
     DaemonProcess,
     TestDatabase,
-    append_sql,
+    Writers,
     init_database,
     wait_until,
 )
+from tests.ops_support import cli
 from tests.test_ordering import assert_applied_exactly_once
 
 LEDGER = "tests.projections:ledger_only"
@@ -42,43 +43,6 @@ def own_server(tmp_path: Path) -> Iterator[tuple[EmbeddedPostgres, TestDatabase]
         server.destroy()
 
 
-class Writers:
-    """Threads appending one committed event per transaction, riding out outages."""
-
-    def __init__(self, url: str, count: int = 4) -> None:
-        self.url = url
-        self.stop = threading.Event()
-        self.attempted_commits = 0
-        self.threads = [threading.Thread(target=self._write, args=(n,)) for n in range(count)]
-
-    def _write(self, seed: int) -> None:
-        rng = random.Random(seed)
-        while not self.stop.is_set():
-            try:
-                with psycopg.connect(self.url, connect_timeout=3) as conn:
-                    while not self.stop.is_set():
-                        append_sql(
-                            conn,
-                            "Credited",
-                            {"account": rng.randint(1, 9), "amount": 1},
-                            aggregate_id=uuid.uuid4(),
-                        )
-                        conn.commit()
-                        time.sleep(rng.uniform(0, 0.01))
-            except psycopg.Error:
-                time.sleep(0.1)  # the server is away; an uncertain commit is checked by the fold
-
-    def __enter__(self) -> Writers:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join()
-
-
 def events_total(db: TestDatabase) -> int:
     return db.scalar("SELECT count(*) FROM projectord.events")
 
@@ -87,20 +51,51 @@ def applied_total(db: TestDatabase) -> int:
     return db.scalar("SELECT count(*) FROM applied_log")
 
 
+def health(state_dir: Path) -> tuple[int, dict[str, Any]]:
+    result = cli(state_dir, "health", "--json")
+    return result.returncode, json.loads(result.stdout)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def outage_reported(state_dir: Path, at_least: float) -> bool:
+    """`health` says degraded (exit 1), the database away for `at_least` seconds."""
+    status, verdict = health(state_dir)
+    away = [r for r in verdict["reasons"] if r["code"] == "database_unreachable"]
+    assert status == 1 and verdict["status"] == "degraded", verdict
+    return bool(away) and away[0]["seconds"] >= at_least
+
+
 def test_postgres_restarts_with_writers_running(
     own_server: tuple[EmbeddedPostgres, TestDatabase], state_dir: Path
 ) -> None:
     server, db = own_server
     with DaemonProcess(db.url, LEDGER, state_dir) as daemon:
         with Writers(db.url):
-            for _ in range(3):
+            for round_ in range(3):
                 wait_until(lambda: events_total(db) > 0 and applied_total(db) > 0, timeout=20)
                 before = applied_total(db)
-                server.restart("immediate")
+                if round_ == 1:
+                    # A longer outage: meanwhile the daemon says degraded, does not spin, and
+                    # does not log each retry.
+                    server.stop("immediate")
+                    wait_until(lambda: outage_reported(state_dir, 0), timeout=30, interval=0.1)
+                    lines, cpu = len(daemon.log_events()), cpu_seconds(daemon.process.pid)
+                    wait_until(lambda: outage_reported(state_dir, 6), timeout=30, interval=0.1)
+                    assert len(daemon.log_events()) - lines <= 5, daemon.log_events()[lines:]
+                    assert cpu_seconds(daemon.process.pid) - cpu < 2.0, "a busy loop"
+                    server.start()
+                else:
+                    server.restart("immediate")
                 # It comes back by itself and applies what the writers commit afterwards.
                 wait_until(
                     lambda before=before: applied_total(db) > before + 20, timeout=30, interval=0.1
                 )
+                wait_until(lambda: health(state_dir)[0] == 0, timeout=30, interval=0.1)
                 assert daemon.process.poll() is None, "the daemon exited"
         wait_until(lambda: applied_total(db) == events_total(db), timeout=30)
         disconnects = sum(e["event"] == "listener.disconnected" for e in daemon.log_events())

@@ -6,7 +6,8 @@ SELECT transaction_id::text, global_position, state, applied_total, last_error, 
 FROM {schema}.projection_positions WHERE name = %(name)s;
 
 -- name: read_positions
-SELECT name, transaction_id::text, global_position, state, applied_total, last_error, updated_at
+SELECT name, transaction_id::text, global_position, state, applied_total, last_error, updated_at,
+       owner
 FROM {schema}.projection_positions ORDER BY name;
 
 -- name: advance_checkpoint
