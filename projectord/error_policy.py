@@ -39,6 +39,7 @@ OnError = Literal["pause", "skip"]
 
 HANDLER_BACKOFF = (0.1, 30.0)  # seconds: first retry of a handler failure, and the cap
 TRANSIENT_BACKOFF = (0.1, 2.0)  # a lost database is asked again at least every 2 s
+CANCEL_GRACE = 2.0  # seconds a timed-out handler has to return once its statement is cancelled
 
 
 class HandlerTimeout(Exception):
@@ -94,12 +95,42 @@ async def run_handler(
     conn: AsyncConnection[Any],
     timeout: float,
 ) -> None:
-    """Call the projection's handler, cancelled after `timeout` seconds (psycopg then cancels
-    the statement on the server too); the caller's transaction rolls back either way."""
-    with anyio.move_on_after(timeout) as scope:
-        await projection.handle(events, conn)
-    if scope.cancelled_caught:
+    """Call the projection's handler; after `timeout` seconds raise `HandlerTimeout`, and the
+    caller's transaction rolls back.
+
+    A statement still running then is cancelled on the server first (a cancel request on a side
+    connection): the handler sees it fail and returns, and the connection stays usable. Merely
+    cancelling the task would make psycopg close the connection while the server goes on running
+    that statement, holding its locks, until it ends by itself, which would block the retry.
+    A handler that does not return within CANCEL_GRACE after that (it waits on something other
+    than the database) is cancelled as a task."""
+    timed_out = False
+    failure: BaseException | None = None
+
+    async def expire(handler: anyio.CancelScope) -> None:
+        nonlocal timed_out
+        await anyio.sleep(timeout)
+        timed_out = True
+        try:
+            await conn.cancel_safe(timeout=CANCEL_GRACE)
+        except Exception:  # nothing to cancel, or the server is away: the task is cancelled
+            pass
+        await anyio.sleep(CANCEL_GRACE)
+        handler.cancel()
+
+    async with anyio.create_task_group() as tasks:
+        with anyio.CancelScope() as handler:
+            tasks.start_soon(expire, handler)
+            try:
+                await projection.handle(events, conn)
+            except Exception as exc:
+                failure = exc
+            finally:
+                tasks.cancel_scope.cancel()
+    if timed_out:
         raise HandlerTimeout(
             f"the handler of {projection.name!r} ran longer than handler_timeout "
             f"({timeout:g}s) on {len(events)} event(s) and was cancelled"
         )
+    if failure is not None:
+        raise failure

@@ -583,7 +583,7 @@ class ProjectionRunner:
     async def _find_stuck_event(self, batch: Batch, exc: Exception) -> None:
         """Which event of a failed batch fails: replay the batch one event at a time in a
         transaction that is always rolled back, so nothing of the search commits. Done once per
-        failed batch, within one handler timeout; a batch whose events only fail together
+        failed batch, given about two handler timeouts; a batch whose events only fail together
         leaves it unknown (bisection finds it once the retries are used up)."""
         start = batch.events[0].commit_position
         if self.stuck is not None and self.stuck.batch_start == start:
@@ -593,16 +593,18 @@ class ProjectionRunner:
         error: BaseException = exc
         if culprit is None:
             timeout = self.policy.handler_timeout
+            give_up = time.monotonic() + 2 * timeout  # checked between events, never inside one
             try:
-                with anyio.fail_after(timeout):
-                    async with self.pool.connection(timeout=5) as conn:
-                        async with conn.transaction(force_rollback=True):
-                            for event in batch.events:
-                                try:
-                                    await run_handler(self.projection, [event], conn, timeout)
-                                except Exception as event_exc:
-                                    culprit, error = event, event_exc
-                                    break
+                async with self.pool.connection(timeout=5) as conn:
+                    async with conn.transaction(force_rollback=True):
+                        for event in batch.events:
+                            if time.monotonic() > give_up:
+                                break
+                            try:
+                                await run_handler(self.projection, [event], conn, timeout)
+                            except Exception as event_exc:
+                                culprit, error = event, event_exc
+                                break
             except Exception as search_exc:
                 self._log.debug("projection.search_failed", error=str(search_exc))
                 return
