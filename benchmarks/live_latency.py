@@ -88,7 +88,11 @@ def reference_loop(url: str) -> None:
     configure_json(conn)
     conn.execute(REFERENCE_TABLE)
     conn.commit()
-    checkpoint = ("0", 0)
+    row = conn.execute(
+        "SELECT r.writer_xid::text, r.global_position FROM latency_reference r"
+        " ORDER BY r.writer_xid DESC, r.global_position DESC LIMIT 1"
+    ).fetchone()
+    checkpoint = (row[0], row[1]) if row else ("0", 0)  # where an earlier phase stopped
     held_back = False
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))

@@ -291,7 +291,7 @@ class ProjectionRunner:
             return
         self._on_success(batch)
         if len(batch.events) < self.batch_size:
-            await self._wait_for_events(batch.held_back, armed)
+            await self._wait_for_events(batch.held_back, armed, bool(batch.events))
 
     async def _load_checkpoint_after_move(self) -> None:
         try:
@@ -442,13 +442,14 @@ class ProjectionRunner:
 
     # -- waiting -------------------------------------------------------------------------------
 
-    async def _wait_for_events(self, held_back: bool, armed: bool) -> None:
+    async def _wait_for_events(self, held_back: bool, armed: bool, applied: bool) -> None:
         with self.heartbeat.waiting():
             if not armed and self.listener is not None:
                 # Appends notify only while the listener is armed, and it was not when this batch
-                # was read: arm it and read once more before sleeping (listener.py). If it cannot
-                # be armed now, poll soon instead, as for events held back.
-                if await self.listener.arm():
+                # was read. While batches bring events, more are likely: read again at once. Once
+                # a read finds none, arm it and read once more before sleeping (listener.py). If
+                # it cannot be armed now, poll soon instead, as for events held back.
+                if applied or await self.listener.arm():
                     return
                 held_back = True
             if held_back:
