@@ -212,33 +212,10 @@ class EventStore:
 
 
 def event_from_row(row: Sequence[Any]) -> Event:
-    """Build an `Event` from the columns in the order the queries select them."""
-    (
-        position,
-        event_id,
-        tenant_id,
-        aggregate_id,
-        aggregate_type,
-        version,
-        type_,
-        payload,
-        metadata,
-        recorded_at,
-        txid,
-    ) = row
-    return Event(
-        position,
-        event_id,
-        tenant_id,
-        aggregate_id,
-        aggregate_type,
-        version,
-        type_,
-        payload,
-        metadata,
-        recorded_at,
-        int(txid),
-    )
+    """Build an `Event` from the columns in the order the queries select them: the event's fields
+    in declaration order, the transaction id last, as text (xid8 has no binary loader)."""
+    *fields, txid = row
+    return Event(*fields, int(txid))
 
 
 def _find_clash(events: Sequence[NewEvent], detail: str) -> NewEvent:
