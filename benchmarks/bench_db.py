@@ -7,6 +7,7 @@ Every benchmark describes the machine in its output: figures mean nothing withou
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
@@ -23,6 +24,7 @@ from psycopg.conninfo import make_conninfo
 
 from projectord.database import connect
 from projectord.embedded import EmbeddedPostgres
+from projectord.logs import configure_logging
 from projectord.projection import Projection
 from projectord.schema import initialise
 
@@ -128,6 +130,23 @@ def generate_history(
                 print(f"  generated {low - start:,} events", file=sys.stderr)
         if vacuum:
             conn.execute("VACUUM ANALYZE projectord.events")
+
+
+def argument_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every benchmark takes (`--database-url`, `--smoke`); the rest is its own."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    parser.add_argument(
+        "--database-url", help="a server to create throwaway databases on (default: embedded)"
+    )
+    parser.add_argument("--smoke", action="store_true", help="small sizes, for CI")
+    return parser
+
+
+def banner(title: str) -> None:
+    """Quiet logs, and the first lines of every benchmark's output: what and where."""
+    configure_logging("console", "warning")
+    print(f"projectord {title} benchmark")
+    print(f"machine: {machine()}")
 
 
 def machine() -> str:

@@ -30,9 +30,10 @@ from psycopg_pool import AsyncConnectionPool
 from benchmarks.bench_db import (
     FOLD_SQL,
     SCHEMA,
+    argument_parser,
+    banner,
     fresh_database,
     generate_history,
-    machine,
     median,
     scalar,
     server,
@@ -41,7 +42,6 @@ from benchmarks.bench_db import (
 from benchmarks.projections import NaiveBalances
 from projectord.database import configure_json, make_pool
 from projectord.gc_tuning import tune_for_batches
-from projectord.logs import configure_logging
 from projectord.projection import Projection
 from projectord.queries import Queries
 from projectord.runner import ProjectionRunner
@@ -226,7 +226,7 @@ def _verdict(value: float, target: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--batch-size", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=3)
@@ -237,16 +237,12 @@ def main(argv: list[str] | None = None) -> None:
         default=",".join(CONTENDERS),
         help="comma-separated subset of " + ", ".join(CONTENDERS),
     )
-    parser.add_argument("--database-url", help="a server to create a throwaway database on")
-    parser.add_argument("--smoke", action="store_true", help="small sizes for CI")
     args = parser.parse_args(argv)
     args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
     if args.smoke:
         args.events, args.rounds = min(args.events, 20_000), min(args.rounds, 2)
-    configure_logging("console", "warning")
     tune_for_batches()  # as the daemon does; the reference loop, in this process, gains too
-    print("projectord catch-up benchmark")
-    print(f"machine: {machine()}")
+    banner("catch-up")
     with (
         server(args.database_url) as admin_url,
         fresh_database(admin_url, [Balances(), NaiveBalances()]) as url,

@@ -13,7 +13,6 @@ fetch (client: the query and turning rows into events) and of the query alone on
 
 from __future__ import annotations
 
-import argparse
 import time
 from contextlib import ExitStack
 from typing import Any
@@ -23,16 +22,16 @@ import psycopg
 
 from benchmarks.bench_db import (
     SCHEMA,
+    argument_parser,
+    banner,
     fresh_database,
     generate_history,
-    machine,
     median,
     server,
     server_description,
 )
 from projectord.database import connect
 from projectord.fetcher import Fetcher
-from projectord.logs import configure_logging
 from projectord.queries import Queries
 from projectord.samples import Balances
 
@@ -82,20 +81,16 @@ async def client_ms(url: str, after: tuple[int, int], batch: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--small", type=int, default=100_000)
     parser.add_argument("--large", type=int, default=1_000_000)
     parser.add_argument("--batch-size", type=int, default=5000)
     parser.add_argument("--checkpoints", type=int, default=9)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--database-url", help="a server to create throwaway databases on")
-    parser.add_argument("--smoke", action="store_true", help="small sizes for CI")
     args = parser.parse_args(argv)
     if args.smoke:
         args.small, args.large, args.rounds = 20_000, 200_000, 1
-    configure_logging("console", "warning")
-    print("projectord fetch-scale benchmark")
-    print(f"machine: {machine()}")
+    banner("fetch-scale")
     sizes = (args.small, args.large)
     with server(args.database_url) as admin_url, ExitStack() as stack:
         urls = {}

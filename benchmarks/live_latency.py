@@ -29,8 +29,9 @@ import psycopg
 
 from benchmarks.bench_db import (
     SCHEMA,
+    argument_parser,
+    banner,
     fresh_database,
-    machine,
     median,
     percentile,
     scalar,
@@ -143,13 +144,11 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--rates", default="200,2000", help="writer transactions per second")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--database-url", help="a server to create a throwaway database on")
-    parser.add_argument("--smoke", action="store_true", help="short phases for CI")
     parser.add_argument("--reference-loop", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.reference_loop:
@@ -158,8 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         args.seconds, args.rounds = min(args.seconds, 3), 1
     rates = [int(r) for r in args.rates.split(",")]
-    print("projectord live latency benchmark")
-    print(f"machine: {machine()}")
+    banner("live latency")
     settings = ["track_commit_timestamp=on"]
     with (
         server(args.database_url, settings=settings) as admin_url,

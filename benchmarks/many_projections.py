@@ -24,9 +24,10 @@ import psycopg
 
 from benchmarks.bench_db import (
     SCHEMA,
+    argument_parser,
+    banner,
     fresh_database,
     generate_history,
-    machine,
     median,
     server,
     server_description,
@@ -34,7 +35,6 @@ from benchmarks.bench_db import (
 from benchmarks.processes import daemon
 from benchmarks.projections import balances_copy
 from projectord.listener import channel_name
-from projectord.logs import configure_logging
 from projectord.queries import Queries
 
 ARMED = Queries(SCHEMA)["armed_listeners"]
@@ -91,20 +91,16 @@ def phase(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--projections", type=int, default=50)
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--idle-seconds", type=float, default=30)
     parser.add_argument("--batch-size", type=int, help="the daemon's batch_size (its default)")
-    parser.add_argument("--database-url", help="a server to create throwaway databases on")
-    parser.add_argument("--smoke", action="store_true", help="small sizes for CI")
     args = parser.parse_args(argv)
     if args.smoke:
         args.events, args.rounds, args.idle_seconds = 2000, 1, 5
-    configure_logging("console", "warning")
-    print("projectord many-projections benchmark")
-    print(f"machine: {machine()}")
+    banner("many-projections")
     results: dict[int, list[tuple[float, float, float]]] = {1: [], args.projections: []}
     with server(args.database_url) as admin_url, tempfile.TemporaryDirectory() as tmp:
         print(f"server: {server_description(admin_url)}")

@@ -14,17 +14,22 @@ notifying in every transaction serialises the writers' commits.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import psycopg
 
-from benchmarks.bench_db import fresh_database, machine, median, server, server_description
+from benchmarks.bench_db import (
+    argument_parser,
+    banner,
+    fresh_database,
+    median,
+    server,
+    server_description,
+)
 from benchmarks.processes import append_with_pgbench, daemon
 from benchmarks.projections import Pings
-from projectord.logs import configure_logging
 
 MODES = ("none", "always", "projectord")
 ALWAYS_NOTIFY = """
@@ -51,18 +56,14 @@ def set_mode(url: str, mode: str, installed: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--database-url", help="a server to create a throwaway database on")
-    parser.add_argument("--smoke", action="store_true", help="short rounds for CI")
     args = parser.parse_args(argv)
     if args.smoke:
         args.seconds, args.rounds = min(args.seconds, 2), 1
-    configure_logging("console", "warning")
-    print("projectord write-side benchmark")
-    print(f"machine: {machine()}")
+    banner("write-side")
     with (
         server(args.database_url) as admin_url,
         fresh_database(admin_url, [Pings()]) as url,
