@@ -20,7 +20,6 @@ import os
 import signal
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
-from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -302,18 +301,6 @@ class Daemon:
         self.control.max_clients = settings.control_max_clients
         self.health.thresholds = thresholds(settings)
         self.watchdog.stall_timeout = settings.stall_timeout
-
-    def status(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": r.name,
-                "state": r.status.state,
-                "checkpoint": list(r.status.checkpoint),
-                "applied_total": r.status.applied_total,
-                "last_error": r.status.last_error,
-            }
-            for r in self.runners
-        ]
 
 
 def thresholds(settings: Settings) -> Thresholds:
