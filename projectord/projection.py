@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 from psycopg import AsyncConnection
 
+from projectord.cursor_reuse import reused_cursors
 from projectord.event_store import Event
 from projectord.specs import resolve_spec
 
@@ -52,14 +53,16 @@ class Projection:
     handler_timeout: ClassVar[float | None] = None
 
     async def handle(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
-        """Apply a batch, in commit order. The default calls `on` for each event."""
-        if not self.pipeline:
-            for event in events:
-                await self.on(event, conn)
-            return
-        async with conn.pipeline():
-            for event in events:
-                await self.on(event, conn)
+        """Apply a batch, in commit order. The default calls `on` for each event, handing out
+        again the cursors of statements whose results nobody holds (projectord/cursor_reuse.py)."""
+        async with reused_cursors(conn):
+            if not self.pipeline:
+                for event in events:
+                    await self.on(event, conn)
+                return
+            async with conn.pipeline():
+                for event in events:
+                    await self.on(event, conn)
 
     async def on(self, event: Event, conn: AsyncConnection[Any]) -> None:
         raise NotImplementedError(
