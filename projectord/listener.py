@@ -10,10 +10,14 @@ Appends notify only while the listener is *armed* (sql/migrations/0006_notify_on
 has the protocol): a busy daemon needs no wake-ups, and every NOTIFY costs the writers a
 serialised commit. A runner about to sleep calls `arm`, which makes the next appends notify and
 returns only after every append that decided not to notify has ended; the runner then reads once
-more and sleeps. The first notification disarms the listener again (and wakes every runner, so a
-runner that read while armed never sleeps through a disarm). Arming takes the channel's advisory
-lock stripes on this connection, so if the connection dies the server releases them and the
-writers stop notifying: a lost connection therefore wakes every runner too.
+more and sleeps. The listener stays armed while notifications are rare: each one wakes the runners
+at the cost of one round trip to the writer. Once they come faster than `DISARM_RATE` a second,
+writers are busy enough for the serialised commits to cost them, and the runners, busy too, read
+again at once after every batch: the listener disarms (waking every runner, so none that read
+while armed sleeps through the disarm), and refuses to arm again for `REARM_COOLDOWN` seconds,
+during which runners that find nothing poll on a short backoff (projectord/runner.py). Arming
+takes the channel's advisory lock stripes on this connection, so if the connection dies the
+server releases them and the writers stop notifying: a lost connection wakes every runner too.
 
 The listener also polls for every runner, one cheap query each `poll_interval` (the safety net for
 appends that notify nobody: a trigger disabled, `session_replication_role = replica`). Runners
@@ -43,6 +47,15 @@ PROBE_PAYLOAD = "probe"
 ARM_LOCK_TIMEOUT = "200ms"
 # While the listener polls for them, idle runners poll on their own this many times less often.
 RUNNER_POLL_FACTOR = 12
+# Notifications a second above which the listener disarms (counted over DISARM_WINDOW seconds).
+# Below it a notification is cheap for writers (benchmarks/write_cost.py: a NOTIFY in every
+# append halves the throughput of 8 writers going flat out, at about 7000 appends/s here) and is
+# the fastest wake-up (benchmarks/live_latency.py).
+DISARM_RATE = 2500
+DISARM_WINDOW = 0.1
+# After disarming for the rate, arming is refused this long (seconds): without it, a runner whose
+# types are not being written would arm again at once, and busy writers would notify again.
+REARM_COOLDOWN = 1.0
 
 
 def channel_name(schema: str) -> str:
@@ -75,6 +88,9 @@ class NotificationListener:
         self._polled_at = 0.0
         self._poll_since = 0  # the horizon of the last poll: later commits have xids above it
         self.armed = False  # holds the stripes: appends notify
+        self._window_start = 0.0  # notifications heard since then (the rate that disarms)
+        self._window_heard = 0
+        self._rearm_after = 0.0  # monotonic time before which `arm` refuses (REARM_COOLDOWN)
         self._arm_wanted = False
         self._disarm_wanted = False
         self._arm_attempt = anyio.Event()  # set when the pending arming attempt has ended
@@ -86,7 +102,7 @@ class NotificationListener:
         the lock timeout); the caller polls instead."""
         if self.armed:
             return True
-        if not self.connected:
+        if not self.connected or time.monotonic() < self._rearm_after:
             return False
         attempt = self._arm_attempt
         self._arm_wanted = True
@@ -107,7 +123,9 @@ class NotificationListener:
         if now - self._polled_at < self.poll_interval:
             return
         self._polled_at = now
-        cur = await conn.execute(self.queries["poll_events"], {"since": str(self._poll_since)})
+        cur = await conn.execute(
+            self.queries["poll_events"], {"since": str(self._poll_since)}, prepare=False
+        )
         row = await cur.fetchone()
         assert row is not None
         self._poll_since = row[0]
@@ -115,10 +133,16 @@ class NotificationListener:
             self.wake()
 
     def _heard(self) -> None:
-        """A notification: appends are happening, so the runners wake and need no more."""
-        if self.armed:
+        """A notification: wake the runners; if they come fast, disarm (see the module's doc)."""
+        now = time.monotonic()
+        if now - self._window_start > DISARM_WINDOW:
+            self._window_start, self._window_heard = now, 0
+        self._window_heard += 1
+        if self.armed and self._window_heard > DISARM_RATE * DISARM_WINDOW:
             self.armed = False
             self._disarm_wanted = True
+            self._rearm_after = now + REARM_COOLDOWN
+            log.debug("listener.disarmed", heard=self._window_heard, window=DISARM_WINDOW)
         self.wake()
 
     def _lost(self) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psycopg
 
+from projectord.listener import DISARM_RATE
 from projectord.queries import Queries
 from tests.harness import DaemonProcess, TestDatabase, append_sql, wait_until
 from tests.ops_projections import Slow
@@ -77,6 +78,13 @@ def test_arming_waits_for_writers_that_decided_not_to_notify(db: TestDatabase) -
         assert notifications(listener) == 0
 
 
+def notify_burst(conn: psycopg.Connection[object], count: int) -> None:
+    """`count` notifications on the daemon's channel at once (distinct payloads, so the server
+    does not fold them into one): to the listener, writers appending at a high rate."""
+    conn.execute("SELECT pg_notify(%s, g::text) FROM generate_series(1, %s) g", (CHANNEL, count))
+    conn.commit()
+
+
 def armed_listeners(db: TestDatabase) -> int:
     return db.scalar(QUERIES["armed_listeners"], {"channel": CHANNEL})
 
@@ -92,9 +100,11 @@ def test_no_wake_up_is_lost_when_the_daemon_goes_to_sleep_during_an_append(
     env = {"PROJECTORD_POLL_INTERVAL": "600"}  # only a wake-up can apply the events in time
     with DaemonProcess(db.url, SLOW, state_dir, extra_env=env), db.connect() as writer:
         wait_until(lambda: armed_listeners(db) == 1, timeout=10)  # idle: armed
-        # A slow batch keeps the runner busy; its notification disarmed the listener.
+        # A slow batch keeps the runner busy, and a burst of notifications (as from busy
+        # writers) disarms the listener: from now on appends do not notify.
         append_sql(writer, "Slow", {"sleep": 1.5})
         writer.commit()
+        notify_burst(writer, DISARM_RATE)
         wait_until(lambda: armed_listeners(db) == 0, timeout=5)
         # Meanwhile a writer appends (and decides not to notify), and stays open until well after
         # the runner has finished the slow batch and tried to go to sleep.
@@ -108,6 +118,37 @@ def test_no_wake_up_is_lost_when_the_daemon_goes_to_sleep_during_an_append(
         assert took < 1.5, f"applied {took:.2f}s after the commit: a wake-up was lost"
         # And the daemon is armed again, asleep.
         wait_until(lambda: armed_listeners(db) == 1, timeout=5)
+
+
+def test_the_listener_stays_armed_while_appends_are_rare(db: TestDatabase, state_dir: Path) -> None:
+    """A few appends a second: each notifies and is applied on its wake-up alone; the listener
+    never disarms in between (that would cost a round trip to disarm and another to arm again,
+    on every event)."""
+    db.init(SLOW)
+    env = {"PROJECTORD_POLL_INTERVAL": "600"}  # only a wake-up can apply the events in time
+    seen_disarmed = threading.Event()
+    stop = threading.Event()
+
+    def watch() -> None:
+        with db.connect(autocommit=True) as conn:
+            while not stop.is_set():
+                row = conn.execute(QUERIES["armed_listeners"], {"channel": CHANNEL}).fetchone()
+                if row == (0,):
+                    seen_disarmed.set()
+
+    with DaemonProcess(db.url, SLOW, state_dir, extra_env=env), db.connect() as writer:
+        wait_until(lambda: armed_listeners(db) == 1, timeout=10)
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            for n in range(1, 11):
+                append_sql(writer, "Slow", {})
+                writer.commit()
+                wait_until(lambda n=n: slow_applied(db) == n, timeout=5)  # type: ignore[misc]
+        finally:
+            stop.set()
+            watcher.join()
+    assert not seen_disarmed.is_set(), "the listener disarmed while appends were rare"
 
 
 def test_one_poll_serves_every_projection(db: TestDatabase, state_dir: Path) -> None:

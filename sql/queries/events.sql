@@ -10,11 +10,17 @@
 -- metadata as JSON text and recorded_at as epoch microseconds, decoded only if a handler reads
 -- them; transaction ids as bigint. Converted columns are aliased and the ORDER BY is qualified, so
 -- it sorts by the index's columns, never by a converted output column.
+-- `held_back` compares the newest transaction id with the horizon: one probe at the end of the
+-- index whatever the table's size (an EXISTS over `transaction_id >= horizon`, a value the
+-- planner cannot see, may be planned as a sequential scan that reads the whole table).
+-- Not prepared (projectord/fetcher.py): a plan cached while the table was small would stay a
+-- sequential scan after it grew.
 WITH horizon AS (
     SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin
 )
 SELECT h.xmin::text::bigint AS horizon,
-       EXISTS (SELECT 1 FROM {schema}.events w WHERE w.transaction_id >= h.xmin) AS held_back,
+       coalesce((SELECT w.transaction_id FROM {schema}.events w
+                 ORDER BY w.transaction_id DESC LIMIT 1) >= h.xmin, false) AS held_back,
        e.global_position, e.event_id, e.tenant_id, e.aggregate_id, e.aggregate_type, e.version,
        e.type, e.payload_json, e.metadata_json, e.recorded_us, e.txid
 FROM horizon h

@@ -13,9 +13,11 @@ SELECT pg_advisory_unlock_all();
 -- name: poll_events
 -- The daemon's poll, for every projection at once: has any event committed since the snapshot
 -- whose xmin was `since`? A transaction that commits after a snapshot has an xid at or above the
--- snapshot's xmin, so this probes the commit-order index once. Returns this snapshot's xmin.
+-- snapshot's xmin, so this probes the end of the commit-order index once (the newest id, not an
+-- EXISTS, which a cached generic plan may turn into a scan of the whole table).
 SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS horizon,
-       EXISTS (SELECT 1 FROM {schema}.events e WHERE e.transaction_id >= %(since)s::xid8) AS new;
+       coalesce((SELECT e.transaction_id FROM {schema}.events e
+                 ORDER BY e.transaction_id DESC LIMIT 1) >= %(since)s::xid8, false) AS new;
 
 -- name: armed_listeners
 -- How many listeners are armed: the sessions holding stripe 0 in share mode.
