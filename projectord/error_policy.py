@@ -20,7 +20,7 @@ projection may override with a class attribute of the same name.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -96,18 +96,34 @@ async def run_handler(
     timeout: float,
 ) -> None:
     """Call the projection's handler; after `timeout` seconds raise `HandlerTimeout`, and the
-    caller's transaction rolls back.
+    caller's transaction rolls back."""
+    await run_bounded(
+        lambda: projection.handle(events, conn),
+        conn,
+        timeout,
+        f"the handler of {projection.name!r} on {len(events)} event(s)",
+    )
+
+
+async def run_bounded(
+    work: Callable[[], Awaitable[None]],
+    conn: AsyncConnection[Any],
+    timeout: float,
+    what: str,
+) -> None:
+    """Run `work` (a handler, or a whole batch transaction whose statements are pipelined and
+    only run on the server when it ends); after `timeout` seconds raise `HandlerTimeout`.
 
     A statement still running then is cancelled on the server first (a cancel request on a side
-    connection): the handler sees it fail and returns, and the connection stays usable. Merely
+    connection): the work sees it fail and returns, and the connection stays usable. Merely
     cancelling the task would make psycopg close the connection while the server goes on running
     that statement, holding its locks, until it ends by itself, which would block the retry.
-    A handler that does not return within CANCEL_GRACE after that (it waits on something other
-    than the database) is cancelled as a task."""
+    Work that does not return within CANCEL_GRACE after that (it waits on something other than
+    the database) is cancelled as a task."""
     timed_out = False
     failure: BaseException | None = None
 
-    async def expire(handler: anyio.CancelScope) -> None:
+    async def expire(scope: anyio.CancelScope) -> None:
         nonlocal timed_out
         await anyio.sleep(timeout)
         timed_out = True
@@ -116,21 +132,20 @@ async def run_handler(
         except Exception:  # nothing to cancel, or the server is away: the task is cancelled
             pass
         await anyio.sleep(CANCEL_GRACE)
-        handler.cancel()
+        scope.cancel()
 
     async with anyio.create_task_group() as tasks:
-        with anyio.CancelScope() as handler:
-            tasks.start_soon(expire, handler)
+        with anyio.CancelScope() as scope:
+            tasks.start_soon(expire, scope)
             try:
-                await projection.handle(events, conn)
+                await work()
             except Exception as exc:
                 failure = exc
             finally:
                 tasks.cancel_scope.cancel()
     if timed_out:
         raise HandlerTimeout(
-            f"the handler of {projection.name!r} ran longer than handler_timeout "
-            f"({timeout:g}s) on {len(events)} event(s) and was cancelled"
+            f"{what} ran longer than handler_timeout ({timeout:g}s) and was cancelled"
         )
     if failure is not None:
         raise failure

@@ -150,8 +150,8 @@ class Ownership:
     async def _lose_all(self) -> None:
         if self.owned:
             lost, self.owned = self.owned, []
+            await self._lost(lost)  # their runners stop first: nothing commits after the line
             log.warning("ownership.lost", projections=lost, instance=self.instance)
-            await self._lost(lost)
 
 
 def _digest(text: str) -> str:

@@ -18,7 +18,8 @@ has committed.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,13 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from projectord.dead_letters import dead_letter_params, format_traceback
-from projectord.error_policy import ErrorPolicy, backoff, is_transient, run_handler
+from projectord.error_policy import (
+    ErrorPolicy,
+    backoff,
+    is_transient,
+    run_bounded,
+    run_handler,
+)
 from projectord.event_store import Event
 from projectord.fetcher import Batch, Fetcher, ReadAhead
 from projectord.heartbeat import Heartbeat
@@ -43,13 +50,18 @@ log = get_logger("projectord.runner")
 Checkpoint = tuple[int, int]  # (transaction_id, global_position)
 BatchObserver = Callable[[str, int, float], None]  # (projection, events, seconds)
 
-# While committed events wait behind an older open transaction, poll this fast (seconds):
-# that transaction may end without any NOTIFY.
-HELD_BACK_POLL = (0.02, 0.25)
+# While committed events wait behind an older open transaction, poll this fast (seconds), doubling
+# up to the second figure: that transaction may end without any NOTIFY. The same backoff serves a
+# runner that found nothing while the listener cannot be armed (writers are busy: listener.py).
+HELD_BACK_POLL = (0.001, 0.25)
 # How often an empty batch may persist a checkpoint moved to the horizon (seconds). Only a restart
 # gains from it (it rescans less), and every transaction, the daemon's own included, moves the
 # horizon: at 5 s, 50 idle projections committed 10 checkpoint transactions a second forever.
 HORIZON_PERSIST_INTERVAL = 60.0
+# What the checkpoint's compare-and-set raises when the row moved (sql/migrations/0008_…).
+CHECKPOINT_MOVED_SQLSTATE = "PJ001"
+# How long a batch whose COMMIT has been sent waits for the answer, even when cancelled (seconds).
+COMMIT_WAIT = 5.0
 # A rebuild waits at most this long for the locks on the projection's tables.
 REBUILD_LOCK_TIMEOUT = "10s"
 
@@ -220,6 +232,10 @@ class ProjectionRunner:
         self._persisted: Checkpoint | None = None  # the stored checkpoint, as last read or written
         self._position: Checkpoint = (0, 0)  # may run ahead of it, up to the safe horizon
         self._persisted_at = 0.0
+        # Send a batch's statements, the compare-and-set and COMMIT without waiting for each
+        # result (psycopg's pipeline mode); off for a projection that says so, or whose handler
+        # turns out to use COPY.
+        self._pipelined = projection.pipeline
         self._log = log.bind(projection=projection.name)
 
     @property
@@ -372,17 +388,23 @@ class ProjectionRunner:
         new = self._next_checkpoint(batch)
         started = time.perf_counter()
         try:
-            async with conn.transaction():
-                await run_handler(self.projection, batch.events, conn, self.policy.handler_timeout)
-                await self._compare_and_set(conn, new, len(batch.events))
+            try:
+                await self._commit_batch(conn, batch.events, new, pipelined=self._pipelined)
+            except psycopg.NotSupportedError as exc:
+                # Raised by psycopg itself (no SQLSTATE): the handler uses COPY or a server-side
+                # cursor, which pipeline mode cannot run. Nothing was sent; run it as is.
+                if not self._pipelined or exc.sqlstate is not None:
+                    raise
+                self._pipelined = False
+                self._log.info("projection.pipeline_off", reason=str(exc))
+                await self._commit_batch(conn, batch.events, new, pipelined=False)
         except BaseException:
             # Cancelled mid-batch (drain timeout): psycopg's own rollback may have been cancelled
             # too. Roll back under a shield; if even that fails, the pool discards the connection
             # and the server rolls back when it closes. Nothing of the batch is ever committed.
             with anyio.move_on_after(2, shield=True):
                 try:
-                    if not conn.closed and conn.info.transaction_status != 0:
-                        await conn.rollback()
+                    await self._roll_back(conn)
                 except psycopg.Error:
                     pass
             raise
@@ -397,6 +419,80 @@ class ProjectionRunner:
             to_position=batch.events[-1].global_position,
             duration_ms=round(duration * 1000, 2),
         )
+
+    async def _commit_batch(
+        self, conn: AsyncConnection[Any], events: list[Event], new: Checkpoint, *, pipelined: bool
+    ) -> None:
+        """The handler's statements, the checkpoint's compare-and-set and COMMIT, in one
+        transaction bounded by the handler timeout. Pipelined, they travel together: one round
+        trip for a set-based handler (the compare-and-set fails with an error, not a row count,
+        so COMMIT never runs after it fails)."""
+
+        async def work() -> None:
+            async with self._transaction(conn, pipelined=pipelined):
+                await self.projection.handle(events, conn)
+                await self._compare_and_set(conn, new, len(events))
+
+        what = f"the handler of {self.name!r} on {len(events)} event(s)"
+        await run_bounded(work, conn, self.policy.handler_timeout, what)
+
+    @asynccontextmanager
+    async def _transaction(
+        self, conn: AsyncConnection[Any], *, pipelined: bool
+    ) -> AsyncIterator[None]:
+        """A transaction that moves the checkpoint; a moved checkpoint raises CheckpointMoved.
+
+        Pipelined, BEGIN and COMMIT are sent as plain statements: psycopg's `transaction()`
+        would sync the pipeline after BEGIN and around COMMIT, three round trips instead of one.
+        A failing statement makes the server skip everything after it up to the sync, COMMIT
+        included, so a failed batch is never committed; its transaction is rolled back here."""
+        try:
+            if pipelined:
+                async with self._pipeline(conn):
+                    await conn.execute("BEGIN")
+                    yield
+                    await conn.execute("COMMIT")
+            else:
+                async with conn.transaction():
+                    yield
+        except psycopg.Error as exc:
+            if pipelined:
+                await self._roll_back(conn)
+            if exc.sqlstate == CHECKPOINT_MOVED_SQLSTATE:
+                raise CheckpointMoved(self.name) from exc
+            raise
+        except Exception:
+            if pipelined:
+                await self._roll_back(conn)
+            raise
+
+    @asynccontextmanager
+    async def _pipeline(self, conn: AsyncConnection[Any]) -> AsyncIterator[None]:
+        """psycopg's pipeline, except that once the block has queued everything (COMMIT
+        included), its outcome is awaited even if this task is cancelled meanwhile: a stopped
+        runner (ownership lost, a drain that timed out) must not leave a COMMIT in flight that
+        lands after it stopped. Bounded by COMMIT_WAIT; past it the connection is closed, its
+        outcome unknown (the checkpoint's compare-and-set keeps that safe)."""
+        pipeline = conn.pipeline()
+        await pipeline.__aenter__()
+        try:
+            yield
+        except BaseException as exc:
+            await pipeline.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        with anyio.move_on_after(COMMIT_WAIT, shield=True) as waited:
+            await pipeline.__aexit__(None, None, None)
+        if waited.cancelled_caught:
+            await conn.close()
+            raise psycopg.OperationalError(
+                f"no answer to a batch's COMMIT within {COMMIT_WAIT:g}s; connection closed"
+            )
+
+    @staticmethod
+    async def _roll_back(conn: AsyncConnection[Any]) -> None:
+        """End a transaction left open or failed, if the connection is still there."""
+        if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            await conn.rollback()
 
     def _moved_to(self, new: Checkpoint, applied: int) -> None:
         """Bookkeeping after a committed move of the checkpoint over `applied` events."""
@@ -414,7 +510,7 @@ class ProjectionRunner:
             return
         self._position = new
         if time.monotonic() - self._persisted_at >= HORIZON_PERSIST_INTERVAL:
-            async with conn.transaction():
+            async with self._transaction(conn, pipelined=True):
                 await self._compare_and_set(conn, new, 0)
             self._persisted = new
             self._persisted_at = time.monotonic()
@@ -423,8 +519,10 @@ class ProjectionRunner:
     async def _compare_and_set(
         self, conn: AsyncConnection[Any], new: Checkpoint, n: int, *, even_if_paused: bool = False
     ) -> None:
+        """Move the stored checkpoint from `_persisted` to `new`; where the row does not match,
+        the statement fails (SQLSTATE PJ001), which `_transaction` turns into CheckpointMoved."""
         assert self._persisted is not None
-        cur = await conn.execute(
+        await conn.execute(
             self.queries["advance_checkpoint"],
             {
                 "name": self.name,
@@ -437,12 +535,12 @@ class ProjectionRunner:
                 "owner": self.owner,
             },
         )
-        if cur.rowcount != 1:
-            raise CheckpointMoved(self.name)
 
     # -- waiting -------------------------------------------------------------------------------
 
     async def _wait_for_events(self, held_back: bool, armed: bool, applied: bool) -> None:
+        if applied:
+            self._held_back_wait = HELD_BACK_POLL[0]
         with self.heartbeat.waiting():
             if not armed and self.listener is not None:
                 # Appends notify only while the listener is armed, and it was not when this batch
@@ -697,7 +795,7 @@ class ProjectionRunner:
         """In one transaction: apply the events `ahead` of `event`, record `event` as a dead
         letter and move the checkpoint just past it. An operator's skip passes a pause."""
         attempts = int(error.get("attempts") or self._failures)
-        async with self.pool.connection() as conn, conn.transaction():
+        async with self.pool.connection() as conn, self._transaction(conn, pipelined=False):
             if ahead:  # events of the failed batch before the stuck one
                 await run_handler(self.projection, ahead, conn, self.policy.handler_timeout)
             await conn.execute(

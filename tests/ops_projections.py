@@ -35,11 +35,16 @@ class Slow(Projection):
 
     @staticmethod
     async def _insert(events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
+        """Insert, and read back what was inserted: a handler that reads a result waits for
+        its statements to run, so the first writes are on the server while the batch sleeps
+        (in the runner's pipeline mode they would otherwise go out with the COMMIT)."""
         if events:
-            await conn.execute(
-                "INSERT INTO slow_seen SELECT * FROM unnest(%s::uuid[], %s::bigint[])",
+            cur = await conn.execute(
+                "INSERT INTO slow_seen SELECT * FROM unnest(%s::uuid[], %s::bigint[])"
+                " RETURNING position",
                 ([e.event_id for e in events], [e.global_position for e in events]),
             )
+            assert len(await cur.fetchall()) == len(events)
 
 
 class Wedge(Projection):

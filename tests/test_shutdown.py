@@ -24,11 +24,13 @@ def slow_state(db: TestDatabase) -> tuple[int, int]:
 
 
 def batch_in_flight(db: TestDatabase) -> bool:
-    """A daemon connection sits inside an open transaction: the slow batch has begun."""
+    """A daemon connection holds an open transaction that has written: the slow batch has
+    begun. (Not `state = 'idle in transaction'`: in pipeline mode a batch between two
+    statements shows as `active` until its COMMIT.)"""
     return bool(
         db.scalar(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND application_name = 'projectord' AND state = 'idle in transaction'"
+            " AND application_name = 'projectord' AND backend_xid IS NOT NULL"
         )
     )
 

@@ -17,17 +17,24 @@ FROM {schema}.projection_positions ORDER BY name;
 -- has answered (an operator's `skip` passes even_if_paused). So does a change of owner: a runner
 -- whose daemon lost the projection to another instance cannot commit after the new owner took
 -- over (projectord/ownership.py records the owner; NULL when no daemon ever owned the row).
-UPDATE {schema}.projection_positions
-SET transaction_id = %(new_txid)s::xid8,
-    global_position = %(new_position)s,
-    applied_total = applied_total + %(applied)s,
-    last_error = CASE WHEN %(applied)s > 0 THEN NULL ELSE last_error END,
-    updated_at = now()
-WHERE name = %(name)s
-  AND transaction_id = %(old_txid)s::xid8
-  AND global_position = %(old_position)s
-  AND (state = 'running' OR %(even_if_paused)s)
-  AND owner IS NOT DISTINCT FROM %(owner)s;
+-- A row that does not match raises SQLSTATE PJ001 (sql/migrations/0008_checkpoint_moved_error.sql):
+-- the error, not a row count, is what stops the batch, so COMMIT may be sent along with it.
+WITH moved AS (
+    UPDATE {schema}.projection_positions
+    SET transaction_id = %(new_txid)s::xid8,
+        global_position = %(new_position)s,
+        applied_total = applied_total + %(applied)s,
+        last_error = CASE WHEN %(applied)s > 0 THEN NULL ELSE last_error END,
+        updated_at = now()
+    WHERE name = %(name)s
+      AND transaction_id = %(old_txid)s::xid8
+      AND global_position = %(old_position)s
+      AND (state = 'running' OR %(even_if_paused)s)
+      AND owner IS NOT DISTINCT FROM %(owner)s
+    RETURNING 1
+)
+SELECT CASE WHEN EXISTS (SELECT FROM moved) THEN true
+            ELSE {schema}.checkpoint_moved(%(name)s) END;
 
 -- name: record_error
 UPDATE {schema}.projection_positions
