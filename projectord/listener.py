@@ -8,16 +8,17 @@ works; a listener that cannot hear itself reconnects.
 
 Appends notify only while the listener is *armed* (sql/migrations/0006_notify_only_when_asleep.sql
 has the protocol): a busy daemon needs no wake-ups, and every NOTIFY costs the writers a
-serialised commit. A runner about to sleep calls `arm`, which makes the next appends notify and
-returns only after every append that decided not to notify has ended; the runner then reads once
-more and sleeps. The listener stays armed while notifications are rare: each one wakes the runners
-at the cost of one round trip to the writer. Once they come faster than `DISARM_RATE` a second,
-writers are busy enough for the serialised commits to cost them, and the runners, busy too, read
-again at once after every batch: the listener disarms (waking every runner, so none that read
-while armed sleeps through the disarm), and refuses to arm again for `REARM_COOLDOWN` seconds,
-during which runners that find nothing poll on a short backoff (projectord/runner.py). Arming
-takes the channel's advisory lock stripes on this connection, so if the connection dies the
-server releases them and the writers stop notifying: a lost connection wakes every runner too.
+serialised commit. A runner that finds nothing new while the listener is disarmed calls
+`request_arm` and polls on a short backoff. Arming completes once every append that decided not
+to notify has ended; the listener then wakes the runners, and a read begun after that may be
+followed by a sleep. The listener stays armed while notifications are rare: each one wakes the
+runners at the cost of one round trip to the writer. Once they come faster than `DISARM_RATE` a
+second, writers are busy enough for the serialised commits to cost them, and the runners, busy
+too, read again at once after every batch: the listener disarms (waking every runner, so none
+that read while armed sleeps through the disarm) and refuses to arm again for `REARM_COOLDOWN`
+seconds. Arming takes the channel's advisory lock stripes on this connection, so if the
+connection dies the server releases them and the writers stop notifying: a lost connection
+wakes every runner too.
 
 The listener also polls for every runner, one cheap query each `poll_interval` (the safety net for
 appends that notify nobody: a trigger disabled, `session_replication_role = replica`). Runners
@@ -51,8 +52,8 @@ RUNNER_POLL_FACTOR = 12
 # Below it a notification is cheap for writers (benchmarks/write_cost.py: a NOTIFY in every
 # append halves the throughput of 8 writers going flat out, at about 7000 appends/s here) and is
 # the fastest wake-up (benchmarks/live_latency.py).
-DISARM_RATE = 2500
-DISARM_WINDOW = 0.1
+DISARM_RATE = 5000
+DISARM_WINDOW = 0.2
 # After disarming for the rate, arming is refused this long (seconds): without it, a runner whose
 # types are not being written would arm again at once, and busy writers would notify again.
 REARM_COOLDOWN = 1.0
@@ -93,23 +94,19 @@ class NotificationListener:
         self._rearm_after = 0.0  # monotonic time before which `arm` refuses (REARM_COOLDOWN)
         self._arm_wanted = False
         self._disarm_wanted = False
-        self._arm_attempt = anyio.Event()  # set when the pending arming attempt has ended
         self._waiting: anyio.CancelScope | None = None  # the wait for notifications, if any
 
-    async def arm(self) -> bool:
-        """Make appends notify from now on, and wait until every append that decided not to has
-        ended. False if that cannot be done now (not connected, or a writer kept its stripe past
-        the lock timeout); the caller polls instead."""
-        if self.armed:
-            return True
-        if not self.connected or time.monotonic() < self._rearm_after:
-            return False
-        attempt = self._arm_attempt
+    def request_arm(self) -> None:
+        """Ask for appends to notify from now on. Returns at once: arming waits for every append
+        that decided not to notify to end, which takes as long as the writers' transactions,
+        and the runners poll meanwhile. Once armed, the listener wakes every runner, and a read
+        that begins after that sees every event that did not notify. Ignored while not
+        connected, and for REARM_COOLDOWN after a disarm for the rate."""
+        if self.armed or not self.connected or time.monotonic() < self._rearm_after:
+            return
         self._arm_wanted = True
         if self._waiting is not None:
             self._waiting.cancel()
-        await attempt.wait()
-        return self.armed
 
     def runner_poll_interval(self, poll_interval: float) -> float:
         """How long an idle runner may wait for a wake-up before it reads on its own."""
@@ -149,12 +146,7 @@ class NotificationListener:
         """The connection is gone, and with it the stripes: wake everyone, end any attempt."""
         self.connected = False
         self.armed = self._arm_wanted = self._disarm_wanted = False
-        self._end_arm_attempt()
         self.wake()
-
-    def _end_arm_attempt(self) -> None:
-        attempt, self._arm_attempt = self._arm_attempt, anyio.Event()
-        attempt.set()
 
     async def _arm_or_disarm(self, conn: psycopg.AsyncConnection[object]) -> None:
         if self._disarm_wanted:
@@ -162,17 +154,16 @@ class NotificationListener:
             await conn.execute(self.queries["disarm_wakeups"])
         if self._arm_wanted:
             self._arm_wanted = False
-            if self.armed:  # asked twice while one attempt ran
-                self._end_arm_attempt()
+            if self.armed:  # asked twice
                 return
             try:
                 await conn.execute(self.queries["arm_wakeups"], {"channel": self.channel})
-                self.armed = True
-            except psycopg.errors.LockNotAvailable:
+            except psycopg.errors.LockNotAvailable:  # a writer kept its stripe: asked again later
                 log.debug("listener.arm_timed_out")
                 await conn.execute(self.queries["disarm_wakeups"])
-            finally:
-                self._end_arm_attempt()
+                return
+            self.armed = True
+            self.wake()  # the runners' last read before sleeping begins now
 
     async def run(self) -> None:
         failures = 0

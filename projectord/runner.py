@@ -434,7 +434,7 @@ class ProjectionRunner:
                 await self._compare_and_set(conn, new, len(events))
 
         what = f"the handler of {self.name!r} on {len(events)} event(s)"
-        await run_bounded(work, conn, self.policy.handler_timeout, what)
+        await run_bounded(work, self.policy.handler_timeout, what)
 
     @asynccontextmanager
     async def _transaction(
@@ -545,10 +545,12 @@ class ProjectionRunner:
             if not armed and self.listener is not None:
                 # Appends notify only while the listener is armed, and it was not when this batch
                 # was read. While batches bring events, more are likely: read again at once. Once
-                # a read finds none, arm it and read once more before sleeping (listener.py). If
-                # it cannot be armed now, poll soon instead, as for events held back.
-                if applied or await self.listener.arm():
+                # a read finds none, ask for the listener to be armed and poll on a short backoff
+                # meanwhile; arming wakes the runners, and a read begun while armed may be
+                # followed by a sleep (listener.py).
+                if applied:
                     return
+                self.listener.request_arm()
                 held_back = True
             if held_back:
                 await self.wakeup.wait(self._held_back_wait)
