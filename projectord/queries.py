@@ -1,6 +1,7 @@
 """Named SQL queries, kept in `.sql` files instead of strings scattered through the code.
 
-Each file under `sql/queries/` holds several queries, each introduced by a `-- name: NAME` line.
+Each file under `sql/queries/` holds several queries, each introduced by a `-- name: NAME` line;
+comment lines document them in the file and are not sent to the server.
 `{schema}` in a query is replaced by projectord's own schema, quoted as an identifier; every other
 value travels as a bound parameter, never interpolated.
 """
@@ -32,8 +33,15 @@ def _raw_queries() -> dict[str, str]:
         for name, body in zip(parts[1::2], parts[2::2], strict=True):
             if name in queries:
                 raise RuntimeError(f"query {name!r} is defined twice (in {path.name})")
-            queries[name] = body.strip().rstrip(";")
+            queries[name] = _without_comment_lines(body).strip().rstrip(";")
     return queries
+
+
+def _without_comment_lines(body: str) -> str:
+    """The query without its whole-line `--` comments: they document the file, and need not
+    travel with every execution (the fetch's are longer than the query, and it is not
+    prepared)."""
+    return "\n".join(line for line in body.splitlines() if not line.lstrip().startswith("--"))
 
 
 def quote_ident(name: str) -> str:
