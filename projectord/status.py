@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from projectord.database import describe_error
@@ -77,34 +78,48 @@ class StatusReporter:
         }
 
     async def _read_database(self, runners: Sequence[ProjectionRunner]) -> dict[str, Any]:
-        found: dict[str, dict[str, Any]] = {}
         async with self.db_limiter:
             with anyio.fail_after(DB_TIMEOUT):
                 async with self.pool.connection(timeout=DB_TIMEOUT) as conn:
-                    cur = await conn.execute(self.queries["read_positions"])
-                    for name, txid, position, state, applied, error, updated_at, owner in (
-                        await cur.fetchall()
-                    ):
-                        if name in self.runners:
-                            found[name] = {
-                                "checkpoint": (int(txid), int(position)),
-                                "state": state,
-                                "applied_total": int(applied),
-                                "last_error": error,
-                                "updated_at": updated_at,
-                                "owner": owner,
-                            }
-                    for runner in runners:
-                        row = found.setdefault(runner.name, {"checkpoint": (0, 0)})
-                        txid, position = row["checkpoint"]
-                        cur = await conn.execute(
-                            self.queries["projection_lag"],
-                            {"txid": str(txid), "position": position, "types": runner.types},
-                        )
-                        lag = await cur.fetchone()
-                        assert lag is not None
-                        row["lag"], row["lag_seconds"] = int(lag[0]), lag[1]
+                    found = await self._read_positions(conn)
+                    await self._read_lags(conn, runners, found)
         return found
+
+    async def _read_positions(self, conn: AsyncConnection[Any]) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        cur = await conn.execute(self.queries["read_positions"])
+        for name, txid, position, state, applied, error, updated_at, owner in await cur.fetchall():
+            if name in self.runners:
+                found[name] = {
+                    "checkpoint": (int(txid), int(position)),
+                    "state": state,
+                    "applied_total": int(applied),
+                    "last_error": error,
+                    "updated_at": updated_at,
+                    "owner": owner,
+                }
+        return found
+
+    async def _read_lags(
+        self,
+        conn: AsyncConnection[Any],
+        runners: Sequence[ProjectionRunner],
+        found: dict[str, dict[str, Any]],
+    ) -> None:
+        """Each projection's lag beyond its stored checkpoint, all in one round trip (pipeline
+        mode): the monitor asks every few seconds, and in an idle daemon a round trip per
+        projection was a wake-up each, which cost more of its CPU than anything else."""
+        asked = []
+        async with conn.pipeline():
+            for runner in runners:
+                row = found.setdefault(runner.name, {"checkpoint": (0, 0)})
+                txid, position = row["checkpoint"]
+                params = {"txid": str(txid), "position": position, "types": runner.types}
+                asked.append((row, await conn.execute(self.queries["projection_lag"], params)))
+        for row, cur in asked:
+            lag = await cur.fetchone()
+            assert lag is not None
+            row["lag"], row["lag_seconds"] = int(lag[0]), lag[1]
 
     def _report(self, runner: ProjectionRunner, row: dict[str, Any] | None) -> dict[str, Any]:
         row = row or {}
