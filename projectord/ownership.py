@@ -99,9 +99,12 @@ class Ownership:
         while True:
             await self.rebalance(conn)
             self.balanced.set()
-            # notifies() waits on the socket: a terminated session raises here immediately.
-            async for _ in conn.notifies(timeout=self.interval):
-                pass
+            # Wait on the socket itself: the server says something only when the session ends
+            # (or with a notice), and the next rebalance's query then raises or reads it at once.
+            # psycopg's own wait (conn.notifies) wakes every 0.1 s to check for interrupts; those
+            # wake-ups were a good part of an idle daemon's CPU.
+            with anyio.move_on_after(self.interval):
+                await anyio.wait_readable(conn.fileno())
 
     async def rebalance(self, conn: AsyncConnection[Any]) -> None:
         cur = await conn.execute(

@@ -3,7 +3,8 @@ instance's session dies."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import anyio
 import psycopg
@@ -15,8 +16,9 @@ NAMES = [f"p{n}" for n in range(6)]
 
 
 class Instance:
-    def __init__(self, db: TestDatabase, name: str) -> None:
+    def __init__(self, db: TestDatabase, name: str, interval: float = 0.2) -> None:
         self.running: set[str] = set()
+        self.lost_at: float | None = None
         self.ownership = Ownership(
             db.url,
             "projectord",
@@ -25,7 +27,7 @@ class Instance:
             acquired=self._acquired,
             released=self._released,
             lost=self._lost,
-            interval=0.2,
+            interval=interval,
         )
 
     async def _acquired(self, name: str) -> None:
@@ -36,6 +38,7 @@ class Instance:
 
     async def _lost(self, names: Sequence[str]) -> None:
         self.running.difference_update(names)
+        self.lost_at = time.monotonic()
 
 
 def test_spread_exclusive_and_taken_over(db: TestDatabase) -> None:
@@ -90,6 +93,39 @@ def test_spread_exclusive_and_taken_over(db: TestDatabase) -> None:
             for i in (0, 2):
                 for name in instances[i].running:
                     assert owners[name] == f"i{i}"
+            tg.cancel_scope.cancel()
+
+    anyio.run(scenario)
+
+
+def test_a_session_ended_by_the_server_is_noticed_at_once(db: TestDatabase) -> None:
+    """Between rebalances (a minute apart here) the instance waits on its session's socket: the
+    server ending the session stops the instance's runners at once, not at the next turn."""
+
+    async def until(done: Callable[[], bool], timeout: float) -> None:
+        with anyio.fail_after(timeout):
+            while True:
+                if done():
+                    return
+                await anyio.sleep(0.01)
+
+    async def scenario() -> None:
+        instance = Instance(db, "i0", interval=60)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(instance.ownership.run)
+            await until(lambda: len(instance.running) == len(NAMES), 10)
+            await anyio.sleep(0.2)  # waiting for its next turn
+            with psycopg.connect(db.url, autocommit=True) as conn:
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_locks"
+                    " WHERE locktype = 'advisory' AND granted AND objid = hashtext(%s)::oid",
+                    (NAMES[0],),
+                )
+            ended = time.monotonic()
+            await until(lambda: instance.lost_at is not None, 5)
+            assert instance.lost_at is not None and instance.lost_at - ended < 2
+            # It reconnects and takes its projections back.
+            await until(lambda: len(instance.running) == len(NAMES), 10)
             tg.cancel_scope.cancel()
 
     anyio.run(scenario)
