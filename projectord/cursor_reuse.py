@@ -49,9 +49,11 @@ POOL_LIMIT = 512
 def _same_adapters(a: AdaptersMap, b: AdaptersMap) -> bool:
     """Whether two maps adapt alike. A cursor's map starts out sharing each copy-on-write part
     with the connection's (psycopg/_adapters_map.py, _typeinfo.py); registering anything on either
-    map replaces the part it changes, so comparing them mostly compares identities (fast)."""
+    map replaces the part it changes. The containers below hold those parts, and comparing them
+    compares the parts by identity first (fast); the types registry is itself such a part, and
+    `==` on it would walk its few hundred entries: identity only."""
     return (
-        a.types._registry == b.types._registry
+        a.types._registry is b.types._registry
         and a._dumpers == b._dumpers
         and a._dumpers_by_oid == b._dumpers_by_oid
         and a._loaders == b._loaders
