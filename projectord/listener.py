@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 
 import anyio
+import anyio.lowlevel
 import psycopg
 
 from projectord.database import connect, describe_error
@@ -221,6 +222,9 @@ class NotificationListener:
                                     probe_sent = 0.0
                                 else:
                                     self._heard()
+                                    # Let the woken runners send their reads before this loop's
+                                    # own housekeeping: it then overlaps their round trips.
+                                    await anyio.lowlevel.checkpoint()
                 finally:
                     self._waiting = None
                 now = time.monotonic()

@@ -13,14 +13,17 @@
 -- `held_back` compares the newest transaction id with the horizon: one probe at the end of the
 -- index whatever the table's size (an EXISTS over `transaction_id >= horizon`, a value the
 -- planner cannot see, may be planned as a sequential scan that reads the whole table).
--- Not prepared (projectord/fetcher.py): a plan cached while the table was small would stay a
--- sequential scan after it grew.
+-- `newest` is that newest event's position, about the table's size: a plan prepared while the
+-- table was small (a sequential scan) is replaced once it has doubled (projectord/fetcher.py).
 WITH horizon AS (
     SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin
+), newest AS (
+    SELECT w.transaction_id, w.global_position FROM {schema}.events w
+    ORDER BY w.transaction_id DESC LIMIT 1
 )
 SELECT h.xmin::text::bigint AS horizon,
-       coalesce((SELECT w.transaction_id FROM {schema}.events w
-                 ORDER BY w.transaction_id DESC LIMIT 1) >= h.xmin, false) AS held_back,
+       coalesce((SELECT n.transaction_id >= h.xmin FROM newest n), false) AS held_back,
+       coalesce((SELECT n.global_position FROM newest n), 0) AS newest,
        e.global_position, e.event_id, e.tenant_id, e.aggregate_id, e.aggregate_type, e.version,
        e.type, e.payload_json, e.metadata_json, e.recorded_us, e.txid
 FROM horizon h
