@@ -15,10 +15,10 @@ followed by a sleep. The listener stays armed while notifications are rare: each
 runners at the cost of one round trip to the writer. Once they come faster than `DISARM_RATE` a
 second, writers are busy enough for the serialised commits to cost them, and the runners, busy
 too, read again at once after every batch: the listener disarms (waking every runner, so none
-that read while armed sleeps through the disarm) and refuses to arm again for `REARM_COOLDOWN`
-seconds. Arming takes the channel's advisory lock stripes on this connection, so if the
-connection dies the server releases them and the writers stop notifying: a lost connection
-wakes every runner too.
+that read while armed sleeps through the disarm) and refuses to arm again for a while
+(`REARM_COOLDOWN`: 1 s, doubling while the writers stay busy). Arming takes the channel's
+advisory lock stripes on this connection, so if the connection dies the server releases them and
+the writers stop notifying: a lost connection wakes every runner too.
 
 The listener also polls for every runner, one cheap query each `poll_interval` (the safety net for
 appends that notify nobody: a trigger disabled, `session_replication_role = replica`). Runners
@@ -54,10 +54,13 @@ RUNNER_POLL_FACTOR = 12
 # append halves the throughput of 8 writers going flat out, at about 7000 appends/s here) and is
 # the fastest wake-up (benchmarks/live_latency.py).
 DISARM_RATE = 5000
-DISARM_WINDOW = 0.2
-# After disarming for the rate, arming is refused this long (seconds): without it, a runner whose
-# types are not being written would arm again at once, and busy writers would notify again.
-REARM_COOLDOWN = 1.0
+DISARM_WINDOW = 0.1
+# After disarming for the rate, arming is refused for a while (seconds): without it, a runner
+# whose types are not being written would arm again at once, and busy writers would notify again.
+# The wait doubles each time an arming is tripped again within REARM_QUIET seconds (the writers
+# are still busy), up to the cap, and starts over after a longer quiet arming.
+REARM_COOLDOWN = (1.0, 16.0)
+REARM_QUIET = 5.0
 
 
 def channel_name(schema: str) -> str:
@@ -93,6 +96,8 @@ class NotificationListener:
         self._window_start = 0.0  # notifications heard since then (the rate that disarms)
         self._window_heard = 0
         self._rearm_after = 0.0  # monotonic time before which `arm` refuses (REARM_COOLDOWN)
+        self._cooldown = REARM_COOLDOWN[0]
+        self._armed_at = 0.0
         self._arm_wanted = False
         self._disarm_wanted = False
         self._waiting: anyio.CancelScope | None = None  # the wait for notifications, if any
@@ -139,8 +144,12 @@ class NotificationListener:
         if self.armed and self._window_heard > DISARM_RATE * DISARM_WINDOW:
             self.armed = False
             self._disarm_wanted = True
-            self._rearm_after = now + REARM_COOLDOWN
-            log.debug("listener.disarmed", heard=self._window_heard, window=DISARM_WINDOW)
+            if now - self._armed_at < REARM_QUIET:
+                self._cooldown = min(self._cooldown * 2, REARM_COOLDOWN[1])
+            else:
+                self._cooldown = REARM_COOLDOWN[0]
+            self._rearm_after = now + self._cooldown
+            log.debug("listener.disarmed", heard=self._window_heard, cooldown=self._cooldown)
         self.wake()
 
     def _lost(self) -> None:
@@ -164,6 +173,7 @@ class NotificationListener:
                 await conn.execute(self.queries["disarm_wakeups"])
                 return
             self.armed = True
+            self._armed_at = time.monotonic()
             self.wake()  # the runners' last read before sleeping begins now
 
     async def run(self) -> None:

@@ -62,6 +62,9 @@ HORIZON_PERSIST_INTERVAL = 60.0
 CHECKPOINT_MOVED_SQLSTATE = "PJ001"
 # How long a batch whose COMMIT has been sent waits for the answer, even when cancelled (seconds).
 COMMIT_WAIT = 5.0
+# While the listener is disarmed (writers are busy), pause this long between two short batches
+# (seconds): a few more events per batch, far fewer turns of the loop.
+BUSY_READ_PAUSE = 0.005
 # A rebuild waits at most this long for the locks on the projection's tables.
 REBUILD_LOCK_TIMEOUT = "10s"
 
@@ -549,6 +552,10 @@ class ProjectionRunner:
                 # meanwhile; arming wakes the runners, and a read begun while armed may be
                 # followed by a sleep (listener.py).
                 if applied:
+                    # Writers are busy (else the listener would be armed): gather a few more
+                    # events per batch instead of spinning on small ones, which would take the
+                    # CPU the writers and the server need.
+                    await self.control.wait(BUSY_READ_PAUSE)
                     return
                 self.listener.request_arm()
                 held_back = True
