@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import psycopg
 from psycopg import AsyncConnection
 
 from projectord.cursor_reuse import reused_cursors
@@ -56,13 +57,17 @@ class Projection:
         """Apply a batch, in commit order. The default calls `on` for each event, handing out
         again the cursors of statements whose results nobody holds (projectord/cursor_reuse.py)."""
         async with reused_cursors(conn):
-            if not self.pipeline:
-                for event in events:
-                    await self.on(event, conn)
+            # Pipelined unless the projection says not to, or the runner already sends the batch
+            # as one pipeline (a nested one would sync, a round trip, on the way in and out).
+            if not self.pipeline or conn.pgconn.pipeline_status != psycopg.pq.PipelineStatus.OFF:
+                await self._on_each(events, conn)
                 return
             async with conn.pipeline():
-                for event in events:
-                    await self.on(event, conn)
+                await self._on_each(events, conn)
+
+    async def _on_each(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
+        for event in events:
+            await self.on(event, conn)
 
     async def on(self, event: Event, conn: AsyncConnection[Any]) -> None:
         raise NotImplementedError(
