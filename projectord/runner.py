@@ -64,7 +64,7 @@ CHECKPOINT_MOVED_SQLSTATE = "PJ001"
 COMMIT_WAIT = 5.0
 # While the listener is disarmed (writers are busy), pause this long between two short batches
 # (seconds): a few more events per batch, far fewer turns of the loop.
-BUSY_READ_PAUSE = 0.005
+BUSY_READ_PAUSE = 0.02
 # A rebuild waits at most this long for the locks on the projection's tables.
 REBUILD_LOCK_TIMEOUT = "10s"
 
