@@ -437,7 +437,7 @@ class ProjectionRunner:
                 await self._compare_and_set(conn, new, len(events))
 
         what = f"the handler of {self.name!r} on {len(events)} event(s)"
-        await run_bounded(work, self.policy.handler_timeout, what)
+        await run_bounded(work, conn, self.policy.handler_timeout, what)
 
     @asynccontextmanager
     async def _transaction(
