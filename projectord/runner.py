@@ -458,15 +458,11 @@ class ProjectionRunner:
             else:
                 async with conn.transaction():
                     yield
-        except psycopg.Error as exc:
+        except Exception as exc:
             if pipelined:
                 await self._roll_back(conn)
-            if exc.sqlstate == CHECKPOINT_MOVED_SQLSTATE:
+            if isinstance(exc, psycopg.Error) and exc.sqlstate == CHECKPOINT_MOVED_SQLSTATE:
                 raise CheckpointMoved(self.name) from exc
-            raise
-        except Exception:
-            if pipelined:
-                await self._roll_back(conn)
             raise
 
     @asynccontextmanager
