@@ -14,7 +14,7 @@ to notify has ended; the listener then wakes the runners, and a read begun after
 followed by a sleep. The listener stays armed while notifications are rare: each one wakes the
 runners at the cost of one round trip to the writer. Once they come faster than `DISARM_RATE` a
 second, writers are busy enough for the serialised commits to cost them, and the runners, busy
-too, read again at once after every batch: the listener disarms (waking every runner, so none
+too, read again soon after every batch: the listener disarms (waking every runner, so none
 that read while armed sleeps through the disarm) and refuses to arm again for a while
 (`REARM_COOLDOWN`: 1 s, doubling while the writers stay busy). Arming takes the channel's
 advisory lock stripes on this connection, so if the connection dies the server releases them and
