@@ -82,6 +82,17 @@ def append_sql(
     )
 
 
+def credits(db: TestDatabase, count: int, poison_at: int | None = None) -> None:
+    """`count` Credited events of amounts 1..count in `count` transactions, so commit order and
+    batches interleave; the one at `poison_at` carries `"poison": true`."""
+    with db.connect(autocommit=True) as conn:
+        for n in range(1, count + 1):
+            payload: dict[str, Any] = {"account": n % 3, "amount": n}
+            if n == poison_at:
+                payload["poison"] = True
+            append_sql(conn, "Credited", payload)
+
+
 def bulk_credits(conn: psycopg.Connection[Any], count: int, accounts: int = 100) -> None:
     """`count` Credited events of amount 1..7 spread over `accounts` accounts, in one statement."""
     conn.execute(

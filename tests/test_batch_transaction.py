@@ -19,15 +19,15 @@ from projectord.database import connect, make_pool
 from projectord.fetcher import Fetcher
 from projectord.queries import Queries
 from projectord.runner import BatchFailed, CheckpointMoved, ProjectionRunner
-from tests.harness import TENANT, TestDatabase, append_sql
+from tests.harness import TENANT, TestDatabase, credits
 from tests.projections import Ledger
 
 QUERIES = Queries("projectord")
 GROW = """
 INSERT INTO projectord.events (tenant_id, aggregate_id, version, type, payload)
-SELECT %s, gen_random_uuid(), 1, 'Credited', jsonb_build_object('account', g % 3, 'amount', 1)
+SELECT %s, gen_random_uuid(), 1, 'Credited', jsonb_build_object('account', g %% 3, 'amount', 1)
 FROM generate_series(1, 5000) g
-""".replace("%s", f"'{TENANT}'")
+"""
 T = TypeVar("T")
 
 
@@ -69,26 +69,10 @@ def with_runner(
     return anyio.run(main)
 
 
-def credits(db: TestDatabase, count: int) -> None:
-    with db.connect(autocommit=True) as conn:
-        for n in range(1, count + 1):
-            append_sql(conn, "Credited", {"account": n % 3, "amount": n})
-
-
-def applied_total(db: TestDatabase, name: str) -> int:
-    return int(
-        db.scalar(
-            "SELECT applied_total FROM projectord.projection_positions WHERE name = %s", (name,)
-        )
-    )
-
-
-def checkpoint(db: TestDatabase, name: str) -> int:
-    return int(
-        db.scalar(
-            "SELECT global_position FROM projectord.projection_positions WHERE name = %s", (name,)
-        )
-    )
+def stored(db: TestDatabase, name: str, column: str) -> int:
+    """A column of the projection's positions row (`global_position`, `applied_total`)."""
+    query = f"SELECT {column} FROM projectord.projection_positions WHERE name = %s"
+    return int(db.scalar(query, (name,)))
 
 
 def test_a_moved_checkpoint_rolls_back_the_pipelined_batch(db: TestDatabase) -> None:
@@ -111,7 +95,7 @@ def test_a_moved_checkpoint_rolls_back_the_pipelined_batch(db: TestDatabase) -> 
     with_runner(db, Ledger(), body)
     assert db.scalar("SELECT count(*) FROM ledger") == 0
     assert db.scalar("SELECT count(*) FROM applied_log") == 0
-    assert checkpoint(db, "ledger") == 1
+    assert stored(db, "ledger", "global_position") == 1
 
 
 def test_a_failing_statement_commits_nothing_of_its_batch(db: TestDatabase) -> None:
@@ -128,7 +112,7 @@ def test_a_failing_statement_commits_nothing_of_its_batch(db: TestDatabase) -> N
 
     with_runner(db, FailsOnSecondStatement(), body)
     assert db.scalar("SELECT count(*) FROM ledger") == 0
-    assert checkpoint(db, "ledger") == 0
+    assert stored(db, "ledger", "global_position") == 0
 
 
 def test_a_handler_using_copy_runs_without_the_pipeline(db: TestDatabase) -> None:
@@ -147,7 +131,7 @@ def test_a_handler_using_copy_runs_without_the_pipeline(db: TestDatabase) -> Non
     assert with_runner(db, CopiedCredits(), body) is False
     # amounts 1..7, then 1..3
     assert db.rows("SELECT count(*), sum(amount) FROM copied_credits") == [(10, 34)]
-    assert applied_total(db, "copied_credits") == 10
+    assert stored(db, "copied_credits", "applied_total") == 10
 
 
 def test_the_fetch_plan_does_not_go_stale_as_the_table_grows(db: TestDatabase) -> None:
@@ -169,7 +153,7 @@ def test_the_fetch_plan_does_not_go_stale_as_the_table_grows(db: TestDatabase) -
                 await fetcher.fetch(conn, (0, 40_000), 100)
             with db.connect(autocommit=True) as writer:
                 for _ in range(10):  # many transactions; no statement that scans the table
-                    writer.execute(GROW)
+                    writer.execute(GROW, (TENANT,))
             end = await last_position(conn)
             await fetcher.fetch(conn, end, 100)  # sees the table grown
             before = await sequential_scans(conn)

@@ -15,7 +15,7 @@ from projectord.database import connect, make_pool
 from projectord.fetcher import Batch, Fetcher, ReadAhead
 from projectord.queries import Queries
 from projectord.runner import ProjectionRunner
-from tests.harness import TENANT, TestDatabase, append_sql
+from tests.harness import TENANT, TestDatabase, append_sql, credits
 from tests.projections import Ledger, Picky
 
 QUERIES = Queries("projectord")
@@ -95,16 +95,6 @@ def run_runner(
         return runner
 
     return anyio.run(main)
-
-
-def credits(db: TestDatabase, count: int, poison_at: int | None = None) -> None:
-    """`count` events in `count` transactions, so commit order and batches interleave."""
-    with db.connect(autocommit=True) as conn:
-        for n in range(1, count + 1):
-            payload: dict[str, Any] = {"account": n % 3, "amount": n}
-            if n == poison_at:
-                payload["poison"] = True
-            append_sql(conn, "Credited", payload)
 
 
 def test_catch_up_with_read_ahead_applies_every_event_once(db: TestDatabase) -> None:
