@@ -101,8 +101,13 @@ async def run_handler(
         lambda: projection.handle(events, conn),
         conn,
         timeout,
-        f"the handler of {projection.name!r} on {len(events)} event(s)",
+        handler_of(projection, events),
     )
+
+
+def handler_of(projection: Projection, events: Sequence[Event]) -> str:
+    """What ran, as a `HandlerTimeout` names it."""
+    return f"the handler of {projection.name!r} on {len(events)} event(s)"
 
 
 async def run_bounded(

@@ -33,6 +33,7 @@ from projectord.dead_letters import dead_letter_params, format_traceback
 from projectord.error_policy import (
     ErrorPolicy,
     backoff,
+    handler_of,
     is_transient,
     run_bounded,
     run_handler,
@@ -436,7 +437,7 @@ class ProjectionRunner:
                 await self.projection.handle(events, conn)
                 await self._compare_and_set(conn, new, len(events))
 
-        what = f"the handler of {self.name!r} on {len(events)} event(s)"
+        what = handler_of(self.projection, events)
         await run_bounded(work, conn, self.policy.handler_timeout, what)
 
     @asynccontextmanager
