@@ -25,8 +25,9 @@ from typing import Any
 import anyio
 from psycopg import AsyncConnection
 
-from projectord.error_policy import ErrorPolicy, backoff, is_transient, run_handler
+from projectord.error_policy import ErrorPolicy, backoff, is_transient
 from projectord.event_store import Event
+from projectord.handler_timeout import run_handler
 from projectord.projection import Projection
 from projectord.queries import Queries
 

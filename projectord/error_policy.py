@@ -5,7 +5,8 @@ Two kinds of failure are told apart, because they call for opposite answers:
 - **Transient** database errors (a lost connection, a serialization failure, a deadlock, a lock
   timeout) say nothing about the handler: the same batch is retried, with a backoff capped at a
   few seconds, for as long as it takes, and never counts as a handler failure.
-- **Handler failures** (anything else the handler raises, or running past `handler_timeout`) are
+- **Handler failures** (anything else the handler raises, or running past `handler_timeout`:
+  projectord/handler_timeout.py) are
   retried `max_attempts` times with exponential backoff and jitter, in case the cause is outside
   the event (a row another system has not written yet). Then the runner isolates the poison
   event by bisecting the batch: the events before it are applied and committed, and the poison
@@ -20,16 +21,12 @@ projection may override with a class attribute of the same name.
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-import anyio
 import psycopg
 import psycopg_pool
-from psycopg import AsyncConnection
 
-from projectord.event_store import Event
 from projectord.projection import Projection
 
 if TYPE_CHECKING:
@@ -37,13 +34,8 @@ if TYPE_CHECKING:
 
 OnError = Literal["pause", "skip"]
 
-CANCEL_GRACE = 2.0  # seconds a timed-out handler has to return once its statement is cancelled
 HANDLER_BACKOFF = (0.1, 30.0)  # seconds: first retry of a handler failure, and the cap
 TRANSIENT_BACKOFF = (0.1, 2.0)  # a lost database is asked again at least every 2 s
-
-
-class HandlerTimeout(Exception):
-    """A handler ran longer than its `handler_timeout` and was cancelled."""
 
 
 @dataclass(frozen=True)
@@ -87,73 +79,3 @@ def backoff(attempts: int, error: BaseException) -> float:
     low, high = TRANSIENT_BACKOFF if is_transient(error) else HANDLER_BACKOFF
     delay = min(high, low * 2 ** min(attempts - 1, 20))
     return delay * random.uniform(0.5, 1.0)
-
-
-async def run_handler(
-    projection: Projection,
-    events: Sequence[Event],
-    conn: AsyncConnection[Any],
-    timeout: float,
-) -> None:
-    """Call the projection's handler; after `timeout` seconds raise `HandlerTimeout`, and the
-    caller's transaction rolls back."""
-    await run_bounded(
-        lambda: projection.handle(events, conn),
-        conn,
-        timeout,
-        handler_of(projection, events),
-    )
-
-
-def handler_of(projection: Projection, events: Sequence[Event]) -> str:
-    """What ran, as a `HandlerTimeout` names it."""
-    return f"the handler of {projection.name!r} on {len(events)} event(s)"
-
-
-async def run_bounded(
-    work: Callable[[], Awaitable[None]],
-    conn: AsyncConnection[Any],
-    timeout: float,
-    what: str,
-) -> None:
-    """Run `work` (a handler, or a whole batch transaction whose statements are pipelined and
-    only run on the server when it ends); after `timeout` seconds raise `HandlerTimeout`.
-
-    A statement still running then is cancelled on the server first (a cancel request on a side
-    connection): the work sees it fail and returns, and the connection stays usable. Merely
-    cancelling the task is not enough, although psycopg 3.3 sends a cancel request when its task
-    is cancelled: anyio delivers the cancellation again while psycopg waits for that request,
-    and psycopg then closes the connection while the server goes on running the statement,
-    holding its locks, which blocks the retry (seen against PostgreSQL 15 over TCP:
-    tests/test_error_policy.py, the handler-timeout test, dead-lettered the wrong events).
-    Work that does not return within CANCEL_GRACE after that (it waits on something other than
-    the database) is cancelled as a task. The task group costs about 150 µs a batch."""
-    timed_out = False
-    failure: BaseException | None = None
-
-    async def expire(scope: anyio.CancelScope) -> None:
-        nonlocal timed_out
-        await anyio.sleep(timeout)
-        timed_out = True
-        try:
-            await conn.cancel_safe(timeout=CANCEL_GRACE)
-        except Exception:  # nothing to cancel, or the server is away: the task is cancelled
-            pass
-        await anyio.sleep(CANCEL_GRACE)
-        scope.cancel()
-
-    async with anyio.create_task_group() as tasks:
-        with anyio.CancelScope() as scope:
-            tasks.start_soon(expire, scope)
-            try:
-                await work()
-            except Exception as exc:
-                failure = exc
-            finally:
-                tasks.cancel_scope.cancel()
-    if timed_out:
-        raise HandlerTimeout(
-            f"{what} ran longer than handler_timeout ({timeout:g}s) and was cancelled"
-        )
-    if failure is not None:
-        raise failure

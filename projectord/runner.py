@@ -30,16 +30,10 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from projectord.dead_letters import dead_letter_params, format_traceback
-from projectord.error_policy import (
-    ErrorPolicy,
-    backoff,
-    handler_of,
-    is_transient,
-    run_bounded,
-    run_handler,
-)
+from projectord.error_policy import ErrorPolicy, backoff, is_transient
 from projectord.event_store import Event
 from projectord.fetcher import Batch, Fetcher, ReadAhead
+from projectord.handler_timeout import HandlerClock, handler_of, run_handler
 from projectord.heartbeat import Heartbeat
 from projectord.listener import NotificationListener
 from projectord.logs import get_logger
@@ -223,6 +217,7 @@ class ProjectionRunner:
         self.control = Wakeup()  # operator requests and stop only: ends a pause or a backoff
         self.status = RunnerStatus(projection.name)
         self.heartbeat = Heartbeat(f"runner:{projection.name}")
+        self.clock = HandlerClock()  # the handler timeout of every call this runner makes
         self.paused = False  # as last read from the positions row
         self.failed = False  # stopped on a poison event (on_error = "pause"), as last read
         self.standby = False  # the positions row names another owner: commit nothing, wait
@@ -275,12 +270,13 @@ class ProjectionRunner:
 
     async def run(self) -> None:
         try:
-            while not self._stopping:
-                self.heartbeat.beat()
-                await self._serve_requests()
-                if self._stopping:
-                    break
-                await self._turn()
+            async with self.clock.watching():
+                while not self._stopping:
+                    self.heartbeat.beat()
+                    await self._serve_requests()
+                    if self._stopping:
+                        break
+                    await self._turn()
         finally:
             self._refuse_requests()
             self.status.record_held_back(False)
@@ -438,7 +434,7 @@ class ProjectionRunner:
                 await self._compare_and_set(conn, new, len(events))
 
         what = handler_of(self.projection, events)
-        await run_bounded(work, conn, self.policy.handler_timeout, what)
+        await self.clock.bound(work, conn, self.policy.handler_timeout, what)
 
     @asynccontextmanager
     async def _transaction(
@@ -706,7 +702,9 @@ class ProjectionRunner:
                             if time.monotonic() > give_up:
                                 break
                             try:
-                                await run_handler(self.projection, [event], conn, timeout)
+                                await run_handler(
+                                    self.projection, [event], conn, timeout, self.clock
+                                )
                             except Exception as event_exc:
                                 culprit, error = event, event_exc
                                 break
@@ -803,7 +801,9 @@ class ProjectionRunner:
         attempts = int(error.get("attempts") or self._failures)
         async with self.pool.connection() as conn, self._transaction(conn, pipelined=False):
             if ahead:  # events of the failed batch before the stuck one
-                await run_handler(self.projection, ahead, conn, self.policy.handler_timeout)
+                await run_handler(
+                    self.projection, ahead, conn, self.policy.handler_timeout, self.clock
+                )
             await conn.execute(
                 self.queries["insert_dead_letter"],
                 dead_letter_params(self.name, event, error, trace, attempts),
