@@ -42,8 +42,9 @@ def test_invalid_config_is_one_line_and_exit_2(tmp_path: Path, toml: str, expect
 
 
 def test_invalid_environment_value(tmp_path: Path) -> None:
-    result = run_cli("run", env={"PROJECTORD_BATCH_SIZE": "0",
-                                 "PROJECTORD_STATE_DIR": str(tmp_path / "s")})
+    result = run_cli(
+        "run", env={"PROJECTORD_BATCH_SIZE": "0", "PROJECTORD_STATE_DIR": str(tmp_path / "s")}
+    )
     assert result.returncode == 2
     assert "batch_size" in one_line(result.stderr)
 
@@ -59,8 +60,9 @@ def test_invalid_environment_value(tmp_path: Path) -> None:
     ],
 )
 def test_bad_projections(db: TestDatabase, tmp_path: Path, spec: str, expected: str) -> None:
-    result = run_cli("run", "--database-url", db.url, "--projections", spec,
-                     "--state-dir", str(tmp_path / "s"))
+    result = run_cli(
+        "run", "--database-url", db.url, "--projections", spec, "--state-dir", str(tmp_path / "s")
+    )
     assert result.returncode == 2
     assert expected in one_line(result.stderr)
     assert db.scalar("SELECT count(*) FROM projectord.projection_positions") == 0
@@ -68,8 +70,7 @@ def test_bad_projections(db: TestDatabase, tmp_path: Path, spec: str, expected: 
 
 def test_unreachable_database(tmp_path: Path) -> None:
     url = "postgresql://someone:s3cret-pw@127.0.0.1:1/nowhere?connect_timeout=2"
-    result = run_cli("run", "--database-url", url, "--state-dir", str(tmp_path / "s"),
-                     timeout=60)
+    result = run_cli("run", "--database-url", url, "--state-dir", str(tmp_path / "s"), timeout=60)
     assert result.returncode == 1
     line = one_line(result.stderr)
     assert "cannot connect to the database" in line
@@ -92,8 +93,9 @@ def test_no_database_url_and_no_embedded_extra(tmp_path: Path) -> None:
     (shadow / "_commands.py").write_text("raise ImportError('not installed')\n")
     from tests.harness import ROOT
 
-    result = run_cli("run", "--state-dir", str(tmp_path / "s"),
-                     env={"PYTHONPATH": f"{shadow.parent}:{ROOT}"})
+    result = run_cli(
+        "run", "--state-dir", str(tmp_path / "s"), env={"PYTHONPATH": f"{shadow.parent}:{ROOT}"}
+    )
     assert result.returncode == 2
     line = one_line(result.stderr)
     assert "pip install 'projectord[embedded]'" in line

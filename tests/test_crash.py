@@ -20,16 +20,23 @@ def test_kill_9_during_catch_up(db: TestDatabase, state_dir: Path) -> None:
     kills = 0
 
     def applied() -> int:
-        return db.scalar("SELECT applied_total FROM projectord.projection_positions"
-                         " WHERE name = 'ledger'") or 0
+        return (
+            db.scalar(
+                "SELECT applied_total FROM projectord.projection_positions WHERE name = 'ledger'"
+            )
+            or 0
+        )
 
     env = {"PROJECTORD_BATCH_SIZE": "500"}
     while applied() < total and kills < 6:
         daemon = DaemonProcess(db.url, LEDGER, state_dir, extra_env=env).wait_started()
         start = applied()
         # Let it apply a few batches, then kill it without warning, mid-stream.
-        wait_until(lambda start=start: applied() >= start + rng.randint(500, 6000) or
-                   applied() >= total, timeout=30, interval=0.005)
+        wait_until(
+            lambda start=start: applied() >= start + rng.randint(500, 6000) or applied() >= total,
+            timeout=30,
+            interval=0.005,
+        )
         daemon.kill()
         kills += 1
     assert kills >= 3, "the catch-up finished before the daemon was killed three times"

@@ -27,13 +27,17 @@ def fold_of_committed_events(db: TestDatabase) -> dict[int, tuple[int, int]]:
 
 
 def assert_applied_exactly_once(db: TestDatabase) -> None:
-    assert db.scalar(
-        "SELECT count(*) FROM applied_log GROUP BY event_id HAVING count(*) > 1 LIMIT 1"
-    ) is None, "an event was applied twice"
-    assert db.scalar(
-        "SELECT count(*) FROM projectord.events e WHERE e.type = 'Credited'"
-        " AND NOT EXISTS (SELECT 1 FROM applied_log a WHERE a.event_id = e.event_id)"
-    ) == 0, "an event was never applied"
+    assert (
+        db.scalar("SELECT count(*) FROM applied_log GROUP BY event_id HAVING count(*) > 1 LIMIT 1")
+        is None
+    ), "an event was applied twice"
+    assert (
+        db.scalar(
+            "SELECT count(*) FROM projectord.events e WHERE e.type = 'Credited'"
+            " AND NOT EXISTS (SELECT 1 FROM applied_log a WHERE a.event_id = e.event_id)"
+        )
+        == 0
+    ), "an event was never applied"
     assert ledger_state(db) == fold_of_committed_events(db)
 
 
@@ -49,8 +53,7 @@ def test_out_of_order_commit_applies_both_once(db: TestDatabase, state_dir: Path
             append_sql(b, "Credited", {"account": 2, "amount": 20})
             b.commit()  # commits first, with the higher position
             # B is committed but sits above A's xid: it must wait for A, not be applied past it.
-            wait_until(lambda: db.scalar(
-                "SELECT count(*) FROM projectord.events") == 1, timeout=5)
+            wait_until(lambda: db.scalar("SELECT count(*) FROM projectord.events") == 1, timeout=5)
             a.commit()
         wait_until(lambda: applied_count(db) == 2, timeout=10)
         positions = [p for (p,) in db.rows("SELECT global_position FROM applied_log")]
@@ -91,8 +94,11 @@ def test_many_concurrent_writers_with_delays_and_rollbacks(
             with psycopg.connect(db.url) as conn:
                 for _ in range(40):
                     for _ in range(rng.randint(1, 4)):
-                        append_sql(conn, "Credited",
-                                   {"account": rng.randint(1, 20), "amount": rng.randint(1, 9)})
+                        append_sql(
+                            conn,
+                            "Credited",
+                            {"account": rng.randint(1, 20), "amount": rng.randint(1, 9)},
+                        )
                     # Random delay before commit: later positions often commit first.
                     threading.Event().wait(rng.uniform(0, 0.02))
                     if rng.random() < 0.15:

@@ -37,9 +37,12 @@ def test_terminated_listener_reconnects_and_catches_up(db: TestDatabase, state_d
             assert killed == 1
             credit(db)  # appended while the listener is away: its NOTIFY is lost
             wait_until(lambda round_=round_: applied(db) == 2 + round_, timeout=10)
-            wait_until(lambda r=round_: sum(
-                e["event"] == "listener.reconnected" for e in daemon.log_events()) == r + 1,
-                timeout=10)
+            wait_until(
+                lambda r=round_: (
+                    sum(e["event"] == "listener.reconnected" for e in daemon.log_events()) == r + 1
+                ),
+                timeout=10,
+            )
 
 
 def test_appends_without_the_trigger_are_applied_by_polling(
