@@ -101,6 +101,7 @@ class NotificationListener:
         self._arm_wanted = False
         self._disarm_wanted = False
         self._waiting: anyio.CancelScope | None = None  # the wait for notifications, if any
+        self._probe_sent = 0.0  # monotonic time of the probe not heard yet; 0: none pending
 
     def request_arm(self) -> None:
         """Ask for appends to notify from now on. Returns at once: arming waits for every append
@@ -210,36 +211,63 @@ class NotificationListener:
     async def _listen(self, failures: int) -> None:
         conn = await connect(self.dsn, autocommit=True, connect_timeout=5)
         async with conn:
+            # Notifications that arrive while the listener runs its own statements (a poll, an
+            # arming, a probe) are read by psycopg and handed over here.
+            conn.add_notify_handler(self._on_notify)
             await conn.execute(f"SET lock_timeout = '{ARM_LOCK_TIMEOUT}'")
             await conn.execute(f'LISTEN "{self.channel}"')
             self._connected(failures)
-            probe_sent = 0.0
+            self._probe_sent = 0.0
             while True:
                 self.heartbeat.beat()
                 await self._poll(conn)
                 await self._arm_or_disarm(conn)
                 # A deliberate wait, bounded: the probe below catches a connection gone silent.
-                # It ends after the first packet of notifications, so a disarm follows at once;
-                # `arm` cuts it short (psycopg keeps notifications that arrive in between).
+                # `request_arm` cuts it short.
                 try:
                     with self.heartbeat.waiting(), anyio.CancelScope() as self._waiting:
                         if not (self._arm_wanted or self._disarm_wanted):
-                            async for notify in conn.notifies(
-                                timeout=self._wait_time(), stop_after=1
-                            ):
-                                self.last_heard = time.monotonic()
-                                if notify.payload == PROBE_PAYLOAD:
-                                    probe_sent = 0.0
-                                else:
-                                    self._heard()
-                                    # Let the woken runners send their reads before this loop's
-                                    # own housekeeping: it then overlaps their round trips.
-                                    await anyio.lowlevel.checkpoint()
+                            heard = await self._wait_for_notifications(conn)
+                            if heard:
+                                # Let the woken runners send their reads before this loop's
+                                # own housekeeping: it then overlaps their round trips.
+                                await anyio.lowlevel.checkpoint()
                 finally:
                     self._waiting = None
                 now = time.monotonic()
-                if probe_sent and now - probe_sent > self.probe_interval:
+                if self._probe_sent and now - self._probe_sent > self.probe_interval:
                     raise TimeoutError("the listener did not hear its own probe notification")
-                if not probe_sent and now - self.last_heard >= self.probe_interval / 2:
+                if not self._probe_sent and now - self.last_heard >= self.probe_interval / 2:
+                    self._probe_sent = now  # before: psycopg may hand the probe over at once
                     await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, PROBE_PAYLOAD))
-                    probe_sent = now
+
+    async def _wait_for_notifications(self, conn: psycopg.AsyncConnection[object]) -> int:
+        """Wait until the server sends something or `_wait_time` passes; returns how many
+        notifications were read. It waits on the socket itself: psycopg's `notifies()` wakes
+        every 0.1 s to check for interrupts, a good part of an idle daemon's CPU. Between
+        statements the server only sends notifications, notices, or an error before it closes
+        the session, which `consume_input` then raises."""
+        pgconn = conn.pgconn
+        heard = self._read_notifications(pgconn)
+        if heard:  # read along with a statement's results, not handed over yet
+            return heard
+        with anyio.move_on_after(self._wait_time()):
+            await anyio.wait_readable(pgconn.socket)
+            pgconn.consume_input()
+        return self._read_notifications(pgconn)
+
+    def _read_notifications(self, pgconn: psycopg.pq.abc.PGconn) -> int:
+        heard = 0
+        while (pgn := pgconn.notifies()) is not None:
+            heard += 1
+            channel = pgn.relname.decode(errors="replace")
+            payload = pgn.extra.decode(errors="replace")
+            self._on_notify(psycopg.Notify(channel, payload, pgn.be_pid))
+        return heard
+
+    def _on_notify(self, notify: psycopg.Notify) -> None:
+        self.last_heard = time.monotonic()
+        if notify.payload == PROBE_PAYLOAD:
+            self._probe_sent = 0.0
+        else:
+            self._heard()
