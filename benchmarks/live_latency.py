@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +39,7 @@ from benchmarks.bench_db import (
     server,
     server_description,
 )
-from benchmarks.processes import append_with_pgbench, background, daemon
+from benchmarks.processes import append_with_pgbench, background, cpu_seconds, daemon
 from benchmarks.projections import LatencyProbe
 from projectord.database import configure_json
 from projectord.listener import channel_name
@@ -111,7 +112,9 @@ def reference_loop(url: str) -> None:
         del horizon
 
 
-def applier(kind: str, url: str, state_dir: Path) -> AbstractContextManager[object]:
+def applier(
+    kind: str, url: str, state_dir: Path
+) -> AbstractContextManager[subprocess.Popen[bytes]]:
     """The daemon (`projectord`) or the reference loop, as a process, for one phase."""
     if kind == "projectord":
         return daemon(url, "benchmarks.projections:latency_probe", state_dir)
@@ -120,10 +123,20 @@ def applier(kind: str, url: str, state_dir: Path) -> AbstractContextManager[obje
 
 
 def measure(
-    url: str, table: str, rate: int, seconds: float, clients: int, state_dir: Path, by_commit: bool
-) -> tuple[float, list[float]]:
+    url: str,
+    table: str,
+    rate: int,
+    seconds: float,
+    clients: int,
+    state_dir: Path,
+    by_commit: bool,
+    pid: int,
+) -> tuple[float, list[float], float]:
+    """One phase: transactions/s achieved, each event's latency (ms), and the applier's CPU
+    time per event (µs), from the first append until every event is applied."""
     with psycopg.connect(url, autocommit=True) as conn:
         before = scalar(conn, "SELECT coalesce(max(global_position), 0) FROM projectord.events")
+        cpu = cpu_seconds(pid)
         achieved = append_with_pgbench(
             url, clients=clients, seconds=seconds, state_dir=state_dir, rate=rate
         )
@@ -138,9 +151,10 @@ def measure(
             if time.monotonic() > deadline:
                 raise SystemExit(f"{table}: {expected - done} events never applied")
             time.sleep(0.05)
+        cpu_us = (cpu_seconds(pid) - cpu) / max(expected, 1) * 1e6
         query = (LATENCY_BY_COMMIT_TS if by_commit else LATENCY_BY_CLOCK).format(table=table)
         latencies = [float(r[0]) for r in conn.execute(query, (before,))]
-    return achieved, latencies
+    return achieved, latencies, cpu_us
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -181,14 +195,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"writer: pgbench, {args.clients} clients, {args.seconds:.0f} s per phase")
         results: dict[tuple[str, int], list[float]] = {}
         achieved: dict[tuple[str, int], list[float]] = {}
+        cpu: dict[tuple[str, int], list[float]] = {}  # the applier's CPU µs per event
         tables = {"projectord": "latency_probe", "reference": "latency_reference"}
         for round_ in range(args.rounds):
             kinds = ["projectord", "reference"] if round_ % 2 == 0 else ["reference", "projectord"]
             for kind in kinds:
-                with applier(kind, url, state_dir):
-                    measure(url, tables[kind], 50, 1, 1, state_dir, by_commit)  # warm-up
+                with applier(kind, url, state_dir) as process:
+                    pid = process.pid
+                    measure(url, tables[kind], 50, 1, 1, state_dir, by_commit, pid)  # warm-up
                     for rate in rates:
-                        tps, latencies = measure(
+                        tps, latencies, cpu_us = measure(
                             url,
                             tables[kind],
                             rate,
@@ -196,14 +212,16 @@ def main(argv: list[str] | None = None) -> None:
                             args.clients,
                             state_dir,
                             by_commit,
+                            pid,
                         )
                         results.setdefault((kind, rate), []).extend(latencies)
                         achieved.setdefault((kind, rate), []).append(tps)
+                        cpu.setdefault((kind, rate), []).append(cpu_us)
                         print(
                             f"round {round_ + 1} {kind:<10} {rate:>5} tx/s (achieved {tps:,.0f}):"
                             f" p50 {percentile(latencies, 0.5):6.2f} ms"
                             f"  p99 {percentile(latencies, 0.99):6.2f} ms"
-                            f"  n={len(latencies)}",
+                            f"  n={len(latencies)}  CPU {cpu_us:,.0f} us/event",
                             flush=True,
                         )
         print("\nsummary (all rounds pooled):")
@@ -214,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"  {kind:<10} {rate:>5} tx/s (achieved {median(achieved[(kind, rate)]):,.0f}):"
                     f" p50 {percentile(values, 0.5):6.2f} ms  p90 {percentile(values, 0.9):6.2f} ms"
                     f"  p99 {percentile(values, 0.99):6.2f} ms  max {max(values):7.2f} ms"
-                    f"  n={len(values)}"
+                    f"  n={len(values)}  CPU {median(cpu[(kind, rate)]):,.0f} us/event"
                 )
             mine = results[("projectord", rate)]
             met = percentile(mine, 0.5) <= 2 and percentile(mine, 0.99) <= 6

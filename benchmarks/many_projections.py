@@ -32,7 +32,7 @@ from benchmarks.bench_db import (
     server,
     server_description,
 )
-from benchmarks.processes import daemon
+from benchmarks.processes import cpu_seconds, daemon
 from benchmarks.projections import balances_copy
 from projectord.listener import channel_name
 from projectord.queries import Queries
@@ -51,11 +51,6 @@ def wait_for(url: str, query: str, params: Any, value: int, timeout: float) -> N
             if time.monotonic() > deadline:
                 raise SystemExit(f"timed out waiting for {query.split()[1]}... to reach {value}")
             time.sleep(0.02)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mib(pid: int) -> float:
