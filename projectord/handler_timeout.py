@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -42,13 +42,20 @@ class HandlerTimeout(Exception):
 
 @dataclass(eq=False)
 class _Call:
-    """A bounded call in flight."""
+    """A bounded call in flight. The events exist only once it has overrun (`mark_overrun`): a call
+    that ends in time creates none."""
 
     deadline: float  # monotonic
     conn: AsyncConnection[Any]
     scope: anyio.CancelScope
     timed_out: bool = False
-    ended: anyio.Event = field(default_factory=anyio.Event)
+    ended: anyio.Event | None = None  # set when the call has returned
+    cancel_sent: anyio.Event | None = None  # set once the server-side cancel is done with
+
+    def mark_overrun(self) -> None:
+        self.timed_out = True
+        self.ended = anyio.Event()
+        self.cancel_sent = anyio.Event()
 
 
 class HandlerClock:
@@ -107,8 +114,14 @@ class HandlerClock:
                     raise
             finally:
                 self._current = None
-                call.ended.set()
+                if call.ended is not None:
+                    call.ended.set()
         if call.timed_out:
+            assert call.cancel_sent is not None
+            # Return only once the cancel request is done with: sent later, it could cancel the
+            # next statement on this connection (the server ignores one that finds it idle).
+            with anyio.move_on_after(CANCEL_GRACE, shield=True):
+                await call.cancel_sent.wait()
             raise HandlerTimeout(
                 f"{what} ran longer than handler_timeout ({timeout:g}s) and was cancelled"
             )
@@ -130,11 +143,17 @@ class HandlerClock:
 
     @staticmethod
     async def _stop(call: _Call) -> None:
-        call.timed_out = True
+        """Cancel the call's statement on the server, then, after CANCEL_GRACE, the call. Runs
+        straight from the watcher's look at the current call, so the call has not returned
+        before `mark_overrun` (there is no await in between)."""
+        call.mark_overrun()
+        assert call.ended is not None and call.cancel_sent is not None
         try:
             await call.conn.cancel_safe(timeout=CANCEL_GRACE)
         except Exception:  # nothing to cancel, or the server is away: the task is cancelled
             pass
+        finally:
+            call.cancel_sent.set()
         with anyio.move_on_after(CANCEL_GRACE):
             await call.ended.wait()
         call.scope.cancel()

@@ -76,3 +76,28 @@ def test_work_that_ignores_the_cancel_is_cancelled_as_a_task(db: TestDatabase) -
 
     took = anyio.run(main)
     assert 0.2 + CANCEL_GRACE - 0.1 <= took < 0.2 + CANCEL_GRACE + 2
+
+
+def test_a_late_cancel_never_hits_the_next_statement(db: TestDatabase) -> None:
+    """The cancel request takes a while to reach the server (here: 0.3 s, by delaying psycopg's
+    own `cancel_safe`), and meanwhile the statement it was meant for ends by itself. The call
+    still counts as timed out, but returns only once the cancel is done with, so the caller's
+    next statement on the connection runs to its end instead of being cancelled."""
+
+    async def main() -> None:
+        conn = await connect(db.url, autocommit=True)
+        async with conn:
+            real_cancel = conn.cancel_safe
+
+            async def slow_cancel(timeout: float = 30.0) -> None:
+                await anyio.sleep(0.3)
+                await real_cancel(timeout=timeout)
+
+            conn.cancel_safe = slow_cancel  # type: ignore[method-assign]
+            clock = HandlerClock()
+            async with clock.watching():  # a runner's: it outlives the call
+                with pytest.raises(HandlerTimeout):
+                    await clock.bound(lambda: sleep_on_server(conn, 0.25), conn, 0.1, "late")
+                await sleep_on_server(conn, 0.3)  # a cancel still on its way would cancel this
+
+    anyio.run(main)
