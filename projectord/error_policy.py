@@ -6,13 +6,13 @@ Two kinds of failure are told apart, because they call for opposite answers:
   timeout) say nothing about the handler: the same batch is retried, with a backoff capped at a
   few seconds, for as long as it takes, and never counts as a handler failure.
 - **Handler failures** (anything else the handler raises, or running past `handler_timeout`:
-  projectord/handler_timeout.py) are
-  retried `max_attempts` times with exponential backoff and jitter, in case the cause is outside
-  the event (a row another system has not written yet). Then the runner isolates the poison
-  event by bisecting the batch: the events before it are applied and committed, and the poison
-  event is dealt with by `on_error`: `pause` (the default: the projection's state becomes
-  `failed`, with the event and the error stored, until an operator runs `resume` or `skip`) or
-  `skip` (the event goes to the dead letters in the transaction that moves the checkpoint past it).
+  projectord/handler_timeout.py) are retried `max_attempts` times with exponential backoff and
+  jitter, in case the cause is outside the event (a row another system has not written yet). Then
+  the runner isolates the poison event by bisecting the batch: the events before it are applied and
+  committed, and the poison event is dealt with by `on_error`: `pause` (the default: the
+  projection's state becomes `failed`, with the event and the error stored, until an operator runs
+  `resume` or `skip`) or `skip` (the event goes to the dead letters in the transaction that moves
+  the checkpoint past it).
 
 Each key has a configuration default (`on_error`, `max_attempts`, `handler_timeout`) that a
 projection may override with a class attribute of the same name.

@@ -249,8 +249,8 @@ class NotificationListener:
         the session, which `consume_input` then raises."""
         pgconn = conn.pgconn
         heard = self._read_notifications(pgconn)
-        if heard:  # read along with a statement's results, not handed over yet
-            return heard
+        if heard:  # a safety net: psycopg hands over what it reads along with a statement's
+            return heard  # results; anything left there would otherwise wait for the next packet
         with anyio.move_on_after(self._wait_time()):
             await anyio.wait_readable(pgconn.socket)
             pgconn.consume_input()
