@@ -86,7 +86,8 @@ with warnings.catch_warnings():
         def _check_identifier(cls, value: str) -> str:
             if not _IDENTIFIER.match(value):
                 raise ValueError(
-                    f"{value!r} is not a plain lower-case identifier ([a-z_][a-z0-9_]*)"
+                    f"{value!r} is not a plain lower-case identifier of at most 63 characters"
+                    " ([a-z_][a-z0-9_]*)"
                 )
             return value
 
