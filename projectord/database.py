@@ -45,7 +45,12 @@ def describe_error(exc: BaseException, dsn: str | None = None) -> str:
     """One line for an operator; never carries the password."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     if dsn:
-        password = conninfo_to_dict(dsn).get("password")
+        try:
+            password = conninfo_to_dict(dsn).get("password")
+        except psycopg.ProgrammingError:
+            return (
+                f"{type(exc).__name__} (the database_url does not parse, so nothing of it is shown)"
+            )
         if password:
             text = text.replace(str(password), "***")
     return text

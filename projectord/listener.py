@@ -28,6 +28,7 @@ per poll interval, not 50.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from collections.abc import Callable
@@ -61,11 +62,20 @@ DISARM_WINDOW = 0.1
 # are still busy), up to the cap, and starts over after a longer quiet arming.
 REARM_COOLDOWN = (1.0, 16.0)
 REARM_QUIET = 5.0
+# PostgreSQL's identifier limit (NAMEDATALEN - 1), which channel names share.
+MAX_IDENTIFIER_BYTES = 63
 
 
 def channel_name(schema: str) -> str:
-    """The channel the events trigger notifies (see sql/migrations/0001_event_store.sql)."""
-    return f"projectord_{schema}"
+    """The channel the events trigger notifies (sql/migrations/0012_channel_fits_identifier_limit).
+
+    A channel is an identifier, at most 63 bytes: a schema too long for `projectord_<schema>`
+    gets the md5 of its name instead, so appends never fail on the channel's length.
+    """
+    channel = f"projectord_{schema}"
+    if len(channel.encode()) > MAX_IDENTIFIER_BYTES:
+        channel = f"projectord_{hashlib.md5(schema.encode()).hexdigest()}"
+    return channel
 
 
 class NotificationListener:

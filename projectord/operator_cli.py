@@ -18,6 +18,8 @@ from projectord.control_client import ControlClient, ControlError, NoDaemon
 from projectord.text_table import render_table
 
 EXIT_OK, EXIT_FAILED, EXIT_NO_DAEMON = 0, 1, 3
+# `health`: one status per verdict, so a probe can tell degraded from failing (CONTRACT.md).
+HEALTH_EXIT = {"ok": 0, "degraded": 1, "failing": 2}
 FOLLOW_INTERVAL = 0.25  # seconds between progress polls of `rebuild`
 
 AddCommand = Callable[[str, Callable[[argparse.Namespace], int], str], Any]
@@ -158,7 +160,7 @@ def cmd_health(args: argparse.Namespace) -> int:
         print(result["status"])
         for reason in result["reasons"]:
             print(f"  {reason['severity']}: {reason['message']}")
-    return EXIT_OK if result["status"] == "ok" else EXIT_FAILED
+    return HEALTH_EXIT[result["status"]]
 
 
 def cmd_pause(args: argparse.Namespace) -> int:

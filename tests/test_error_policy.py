@@ -61,7 +61,7 @@ def test_poison_is_isolated_skipped_and_retried_after_a_fix(
         assert "cannot handle event" in error["message"] and "ValueError" in error["traceback"]
         assert len(picky_seen(db)) == 3 and stuck["lag"] == 6
         health = cli(state_dir, "health")
-        assert health.returncode == 1 and health.stdout.startswith("failing")
+        assert health.returncode == 2 and health.stdout.startswith("failing")
         assert first[0] in health.stdout
         failed = [e for e in daemon.log_events() if e["event"] == "projection.failed"]
         assert [e["event_id"] for e in failed] == [first[0]]
