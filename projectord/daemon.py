@@ -96,6 +96,7 @@ class Daemon:
                 listener=self.listener,
                 policy=ErrorPolicy.of(projection, policy),
                 owner=self.instance,
+                read_model_schema=settings.read_model_schema,
             )
             for projection in self.projections
         ]

@@ -11,7 +11,12 @@ the column it concerns, what was expected and found, and how it can be repaired:
   primary key, a NOT NULL column for existing rows, a missing table of a projection that has applied
   events): an online rebuild into shadow tables, swapped in when caught up;
 - `drop`: something extra (a column, a policy) that only an explicit flag removes;
-- `manual`: something only an operator can do (create a role, grant BYPASSRLS).
+- `manual`: something only an operator can do (create a role, grant BYPASSRLS, deal with a table
+  another role owns).
+
+A check runs no code that the database's other users wrote: tables another role owns are only
+reported (`foreign_owner`), never read, and stored values are cast to probe a type change only
+between built-in types, compared with built-in operators.
 
 `drift_check` is the entry point for the command line and the control socket.
 """
@@ -29,6 +34,7 @@ from psycopg import AsyncConnection, sql
 from projectord.catalog import ColumnShape, TableShape, declared_shapes, read_shapes
 from projectord.config import Settings
 from projectord.database import connect
+from projectord.foreign_owner import ForeignTable, foreign_owned
 from projectord.projection import Projection
 from projectord.queries import Queries
 from projectord.security import (
@@ -60,6 +66,7 @@ class Kind(StrEnum):
     EXTRA_POLICY = "extra_policy"
     GRANT_MISSING = "grant_missing"
     ROLE_MISSING = "role_missing"
+    FOREIGN_OWNER = "foreign_owner"
     WRITER_CANNOT_BYPASS_RLS = "writer_cannot_bypass_rls"
 
 
@@ -154,6 +161,7 @@ async def inspect(
         await conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)))
         readers = await existing_roles(conn, queries, declared_readers)
         _, bypasses = await current_role(conn, queries)
+        foreign = {t.table: t for t in await foreign_owned(conn, queries, schema, tables)}
         # Actual shapes first: once temporary tables exist they shadow same-named sequences in
         # the deparsed defaults of the real tables.
         actual = await read_shapes(conn, queries, schema, tables)
@@ -163,7 +171,7 @@ async def inspect(
             return policy_statements(ident, settings.schema, projection, readers)
 
         expected = await declared_shapes(conn, queries, projections, secure)
-        comparer = _Comparer(conn, queries, schema, readers)
+        comparer = _Comparer(conn, queries, schema, readers, foreign)
         items: list[Drift] = []
         for projection in projections:
             items += await comparer.projection(projection, expected, actual)
@@ -206,6 +214,7 @@ class _Comparer:
     queries: Queries
     schema: str
     readers: set[str]
+    foreign: dict[str, ForeignTable]  # tables another role owns: reported, never probed
     _has_rows: dict[str, bool] = field(default_factory=dict)
 
     async def projection(
@@ -216,6 +225,9 @@ class _Comparer:
     ) -> list[Drift]:
         items: list[Drift] = []
         for table in projection.tables:
+            if table in self.foreign:
+                items.append(self._foreign_owner(projection, self.foreign[table]))
+                continue
             if table not in actual:
                 items.append(await self._missing_table(projection, table))
                 continue
@@ -251,6 +263,16 @@ class _Comparer:
         if projection.read_access:
             items += _security(item, want, have)
         return items
+
+    def _foreign_owner(self, projection: Projection, table: ForeignTable) -> Drift:
+        """Only reported: comparing it further would read a table whose policies are another
+        role's code, and repairing it would adopt that role's triggers."""
+        return _ItemMaker(projection.name, table.table)(
+            Kind.FOREIGN_OWNER, Repair.MANUAL, expected=f"owner {table.role}",
+            actual=f"owner {table.owner}", subject=table.owner,
+            reason="projectord does not write into it (its triggers would run as projectord):"
+            " inspect it, then drop it or ALTER TABLE … OWNER TO projectord's role",
+        )  # fmt: skip
 
     async def _missing_table(self, projection: Projection, table: str) -> Drift:
         cur = await self.conn.execute(
@@ -315,7 +337,7 @@ class _Comparer:
             if role not in self.readers
         ]  # fmt: skip
         roles = sorted(set(projection.read_access) & self.readers)
-        tables = [t for t in projection.tables if t in actual]
+        tables = [t for t in projection.tables if t in actual and t not in self.foreign]
         cur = await self.conn.execute(
             self.queries["missing_select_grants"],
             {"schema": self.schema, "tables": tables, "roles": roles},
@@ -372,12 +394,17 @@ class _Comparer:
             {"source": found.type_oid, "target": want.type_oid},
         )
         row = await cur.fetchone()
-        if not (row and row[0]):
+        if not (row and row[1]):
+            return "a type outside pg_catalog: a drift check does not run its casts"
+        if not row[0]:
             return f"no safe cast from {found.type} to {want.type}"
-        # The type names come from format_type() of the catalog, never from a request.
+        # Built-in types only (above), compared as text with the built-in operator: nothing the
+        # database's other users defined runs. The type names come from format_type() of the
+        # catalog, never from a request.
         query = sql.SQL(
-            "SELECT NOT EXISTS (SELECT 1 FROM {table} WHERE {col} IS DISTINCT FROM"
-            " ({col}::{new})::{old})"
+            "SELECT NOT EXISTS (SELECT 1 FROM {table} WHERE {col} IS NOT NULL"
+            " AND ((({col}::{new})::{old})::pg_catalog.text OPERATOR(pg_catalog.=)"
+            " {col}::pg_catalog.text) IS NOT TRUE)"
         ).format(
             table=self._table_ident(table),
             col=sql.Identifier(want.name),

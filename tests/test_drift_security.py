@@ -4,14 +4,23 @@ of a comment, extra grants, and declared column names that cannot break out of t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from psycopg import AsyncConnection
+import pytest
+from psycopg import AsyncConnection, sql
 
 from projectord import Event
 from projectord.projection import Projection, Table
-from tests.drift_support import check, repair
-from tests.harness import TestDatabase
+from tests.drift_projections import Accounts
+from tests.drift_support import check, cli_env, repair
+from tests.harness import DaemonProcess, TestDatabase, credits, run_cli, wait_until
+from tests.ops_support import ask, ask_error
+from tests.projections import Ledger
+from tests.role_support import TemporaryRoles, temporary_roles
+
+BOTH = "tests.test_drift_security:accounts_and_ledger"
 
 QUOTED = 'we"ird, evil text, "x'  # unquoted, this would declare three columns
 
@@ -36,3 +45,89 @@ def test_a_column_name_with_a_double_quote_is_one_column(db: TestDatabase) -> No
     assert columns == [("id",), (QUOTED,)]
     assert check(db.url, [Quoted()]) == []
     assert repair(db.url, [Quoted()])["statements"] == []
+
+
+def accounts_and_ledger() -> list[Projection]:
+    return [Accounts(), Ledger()]
+
+
+@pytest.fixture
+def roles(pg_admin_url: str, db: TestDatabase) -> Iterator[TemporaryRoles]:
+    yield from temporary_roles(pg_admin_url, db.url)
+
+
+@pytest.fixture
+def mallory(db: TestDatabase, roles: TemporaryRoles) -> str:
+    """A role that may create in the read-model schema (what every role could in `public` up to
+    PostgreSQL 14), and a sequence of hers that counts each time her code runs."""
+    name = roles.create("mallory")
+    as_mallory(db, name, "GRANT CREATE ON SCHEMA public TO {me}", admin=True)
+    as_mallory(db, name, "CREATE SEQUENCE spy")
+    return name
+
+
+def as_mallory(db: TestDatabase, mallory: str, statements: str, *, admin: bool = False) -> None:
+    """Run `statements` as mallory (a real role: SET ROLE), or as the administrator."""
+    with db.connect(autocommit=True) as conn:
+        if not admin:
+            conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(mallory)))
+        conn.execute(statements.replace("{me}", sql.Identifier(mallory).as_string()).encode())
+
+
+def spied(db: TestDatabase) -> int:
+    """How often mallory's code ran (her sequence survives any rollback)."""
+    return int(db.scalar("SELECT last_value + (CASE WHEN is_called THEN 1 ELSE 0 END) FROM spy"))
+
+
+TRAP = """
+CREATE TABLE loot (event jsonb);
+CREATE TABLE accounts (id uuid PRIMARY KEY, tenant_id uuid NOT NULL, owner text NOT NULL DEFAULT '',
+    balance int8 NOT NULL DEFAULT 0, note varchar(40), opened_at timestamptz NOT NULL);
+CREATE FUNCTION steal() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM nextval('spy');
+    INSERT INTO loot SELECT to_jsonb(e) FROM projectord.events e;  -- as the writer
+    RETURN NULL;
+END $$;
+CREATE TRIGGER steal AFTER INSERT ON accounts FOR EACH STATEMENT EXECUTE FUNCTION steal();
+GRANT INSERT ON loot TO PUBLIC;
+"""
+
+
+def test_a_table_another_role_owns_is_refused_and_the_other_projections_run(
+    db: TestDatabase, mallory: str, state_dir: Path
+) -> None:
+    as_mallory(db, mallory, TRAP)
+    env = cli_env(db.url, BOTH)
+    init = run_cli("init", env=env)
+    assert init.returncode == 1
+    assert '"public"."accounts" is owned by role "' + mallory + '"' in init.stderr
+    assert "accounts" in init.stderr and db.scalar("SELECT to_regclass('ledger')") is not None
+    assert ("foreign_owner", "accounts", None, "manual") in check(db.url, [Accounts()])
+
+    with DaemonProcess(db.url, BOTH, state_dir, extra_env=env) as daemon:
+        credits(db, 20)
+        wait_until(lambda: db.scalar("SELECT count(*) FROM applied_log") == 20, 30)
+        status = {p["name"]: p for p in ask(state_dir, "status")["projections"]}
+        assert status["accounts"]["state"] == "refused"
+        assert mallory in status["accounts"]["last_error"]["message"]
+        assert status["ledger"]["state"] == "running"
+        health = ask(state_dir, "health")
+        assert health["status"] == "failing"
+        assert "projection_refused" in {r["code"] for r in health["reasons"]}
+        assert ask_error_code(state_dir, "rebuild", name="accounts") == "foreign_owner"
+        assert daemon.has_logged("projection.refused_foreign_owner")
+        # Nothing was written into her table, so her trigger never ran.
+        assert db.scalar("SELECT count(*) FROM accounts") == 0
+        assert db.scalar("SELECT count(*) FROM loot") == 0 and spied(db) == 1
+
+        # An operator deals with it; the projection starts on its own.
+        with db.connect(autocommit=True) as conn:
+            conn.execute("DROP TRIGGER steal ON accounts")
+            conn.execute("ALTER TABLE accounts OWNER TO CURRENT_USER")
+        wait_until(lambda: db.scalar("SELECT count(*) FROM accounts") == 20, 30)
+    assert db.scalar("SELECT count(*) FROM loot") == 0
+
+
+def ask_error_code(state_dir: Path, command: str, **args: Any) -> str:
+    return ask_error(state_dir, command, **args).code

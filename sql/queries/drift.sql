@@ -11,8 +11,16 @@ SELECT EXISTS (
 
 -- name: implicit_cast_exists
 -- Postgres converts this type to that one implicitly (a widening such as integer → bigint), or
--- they are the same type with another modifier.
+-- they are the same type with another modifier; and whether both types are built in (in
+-- pg_catalog). Only then may a drift check cast stored values: a type, cast or operator from
+-- another schema is its owner's code, and a check must run none.
 SELECT %(source)s::oid = %(target)s::oid OR EXISTS (
-    SELECT 1 FROM pg_cast
-    WHERE castsource = %(source)s::oid AND casttarget = %(target)s::oid AND castcontext = 'i'
-);
+           SELECT 1 FROM pg_cast
+           WHERE castsource = %(source)s::oid AND casttarget = %(target)s::oid
+             AND castcontext = 'i'
+       ),
+       NOT EXISTS (
+           SELECT 1 FROM pg_type
+           WHERE oid IN (%(source)s::oid, %(target)s::oid)
+             AND typnamespace <> 'pg_catalog'::regnamespace
+       );
