@@ -14,7 +14,7 @@ from psycopg import AsyncConnection, sql
 from projectord import Event
 from projectord.projection import Projection, Table
 from tests.drift_projections import Accounts
-from tests.drift_support import check, cli_env, repair
+from tests.drift_support import TENANT, add_account, check, cli_env, repair
 from tests.harness import DaemonProcess, TestDatabase, credits, run_cli, wait_until
 from tests.ops_support import ask, ask_error
 from tests.projections import Ledger
@@ -57,13 +57,15 @@ def roles(pg_admin_url: str, db: TestDatabase) -> Iterator[TemporaryRoles]:
 
 
 @pytest.fixture
-def mallory(db: TestDatabase, roles: TemporaryRoles) -> str:
+def mallory(db: TestDatabase, roles: TemporaryRoles) -> Iterator[str]:
     """A role that may create in the read-model schema (what every role could in `public` up to
     PostgreSQL 14), and a sequence of hers that counts each time her code runs."""
     name = roles.create("mallory")
     as_mallory(db, name, "GRANT CREATE ON SCHEMA public TO {me}", admin=True)
     as_mallory(db, name, "CREATE SEQUENCE spy")
-    return name
+    yield name
+    # Casts are nobody's: DROP OWNED BY (the roles' cleanup) cannot drop her functions under them.
+    as_mallory(db, name, "DROP TYPE IF EXISTS mtype CASCADE", admin=True)
 
 
 def as_mallory(db: TestDatabase, mallory: str, statements: str, *, admin: bool = False) -> None:
@@ -131,3 +133,44 @@ def test_a_table_another_role_owns_is_refused_and_the_other_projections_run(
 
 def ask_error_code(state_dir: Path, command: str, **args: Any) -> str:
     return ask_error(state_dir, command, **args).code
+
+
+# A type of mallory's whose casts to and from bigint, and equality, run her code.
+MALLORY_TYPE = """
+CREATE TYPE mtype AS (v bigint);
+CREATE FUNCTION to_big(mtype) RETURNS bigint LANGUAGE plpgsql AS $$
+BEGIN PERFORM nextval('spy'); RETURN ($1).v; END $$;
+CREATE FUNCTION from_big(bigint) RETURNS mtype LANGUAGE plpgsql AS $$
+BEGIN PERFORM nextval('spy'); RETURN ROW($1)::mtype; END $$;
+CREATE FUNCTION meq(mtype, mtype) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN PERFORM nextval('spy'); RETURN true; END $$;
+CREATE OPERATOR = (LEFTARG = mtype, RIGHTARG = mtype, FUNCTION = meq);
+CREATE CAST (mtype AS bigint) WITH FUNCTION to_big(mtype) AS IMPLICIT;
+CREATE CAST (bigint AS mtype) WITH FUNCTION from_big(bigint);
+"""
+TO_MALLORY_TYPE = (
+    "ALTER TABLE accounts ALTER COLUMN balance DROP DEFAULT;"
+    " ALTER TABLE accounts ALTER COLUMN balance TYPE mtype USING ROW(balance)::mtype"
+)
+
+
+def test_a_drift_check_runs_none_of_another_roles_code(db: TestDatabase, mallory: str) -> None:
+    as_mallory(db, mallory, MALLORY_TYPE)
+    db.init("tests.drift_projections:accounts")
+    add_account(db)
+    with db.connect(autocommit=True) as conn:  # drift: an administrator used her type
+        conn.execute(TO_MALLORY_TYPE)
+    before = spied(db)
+    found = check(db.url, [Accounts()])
+    assert ("type_mismatch", "accounts", "balance", "rebuild") in found
+    assert spied(db) == before  # neither of her casts ran
+
+    # Her own table, with her type: only its owner is reported; nothing of it is read.
+    with db.connect(autocommit=True) as conn:
+        conn.execute("DROP TABLE accounts")
+    as_mallory(db, mallory, TRAP.split("CREATE FUNCTION")[0])
+    row = "INSERT INTO accounts (id, tenant_id, opened_at) VALUES (gen_random_uuid(), %s, now());"
+    as_mallory(db, mallory, row.replace("%s", f"'{TENANT}'") + TO_MALLORY_TYPE)
+    before = spied(db)
+    assert check(db.url, [Accounts()]) == [("foreign_owner", "accounts", None, "manual")]
+    assert spied(db) == before
