@@ -23,6 +23,7 @@ between built-in types, compared with built-in operators.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -44,6 +45,34 @@ from projectord.security import (
     existing_roles,
     policy_statements,
 )
+
+_PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_$]*")
+
+
+def display_name(name: str) -> str:
+    """A name from the catalog as an operator reads it: bare when plain, else double-quoted with
+    `"` doubled, so a name holding dots, quotes or spaces cannot pass for something else."""
+    return name if _PLAIN_NAME.fullmatch(name) else '"' + name.replace('"', '""') + '"'
+
+
+def printable(text: str) -> str:
+    """One line, whatever the catalog held: control and line-breaking characters are escaped, so
+    a column named `x\nDROP TABLE t; --` cannot start a line of its own (in a dry run's
+    comment, a line of its own would be SQL)."""
+    return "".join(
+        ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii")
+        for ch in text
+    )
+
+
+def sql_identifier(name: str) -> sql.Composable:
+    """A name from the catalog, as SQL that stays on its line: quoted as usual, or, when it holds
+    a character that is not printable (a newline...), spelled as a Unicode-escaped identifier
+    (`U&"x\\000aDROP"`), which means the same name to Postgres."""
+    if name.isprintable():
+        return sql.Identifier(name)
+    escaped = "".join(ch if ch.isprintable() and ch != "\\" else f"\\+{ord(ch):06X}" for ch in name)
+    return sql.SQL('U&"' + escaped.replace('"', '""') + '"')
 
 
 class DriftError(Exception):
@@ -67,6 +96,7 @@ class Kind(StrEnum):
     GRANT_MISSING = "grant_missing"
     ROLE_MISSING = "role_missing"
     FOREIGN_OWNER = "foreign_owner"
+    EXTRA_GRANT = "extra_grant"
     WRITER_CANNOT_BYPASS_RLS = "writer_cannot_bypass_rls"
 
 
@@ -89,18 +119,20 @@ class Drift:
     reason: str = ""
     subject: str | None = None  # the role or policy the item is about, if any
 
-    def line(self, schema: str) -> str:
+    def where(self, schema: str) -> str:
+        """What the item is about: `schema.table.column` (names quoted when they need it), the
+        projection, or the database."""
         if self.table:
-            subject = ".".join(part for part in (schema, self.table, self.column) if part)
-        elif self.projection:
-            subject = f"projection {self.projection}"
-        else:
-            subject = "database"
-        text = f"{subject}: {self.kind.value.replace('_', ' ')}"
+            return ".".join(display_name(p) for p in (schema, self.table, self.column) if p)
+        return f"projection {self.projection}" if self.projection else "database"
+
+    def line(self, schema: str) -> str:
+        text = f"{self.where(schema)}: {self.kind.value.replace('_', ' ')}"
         if self.expected is not None or self.actual is not None:
             text += f" (expected {self.expected or 'none'}, found {self.actual or 'none'})"
         repair = self.repair.value.replace("_", " ")
-        return text + f"; repair: {repair}" + (f" ({self.reason})" if self.reason else "")
+        text += f"; repair: {repair}" + (f" ({self.reason})" if self.reason else "")
+        return printable(text)
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self) | {"kind": self.kind.value, "repair": self.repair.value}
@@ -232,9 +264,27 @@ class _Comparer:
                 items.append(await self._missing_table(projection, table))
                 continue
             items += await self._table(projection, expected[table], actual[table])
+        items += await self._extra_grants(projection, actual)
         if projection.read_access:
             items += await self._readers(projection, actual)
         return items
+
+    async def _extra_grants(
+        self, projection: Projection, actual: dict[str, TableShape]
+    ) -> list[Drift]:
+        """Privileges beyond SELECT that others hold: writes, TRUNCATE (not subject to
+        row-level security), TRIGGER (their code, run as projectord), REFERENCES."""
+        tables = [t for t in projection.tables if t in actual and t not in self.foreign]
+        cur = await self.conn.execute(
+            self.queries["extra_grants"], {"schema": self.schema, "tables": tables}
+        )
+        return [
+            _ItemMaker(projection.name, table)(
+                Kind.EXTRA_GRANT, Repair.IN_PLACE, column=column, actual=privilege, subject=role,
+                reason=f"held by {display_name(role)}: only projectord writes a read model",
+            )
+            for table, role, privilege, column in await cur.fetchall()
+        ]  # fmt: skip
 
     async def _table(
         self, projection: Projection, want: TableShape, have: TableShape

@@ -14,7 +14,7 @@ from psycopg import AsyncConnection, sql
 from projectord import Event
 from projectord.projection import Projection, Table
 from tests.drift_projections import Accounts
-from tests.drift_support import TENANT, add_account, check, cli_env, repair
+from tests.drift_support import TENANT, add_account, check, cli_env, repair, secured_accounts
 from tests.harness import DaemonProcess, TestDatabase, credits, run_cli, wait_until
 from tests.ops_support import ask, ask_error
 from tests.projections import Ledger
@@ -174,3 +174,82 @@ def test_a_drift_check_runs_none_of_another_roles_code(db: TestDatabase, mallory
     before = spied(db)
     assert check(db.url, [Accounts()]) == [("foreign_owner", "accounts", None, "manual")]
     assert spied(db) == before
+
+
+EVIL = "x\nDROP TABLE accounts; --"
+
+
+def test_catalog_text_cannot_leave_its_comment_or_quotes(db: TestDatabase) -> None:
+    db.init("tests.drift_projections:accounts")
+    with db.connect(autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER TABLE accounts ADD COLUMN {} int").format(sql.Identifier(EVIL)))
+    env = cli_env(db.url, "tests.drift_projections:accounts")
+    human = run_cli("drift", "check", env=env)
+    assert human.returncode == 1 and "DROP TABLE" in human.stdout
+    assert all(
+        line.startswith(("public.accounts.", "1 drift")) for line in human.stdout.splitlines()
+    )
+
+    dry = run_cli("drift", "repair", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert all(line.startswith("-- ") for line in dry.stdout.splitlines()), dry.stdout
+    # Piped into psql it would run nothing; with --drop-extra, exactly the column's drop.
+    with db.connect(autocommit=True) as conn:
+        conn.execute(dry.stdout.encode())
+    dropping = run_cli("drift", "repair", "--drop-extra", env=env)
+    assert not any(line.startswith("DROP") for line in dropping.stdout.splitlines())
+    with db.connect(autocommit=True) as conn:
+        conn.execute(dropping.stdout.encode())
+    assert check(db.url, [Accounts()]) == []
+
+
+def test_drift_check_and_repair_through_the_control_socket(
+    db: TestDatabase, state_dir: Path
+) -> None:
+    specs = "tests.drift_projections:accounts"
+    db.init(specs)
+    with DaemonProcess(db.url, specs, state_dir, extra_env=cli_env(db.url, specs)) as daemon:
+        assert ask(state_dir, "drift_check") == {
+            "schema": "public", "drift": [], "count": 0, "ok": True
+        }  # fmt: skip
+        with db.connect(autocommit=True) as conn:
+            conn.execute("ALTER TABLE accounts DROP COLUMN note")
+        report = ask(state_dir, "drift_check")
+        assert [(d["kind"], d["column"]) for d in report["drift"]] == [("missing_column", "note")]
+
+        for bad in ({"apply": "yes"}, {"apply": 1}, {"sql": "DROP TABLE accounts"}):
+            assert ask_error_code(state_dir, "drift_repair", **bad) == "invalid_arguments"
+        dry = ask(state_dir, "drift_repair")
+        assert dry["applied"] is False and dry["statements"] == [
+            'ALTER TABLE "public"."accounts" ADD COLUMN "note" character varying(40)'
+        ]
+        assert ask(state_dir, "drift_check")["count"] == 1  # a dry run changes nothing
+        assert ask(state_dir, "drift_repair", apply=True)["applied"] is True
+        assert ask(state_dir, "drift_check")["ok"] is True
+        logged = [e for e in daemon.log_events() if e.get("event") == "control.command"]
+        assert logged[-1]["command"] == "drift_repair" and logged[-1]["args"] == {"apply": True}
+
+
+def test_extra_grants_are_drift_and_repair_revokes_them(
+    db: TestDatabase, roles: TemporaryRoles
+) -> None:
+    reader, other = roles.create("reader"), roles.create("other")
+    projections = secured_accounts(db.url, reader)
+    with db.connect(autocommit=True) as conn:
+        conn.execute(f'GRANT TRUNCATE, TRIGGER ON accounts TO "{reader}"')
+        conn.execute(f'GRANT UPDATE (balance) ON accounts TO "{other}" WITH GRANT OPTION')
+    found = check(db.url, projections)
+    assert sorted(found) == [
+        ("extra_grant", "accounts", None, "in_place"),
+        ("extra_grant", "accounts", None, "in_place"),
+        ("extra_grant", "accounts", "balance", "in_place"),
+    ]
+    repair(db.url, projections, apply=True)
+    assert check(db.url, projections) == []
+    privileges = "SELECT has_table_privilege(%s, 'accounts', %s)"
+    assert db.scalar(privileges, (reader, "SELECT"))
+    for role, privilege in ((reader, "TRUNCATE"), (reader, "TRIGGER"), (other, "UPDATE")):
+        assert not db.scalar(privileges, (role, privilege))
+    assert not db.scalar(
+        "SELECT has_column_privilege(%s, 'accounts', 'balance', 'UPDATE')", (other,)
+    )
