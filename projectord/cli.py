@@ -23,6 +23,7 @@ from projectord.dead_letters_cli import add_dead_letter_commands
 from projectord.dispatch_cli import add_dispatch_command
 from projectord.drift_cli import add_drift_commands
 from projectord.embedded import EmbeddedPostgres, EmbeddedUnavailable
+from projectord.foreign_owner import ForeignOwnerError, refused_projections
 from projectord.logs import configure_logging
 from projectord.operator_cli import add_operator_commands
 from projectord.projection import Projection, ProjectionError, load_projections
@@ -164,24 +165,30 @@ async def open_connection(dsn: str) -> AsyncConnection[Any]:
 def cmd_init(args: argparse.Namespace) -> int:
     settings, projections = load(args)
 
-    async def init() -> list[str]:
+    async def init() -> tuple[list[str], list[ForeignOwnerError]]:
         async with database(settings) as dsn:
             async with await open_connection(dsn) as conn:
                 try:
-                    return await initialise(
+                    created = await initialise(
                         conn,
                         schema=settings.schema,
                         read_model_schema=settings.read_model_schema,
                         projections=projections,
                     )
+                    refused = await refused_projections(
+                        conn, Queries(settings.schema), settings.read_model_schema, projections
+                    )
                 except Exception as exc:
                     raise CommandError(f"init failed: {describe_error(exc, dsn)}") from None
+        return created, refused
 
-    created = anyio.run(init)
+    created, refused = anyio.run(init)
     for item in created:
         print(f"created {item}")
     print("schema is up to date" if not created else f"{len(created)} change(s) applied")
-    return EXIT_OK
+    for error in refused:
+        print(f"projectord: {error}", file=sys.stderr)
+    return EXIT_FAILED if refused else EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from anyio.abc import TaskGroup
 from projectord.config import ConfigError, Settings
 from projectord.control import ControlServer, ControlSocketError
 from projectord.database import connect, describe_error, make_pool, redact
+from projectord.drift_control import DriftCommands
 from projectord.error_policy import ErrorPolicy
 from projectord.gc_tuning import tune_for_batches
 from projectord.health import HealthCheck, Thresholds
@@ -96,6 +97,7 @@ class Daemon:
                 listener=self.listener,
                 policy=ErrorPolicy.of(projection, policy),
                 owner=self.instance,
+                read_model_schema=settings.read_model_schema,
             )
             for projection in self.projections
         ]
@@ -134,6 +136,7 @@ class Daemon:
         )
         self.health = HealthCheck(self.reporter, heartbeats, thresholds(settings))
         self.commands = Operations(self.runners, self.reporter, self.health).commands()
+        self.commands |= DriftCommands(self.dsn, settings, self.projections).commands()
         self.control = ControlServer(
             settings.socket_path(),
             self.commands,

@@ -11,13 +11,19 @@ the column it concerns, what was expected and found, and how it can be repaired:
   primary key, a NOT NULL column for existing rows, a missing table of a projection that has applied
   events): an online rebuild into shadow tables, swapped in when caught up;
 - `drop`: something extra (a column, a policy) that only an explicit flag removes;
-- `manual`: something only an operator can do (create a role, grant BYPASSRLS).
+- `manual`: something only an operator can do (create a role, grant BYPASSRLS, deal with a table
+  another role owns).
+
+A check runs no code that the database's other users wrote: tables another role owns are only
+reported (`foreign_owner`), never read, and stored values are cast to probe a type change only
+between built-in types, compared with built-in operators.
 
 `drift_check` is the entry point for the command line and the control socket.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -29,6 +35,7 @@ from psycopg import AsyncConnection, sql
 from projectord.catalog import ColumnShape, TableShape, declared_shapes, read_shapes
 from projectord.config import Settings
 from projectord.database import connect
+from projectord.foreign_owner import ForeignTable, foreign_owned
 from projectord.projection import Projection
 from projectord.queries import Queries
 from projectord.security import (
@@ -38,6 +45,34 @@ from projectord.security import (
     existing_roles,
     policy_statements,
 )
+
+_PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_$]*")
+
+
+def display_name(name: str) -> str:
+    """A name from the catalog as an operator reads it: bare when plain, else double-quoted with
+    `"` doubled, so a name holding dots, quotes or spaces cannot pass for something else."""
+    return name if _PLAIN_NAME.fullmatch(name) else '"' + name.replace('"', '""') + '"'
+
+
+def printable(text: str) -> str:
+    """One line, whatever the catalog held: control and line-breaking characters are escaped, so
+    a column named `x\nDROP TABLE t; --` cannot start a line of its own (in a dry run's
+    comment, a line of its own would be SQL)."""
+    return "".join(
+        ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii")
+        for ch in text
+    )
+
+
+def sql_identifier(name: str) -> sql.Composable:
+    """A name from the catalog, as SQL that stays on its line: quoted as usual, or, when it holds
+    a character that is not printable (a newline...), spelled as a Unicode-escaped identifier
+    (`U&"x\\000aDROP"`), which means the same name to Postgres."""
+    if name.isprintable():
+        return sql.Identifier(name)
+    escaped = "".join(ch if ch.isprintable() and ch != "\\" else f"\\+{ord(ch):06X}" for ch in name)
+    return sql.SQL('U&"' + escaped.replace('"', '""') + '"')
 
 
 class DriftError(Exception):
@@ -60,6 +95,8 @@ class Kind(StrEnum):
     EXTRA_POLICY = "extra_policy"
     GRANT_MISSING = "grant_missing"
     ROLE_MISSING = "role_missing"
+    FOREIGN_OWNER = "foreign_owner"
+    EXTRA_GRANT = "extra_grant"
     WRITER_CANNOT_BYPASS_RLS = "writer_cannot_bypass_rls"
 
 
@@ -82,18 +119,20 @@ class Drift:
     reason: str = ""
     subject: str | None = None  # the role or policy the item is about, if any
 
-    def line(self, schema: str) -> str:
+    def where(self, schema: str) -> str:
+        """What the item is about: `schema.table.column` (names quoted when they need it), the
+        projection, or the database."""
         if self.table:
-            subject = ".".join(part for part in (schema, self.table, self.column) if part)
-        elif self.projection:
-            subject = f"projection {self.projection}"
-        else:
-            subject = "database"
-        text = f"{subject}: {self.kind.value.replace('_', ' ')}"
+            return ".".join(display_name(p) for p in (schema, self.table, self.column) if p)
+        return f"projection {self.projection}" if self.projection else "database"
+
+    def line(self, schema: str) -> str:
+        text = f"{self.where(schema)}: {self.kind.value.replace('_', ' ')}"
         if self.expected is not None or self.actual is not None:
             text += f" (expected {self.expected or 'none'}, found {self.actual or 'none'})"
         repair = self.repair.value.replace("_", " ")
-        return text + f"; repair: {repair}" + (f" ({self.reason})" if self.reason else "")
+        text += f"; repair: {repair}" + (f" ({self.reason})" if self.reason else "")
+        return printable(text)
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self) | {"kind": self.kind.value, "repair": self.repair.value}
@@ -154,6 +193,7 @@ async def inspect(
         await conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)))
         readers = await existing_roles(conn, queries, declared_readers)
         _, bypasses = await current_role(conn, queries)
+        foreign = {t.table: t for t in await foreign_owned(conn, queries, schema, tables)}
         # Actual shapes first: once temporary tables exist they shadow same-named sequences in
         # the deparsed defaults of the real tables.
         actual = await read_shapes(conn, queries, schema, tables)
@@ -163,7 +203,7 @@ async def inspect(
             return policy_statements(ident, settings.schema, projection, readers)
 
         expected = await declared_shapes(conn, queries, projections, secure)
-        comparer = _Comparer(conn, queries, schema, readers)
+        comparer = _Comparer(conn, queries, schema, readers, foreign)
         items: list[Drift] = []
         for projection in projections:
             items += await comparer.projection(projection, expected, actual)
@@ -206,6 +246,7 @@ class _Comparer:
     queries: Queries
     schema: str
     readers: set[str]
+    foreign: dict[str, ForeignTable]  # tables another role owns: reported, never probed
     _has_rows: dict[str, bool] = field(default_factory=dict)
 
     async def projection(
@@ -216,13 +257,34 @@ class _Comparer:
     ) -> list[Drift]:
         items: list[Drift] = []
         for table in projection.tables:
+            if table in self.foreign:
+                items.append(self._foreign_owner(projection, self.foreign[table]))
+                continue
             if table not in actual:
                 items.append(await self._missing_table(projection, table))
                 continue
             items += await self._table(projection, expected[table], actual[table])
+        items += await self._extra_grants(projection, actual)
         if projection.read_access:
             items += await self._readers(projection, actual)
         return items
+
+    async def _extra_grants(
+        self, projection: Projection, actual: dict[str, TableShape]
+    ) -> list[Drift]:
+        """Privileges beyond SELECT that others hold: writes, TRUNCATE (not subject to
+        row-level security), TRIGGER (their code, run as projectord), REFERENCES."""
+        tables = [t for t in projection.tables if t in actual and t not in self.foreign]
+        cur = await self.conn.execute(
+            self.queries["extra_grants"], {"schema": self.schema, "tables": tables}
+        )
+        return [
+            _ItemMaker(projection.name, table)(
+                Kind.EXTRA_GRANT, Repair.IN_PLACE, column=column, actual=privilege, subject=role,
+                reason=f"held by {display_name(role)}: only projectord writes a read model",
+            )
+            for table, role, privilege, column in await cur.fetchall()
+        ]  # fmt: skip
 
     async def _table(
         self, projection: Projection, want: TableShape, have: TableShape
@@ -251,6 +313,16 @@ class _Comparer:
         if projection.read_access:
             items += _security(item, want, have)
         return items
+
+    def _foreign_owner(self, projection: Projection, table: ForeignTable) -> Drift:
+        """Only reported: comparing it further would read a table whose policies are another
+        role's code, and repairing it would adopt that role's triggers."""
+        return _ItemMaker(projection.name, table.table)(
+            Kind.FOREIGN_OWNER, Repair.MANUAL, expected=f"owner {table.role}",
+            actual=f"owner {table.owner}", subject=table.owner,
+            reason="projectord does not write into it (its triggers would run as projectord):"
+            " inspect it, then drop it or ALTER TABLE … OWNER TO projectord's role",
+        )  # fmt: skip
 
     async def _missing_table(self, projection: Projection, table: str) -> Drift:
         cur = await self.conn.execute(
@@ -315,7 +387,7 @@ class _Comparer:
             if role not in self.readers
         ]  # fmt: skip
         roles = sorted(set(projection.read_access) & self.readers)
-        tables = [t for t in projection.tables if t in actual]
+        tables = [t for t in projection.tables if t in actual and t not in self.foreign]
         cur = await self.conn.execute(
             self.queries["missing_select_grants"],
             {"schema": self.schema, "tables": tables, "roles": roles},
@@ -372,12 +444,17 @@ class _Comparer:
             {"source": found.type_oid, "target": want.type_oid},
         )
         row = await cur.fetchone()
-        if not (row and row[0]):
+        if not (row and row[1]):
+            return "a type outside pg_catalog: a drift check does not run its casts"
+        if not row[0]:
             return f"no safe cast from {found.type} to {want.type}"
-        # The type names come from format_type() of the catalog, never from a request.
+        # Built-in types only (above), compared as text with the built-in operator: nothing the
+        # database's other users defined runs. The type names come from format_type() of the
+        # catalog, never from a request.
         query = sql.SQL(
-            "SELECT NOT EXISTS (SELECT 1 FROM {table} WHERE {col} IS DISTINCT FROM"
-            " ({col}::{new})::{old})"
+            "SELECT NOT EXISTS (SELECT 1 FROM {table} WHERE {col} IS NOT NULL"
+            " AND ((({col}::{new})::{old})::pg_catalog.text OPERATOR(pg_catalog.=)"
+            " {col}::pg_catalog.text) IS NOT TRUE)"
         ).format(
             table=self._table_ident(table),
             col=sql.Identifier(want.name),

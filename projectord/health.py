@@ -1,6 +1,7 @@
 """`projectord health`: ok / degraded / failing, with the reasons an operator acts on.
 
-failing: a projection stopped on a poison event (state `failed`), the database has not answered
+failing: a projection stopped on a poison event (state `failed`) or refusing a table another role
+owns (state `refused`, projectord/foreign_owner.py), the database has not answered
 for `health_outage_seconds`, or a loop of the daemon is wedged (it would stop the systemd watchdog
 too). degraded: the database does not answer (yet: the daemon reconnects by itself, so a restart or
 a failover is degraded, not failing), the listener is down (the runners still poll), a projection
@@ -119,6 +120,16 @@ class HealthCheck:
                     f"projection {name} stopped{at}: {error.get('message')} (after "
                     f"{error.get('attempts')} attempts; `projectord resume {name}` retries, "
                     f"`projectord skip {name}` moves the event to the dead letters)",
+                    projection=name,
+                    error=error,
+                )
+            ]
+        if state == "refused":
+            return [
+                reason(
+                    "failing",
+                    "projection_refused",
+                    f"projection {name} does not run: {error.get('message')}",
                     projection=name,
                     error=error,
                 )

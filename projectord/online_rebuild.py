@@ -9,7 +9,7 @@
    committed so far.
 3. **Swap**, in one transaction: lock the live tables against writes (EXCLUSIVE: reads go on),
    let the shadow apply the last events and stop it; then take ACCESS EXCLUSIVE locks (readers
-   wait for a moment), carry the live tables' owner and grants over, move the live tables out and
+   wait for a moment), carry the live tables' SELECT grants over, move the live tables out and
    the shadow tables in, drop the old ones, and move the live checkpoint to the shadow's.
    A reader sees the complete old tables until the commit and the complete new ones after it.
 
@@ -53,9 +53,7 @@ SWAP_ATTEMPTS = 5
 FINAL_CATCH_UP_TIMEOUT = 30.0  # seconds the live writes may be held while the shadow finishes
 POLL_INTERVAL = 0.05
 PROGRESS_INTERVAL = 2.0
-PRIVILEGES = frozenset(
-    {"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER", "MAINTAIN"}
-)
+CARRIED_PRIVILEGES = frozenset({"SELECT"})  # from the live tables to the rebuilt ones
 
 
 class RebuildError(Exception):
@@ -196,6 +194,7 @@ class _OnlineRebuild:
                 self.queries,
                 batch_size=self.settings.batch_size,
                 poll_interval=self.settings.poll_interval,
+                read_model_schema=self.names.schema,
             )
             stopped = anyio.Event()
             outcome: tuple[tuple[int, int], int] | None = None
@@ -284,32 +283,35 @@ class _OnlineRebuild:
         assert row is not None
         return (int(row[0]), int(row[1])), int(row[2])
 
-    async def _owners(self, conn: AsyncConnection[Any], schema: str) -> dict[str, str]:
+    async def _owners(self, conn: AsyncConnection[Any], schema: str) -> dict[str, bool]:
+        """The live tables that exist → whether projectord's role owns them."""
         cur = await conn.execute(
             self.queries["table_owners"], {"schema": schema, "tables": self.tables}
         )
-        return {name: owner for name, owner in await cur.fetchall()}
+        return {name: bool(ours) for name, ours in await cur.fetchall()}
 
-    async def _carry_over(self, conn: AsyncConnection[Any], owners: dict[str, str]) -> None:
-        """The new tables get the live tables' grants and owner, so whoever could read or owned
-        the old tables still can after the swap."""
-        for table, owner in owners.items():
+    async def _carry_over(self, conn: AsyncConnection[Any], owners: dict[str, bool]) -> None:
+        """The new tables, owned by projectord's role which created them, get the live tables'
+        SELECT grants, so whoever could read the old tables still can after the swap. Nothing else
+        is carried over: other privileges (TRUNCATE, TRIGGER, writes) are drift, and a table
+        another role owns passes on neither that owner nor the grants it made."""
+        for table, ours in owners.items():
+            if not ours:
+                self._log.warning("rebuild.foreign_owner_not_carried", table=table)
+                continue
             target = sql.Identifier(self.names.schema, table)
             cur = await conn.execute(
                 self.queries["table_grants"], {"schema": self.schema, "table": table}
             )
             for grantee, privilege in await cur.fetchall():
-                if privilege not in PRIVILEGES:
+                if privilege not in CARRIED_PRIVILEGES:
                     continue
                 who = sql.SQL("PUBLIC") if grantee == "public" else sql.Identifier(grantee)
                 await conn.execute(
                     sql.SQL("GRANT {} ON {} TO {}").format(sql.SQL(privilege), target, who)
                 )
-            await conn.execute(
-                sql.SQL("ALTER TABLE {} OWNER TO {}").format(target, sql.Identifier(owner))
-            )
 
-    async def _move_tables(self, conn: AsyncConnection[Any], owners: dict[str, str]) -> None:
+    async def _move_tables(self, conn: AsyncConnection[Any], owners: dict[str, bool]) -> None:
         """Old tables out, new tables in, old tables dropped. Dropping without CASCADE: a view or
         foreign key on an old table makes the swap fail instead of disappearing with it."""
         retired = sql.Identifier(self.names.retired)

@@ -21,6 +21,7 @@ from psycopg_pool import PoolTimeout
 
 from projectord.control import Arg, Command, RequestError
 from projectord.database import describe_error
+from projectord.foreign_owner import ForeignOwnerError
 from projectord.health import HealthCheck
 from projectord.logs import get_logger
 from projectord.runner import NothingToSkip, ProjectionRunner, RunnerBusy
@@ -131,6 +132,8 @@ class Operations:
                 return await action(timeout=RUNNER_REQUEST_TIMEOUT)
         except RunnerBusy as exc:
             raise RequestError("busy", str(exc)) from None
+        except ForeignOwnerError as exc:
+            raise RequestError("foreign_owner", str(exc)) from None
 
     @contextmanager
     def _database_errors(self) -> Iterator[None]:

@@ -19,7 +19,7 @@ from psycopg import AsyncConnection, sql
 from projectord.catalog import TableShape
 from projectord.config import Settings
 from projectord.database import connect
-from projectord.drift import Drift, Inspection, Kind, Repair, inspect
+from projectord.drift import Drift, Inspection, Kind, Repair, inspect, printable, sql_identifier
 from projectord.logs import get_logger
 from projectord.online_rebuild import rebuild_online
 from projectord.projection import Projection
@@ -118,11 +118,8 @@ def plan_text(result: dict[str, Any], schema: str) -> list[str]:
     for name in result["rebuilds"]:
         lines.append(f"-- online rebuild of projection {name}: projectord rebuild {name} --online")
     for item in result["left"]:
-        if item["table"]:
-            where = ".".join(p for p in (schema, item["table"], item["column"]) if p)
-        else:
-            where = f"projection {item['projection']}" if item["projection"] else "database"
-        lines.append(f"-- not repaired: {where}: {item['kind']}: {item['why']}")
+        where = Drift.from_json({k: v for k, v in item.items() if k != "why"}).where(schema)
+        lines.append(printable(f"-- not repaired: {where}: {item['kind']}: {item['why']}"))
     return lines or ["-- no drift: nothing to do"]
 
 
@@ -166,7 +163,7 @@ class _StatementBuilder:
     def statements(self, item: Drift) -> list[sql.Composable]:
         schema = self.inspection.schema
         table = sql.Identifier(schema, item.table) if item.table else sql.SQL("")
-        column = sql.Identifier(item.column) if item.column else sql.SQL("")
+        column = sql_identifier(item.column) if item.column else sql.SQL("")
         want = self.inspection.expected.get(item.table or "")
         alter = sql.SQL("ALTER TABLE {} ").format(table)
         match item.kind:
@@ -198,7 +195,10 @@ class _StatementBuilder:
             case Kind.POLICY_DIFFERENT:
                 return [drop_policy(table, READ_POLICY), self._policy(table, item)]
             case Kind.EXTRA_POLICY:
-                return [drop_policy(table, item.subject or "")]
+                drop = sql.SQL("DROP POLICY {} ON {}")
+                return [drop.format(sql_identifier(item.subject or ""), table)]
+            case Kind.EXTRA_GRANT:
+                return [_revoke(table, item)]
             case Kind.GRANT_MISSING if item.table:
                 return [grant_select(table, item.subject or "")]
             case Kind.GRANT_MISSING:
@@ -237,4 +237,24 @@ def _create_index(table: sql.Composable, described: str) -> sql.Composed:
     definition = described.removeprefix("UNIQUE ")
     return sql.SQL("CREATE {}INDEX ON {} {}").format(
         sql.SQL("UNIQUE " if unique else ""), table, sql.SQL(definition)
+    )
+
+
+# What `extra_grant` may name: the table privileges Postgres knows (the catalog's spelling).
+PRIVILEGES = frozenset(
+    {"INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER", "MAINTAIN", "SELECT"}
+)
+
+
+def _revoke(table: sql.Composable, item: Drift) -> sql.Composed:
+    """REVOKE an extra privilege (on the table or one column). CASCADE: also what the grantee
+    passed on with a grant option."""
+    privilege = item.actual or ""
+    if privilege not in PRIVILEGES:
+        raise RepairError(f"unknown privilege {privilege[:40]!r}")
+    role = item.subject or ""
+    grantee = sql.SQL("PUBLIC") if role == "public" else sql_identifier(role)
+    columns = sql.SQL(" ({})").format(sql_identifier(item.column)) if item.column else sql.SQL("")
+    return sql.SQL("REVOKE {}{} ON {} FROM {} CASCADE").format(
+        sql.SQL(privilege), columns, table, grantee
     )

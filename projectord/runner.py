@@ -33,6 +33,7 @@ from projectord.dead_letters import dead_letter_params, format_traceback
 from projectord.error_policy import ErrorPolicy, backoff, is_transient
 from projectord.event_store import Event
 from projectord.fetcher import Batch, Fetcher, ReadAhead
+from projectord.foreign_owner import ForeignOwnerError, foreign_owned, refusal
 from projectord.handler_timeout import HandlerClock, handler_of, run_handler
 from projectord.heartbeat import Heartbeat
 from projectord.listener import NotificationListener
@@ -198,8 +199,12 @@ class ProjectionRunner:
         listener: NotificationListener | None = None,
         policy: ErrorPolicy | None = None,
         owner: str | None = None,
+        read_model_schema: str | None = None,
     ) -> None:
         self.projection = projection
+        # Where the projection's tables live: checked for a foreign owner whenever the positions
+        # row is read (projectord/foreign_owner.py). None: not checked.
+        self.read_model_schema = read_model_schema
         self.policy = policy or ErrorPolicy()
         # The daemon instance this runner commits for; the compare-and-set checks it against the
         # positions row's owner. None: no ownership (one-off runners such as an online rebuild's).
@@ -221,6 +226,7 @@ class ProjectionRunner:
         self.paused = False  # as last read from the positions row
         self.failed = False  # stopped on a poison event (on_error = "pause"), as last read
         self.standby = False  # the positions row names another owner: commit nothing, wait
+        self.refused: ForeignOwnerError | None = None  # a table another role owns: wait
         self.stuck: StuckEvent | None = None
         self._requests: list[_Request] = []
         self._reload = False  # re-read the positions row before the next batch
@@ -255,6 +261,7 @@ class ProjectionRunner:
         self._reload = False
         self._failures = self._transient_failures = 0
         self.paused = self.failed = self.standby = False
+        self.refused = None
         self.stuck = None
         self._read_ahead.discard()
         self.status.state = "starting"
@@ -287,7 +294,7 @@ class ProjectionRunner:
         try:
             if self._persisted is None or self._reload:
                 await self._load_checkpoint()
-            if self.paused or self.failed or self.standby:
+            if self.paused or self.failed or self.standby or self.refused:
                 await self._wait_paused()
                 return
             if self._failures >= self.policy.max_attempts:
@@ -323,6 +330,7 @@ class ProjectionRunner:
             await conn.execute(self.queries["ensure_position"], {"name": self.name})
             cur = await conn.execute(self.queries["read_position"], {"name": self.name})
             row = await cur.fetchone()
+            await self._check_owners(conn)
         assert row is not None
         self._persisted = (int(row[0]), int(row[1]))
         self._position = self._persisted
@@ -337,6 +345,28 @@ class ProjectionRunner:
         self._reload = False
         self.status.checkpoint = self._persisted
         self.status.applied_total = int(row[3])
+
+    async def _check_owners(self, conn: AsyncConnection[Any]) -> None:
+        """Refuse to run while a table of the projection is owned by another role: its triggers
+        would run as projectord on every batch. Re-checked each time the positions row is read
+        (every poll interval while refused), so the projection starts once an operator fixed it."""
+        if self.read_model_schema is None or not self.projection.tables:
+            return
+        foreign = await foreign_owned(
+            conn, self.queries, self.read_model_schema, list(self.projection.tables)
+        )
+        refused = refusal(self.name, self.read_model_schema, foreign) if foreign else None
+        if refused is not None and str(refused) != str(self.refused):
+            self._log.error(
+                "projection.refused_foreign_owner",
+                error=str(refused),
+                tables={t.table: t.owner for t in foreign},
+            )
+            self.status.last_error = self._error_record(refused, 0, None)
+        elif refused is None and self.refused is not None:
+            self._log.info("projection.foreign_owner_resolved")
+            self.status.last_error = None
+        self.refused = refused
 
     async def step(self) -> Batch:
         """Fetch one batch and apply it; returns the batch (empty when there was nothing)."""
@@ -565,7 +595,15 @@ class ProjectionRunner:
     async def _wait_paused(self) -> None:
         """Paused, failed or standing by: ignore notifications; re-read the state on a nudge or
         every poll interval (a resume may also come from another process)."""
-        self._set_state("paused" if self.paused else "failed" if self.failed else "standby")
+        self._set_state(
+            "paused"
+            if self.paused
+            else "failed"
+            if self.failed
+            else "refused"
+            if self.refused
+            else "standby"
+        )
         self.status.record_held_back(False)
         with self.heartbeat.waiting():
             await self.control.wait(self.poll_interval)
@@ -832,7 +870,7 @@ class ProjectionRunner:
             return
         self.status.state = state
         quiet = (
-            state in ("retrying", "degraded", "failed", "stopped")
+            state in ("retrying", "degraded", "failed", "refused", "stopped")
             or old == "starting"
             or (old in ("retrying", "degraded") and state == "running")
         )
@@ -887,6 +925,9 @@ class ProjectionRunner:
     async def _rebuild_now(self) -> dict[str, Any]:
         params = {"txid": "0", "position": 0, "types": self.types}
         async with self.pool.connection() as conn, conn.transaction():
+            await self._check_owners(conn)
+            if self.refused:  # TRUNCATE would fire the owner's triggers as projectord
+                raise self.refused
             await conn.execute(f"SET LOCAL lock_timeout = '{REBUILD_LOCK_TIMEOUT}'")
             if self.projection.tables:
                 tables = ", ".join(quote_ident(t) for t in self.projection.tables)
@@ -917,6 +958,8 @@ class ProjectionRunner:
         return await self.call(self._skip_now, timeout=timeout)
 
     async def _skip_now(self) -> dict[str, Any]:
+        if self.refused:  # the events before the stuck one would be applied into those tables
+            raise self.refused
         if self._persisted is None or (self.stuck is None and not self.failed):
             raise NothingToSkip(f"projection {self.name!r} is not stuck on an event")
         async with self.pool.connection() as conn:

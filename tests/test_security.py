@@ -136,12 +136,6 @@ def test_owner_without_bypassrls_sees_nothing_while_the_daemon_applies(
     db: TestDatabase, readers: tuple[str, str], roles: TemporaryRoles, state_dir: Path
 ) -> None:
     a, b = readers
-    owner = roles.create("owner")
-    with db.connect(autocommit=True) as conn:
-        conn.execute(f'ALTER TABLE accounts OWNER TO "{owner}"')
-    assert tenants_seen(db, owner, None) == []
-    assert tenants_seen(db, owner, {"role": a, "tenant_id": str(TENANT_A)}) == []
-
     account = uuid.uuid4()
     env = cli_env(db.url, "tests.drift_projections:accounts", [a, b])
     with DaemonProcess(db.url, env["PROJECTORD_PROJECTIONS"], state_dir, extra_env=env):
@@ -152,8 +146,14 @@ def test_owner_without_bypassrls_sees_nothing_while_the_daemon_applies(
         )
     seen = read_as(db.url, a, {"role": a, "tenant_id": str(TENANT_A)}, "SELECT id FROM accounts")
     assert (account,) in seen and len(seen) == 4
-    assert tenants_seen(db, owner, None) == []
     assert check(db.url, secured(a, b)) == []
+    # Handed to an owner without BYPASSRLS (which the daemon then refuses to write into, see
+    # test_drift_security.py): FORCE keeps that owner out of every tenant.
+    owner = roles.create("owner")
+    with db.connect(autocommit=True) as conn:
+        conn.execute(f'ALTER TABLE accounts OWNER TO "{owner}"')
+    assert tenants_seen(db, owner, None) == []
+    assert tenants_seen(db, owner, {"role": a, "tenant_id": str(TENANT_A)}) == []
 
 
 def secured(*readers: str) -> list[Projection]:
@@ -191,8 +191,10 @@ def test_the_daemon_refuses_to_start_when_forced_rls_would_stop_its_writes(
     assert ("writer_cannot_bypass_rls", None, None, "manual") in found
     refused = run_cli("drift", "repair", "--apply", env=env)
     assert refused.returncode == 1 and "BYPASSRLS" in refused.stderr
-    assert check(admin_url, secured(reader))[0][0] == "rls_not_enabled"  # nothing was applied
-    repair(admin_url, secured(reader), apply=True)  # an administrator forces it anyway
+    assert check(writer_url, secured(reader))[0][0] == "rls_not_enabled"  # nothing was applied
+    with psycopg.connect(admin_url, autocommit=True) as conn:  # an administrator forces it anyway
+        conn.execute("ALTER TABLE accounts ENABLE ROW LEVEL SECURITY")
+        conn.execute("ALTER TABLE accounts FORCE ROW LEVEL SECURITY")
 
     started = run_cli("run", env=env | {"PROJECTORD_STATE_DIR": str(state_dir)}, timeout=60)
     assert started.returncode == 1
@@ -200,6 +202,7 @@ def test_the_daemon_refuses_to_start_when_forced_rls_would_stop_its_writes(
 
     with psycopg.connect(pg_admin_url, autocommit=True) as conn:
         conn.execute(f'ALTER ROLE "{writer}" BYPASSRLS')
+    repair(writer_url, secured(reader), apply=True)  # the policy and grants, by the tables' owner
     account = uuid.uuid4()
     with DaemonProcess(writer_url, env["PROJECTORD_PROJECTIONS"], state_dir, extra_env=env):
         append(writer_url, "Opened", TENANT_A, account, 1)
