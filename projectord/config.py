@@ -61,6 +61,7 @@ with warnings.catch_warnings():
         stall_timeout: float = Field(default=120.0, gt=0)
         metrics_address: str | None = None
         health_outage_seconds: float = Field(default=60.0, gt=0)
+        health_notify_queue_usage: float = Field(default=0.1, ge=0, le=1)
         # Faults and scale-out (README, "Errors and dead letters", "Running several instances").
         on_error: Literal["pause", "skip"] = "pause"
         max_attempts: int = Field(default=5, ge=1, le=1000)

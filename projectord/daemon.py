@@ -39,6 +39,7 @@ from projectord.operations import Operations
 from projectord.ownership import Ownership, default_instance_name
 from projectord.projection import Projection
 from projectord.queries import Queries
+from projectord.reaper import Reaper
 from projectord.reload import compare_settings
 from projectord.runner import ProjectionRunner
 from projectord.schema import initialise
@@ -83,6 +84,7 @@ class Daemon:
             read_model_schema=settings.read_model_schema,
         )
         self.metrics = Metrics(settings.metrics_address) if settings.metrics_address else None
+        self.reaper = Reaper(dsn)  # ends the server sessions of connections given up as dead
         self.listener = NotificationListener(
             dsn, settings.schema, self.wake_all, poll_interval=settings.poll_interval
         )
@@ -208,6 +210,7 @@ class Daemon:
                 services.start_soon(self.control.serve)
                 services.start_soon(self.watchdog.run)
                 services.start_soon(self.monitor.run)
+                services.start_soon(self.reaper.run)
                 await self._run_runners(services)
                 services.cancel_scope.cancel()
         self.notifier.close()
@@ -313,4 +316,5 @@ def thresholds(settings: Settings) -> Thresholds:
         horizon_seconds=settings.health_horizon_seconds,
         stall_timeout=settings.stall_timeout,
         outage_seconds=settings.health_outage_seconds,
+        notify_queue_usage=settings.health_notify_queue_usage,
     )

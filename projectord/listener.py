@@ -37,7 +37,7 @@ import anyio
 import anyio.lowlevel
 import psycopg
 
-from projectord.database import connect, describe_error
+from projectord.database import DeadConnection, connect, deadline, describe_error, discard
 from projectord.heartbeat import Heartbeat
 from projectord.logs import get_logger
 from projectord.queries import Queries
@@ -137,10 +137,11 @@ class NotificationListener:
         if now - self._polled_at < self.poll_interval:
             return
         self._polled_at = now
-        cur = await conn.execute(
-            self.queries["poll_events"], {"since": str(self._poll_since)}, prepare=False
-        )
-        row = await cur.fetchone()
+        async with deadline(conn, "the listener's poll"):
+            cur = await conn.execute(
+                self.queries["poll_events"], {"since": str(self._poll_since)}, prepare=False
+            )
+            row = await cur.fetchone()
         assert row is not None
         self._poll_since = row[0]
         if row[1]:
@@ -170,6 +171,11 @@ class NotificationListener:
         self.wake()
 
     async def _arm_or_disarm(self, conn: psycopg.AsyncConnection[object]) -> None:
+        if self._arm_wanted or self._disarm_wanted:
+            async with deadline(conn, "the listener's arming"):
+                await self._arm_or_disarm_now(conn)
+
+    async def _arm_or_disarm_now(self, conn: psycopg.AsyncConnection[object]) -> None:
         if self._disarm_wanted:
             self._disarm_wanted = False
             await conn.execute(self.queries["disarm_wakeups"])
@@ -224,8 +230,9 @@ class NotificationListener:
             # Notifications that arrive while the listener runs its own statements (a poll, an
             # arming, a probe) are read by psycopg and handed over here.
             conn.add_notify_handler(self._on_notify)
-            await conn.execute(f"SET lock_timeout = '{ARM_LOCK_TIMEOUT}'")
-            await conn.execute(f'LISTEN "{self.channel}"')
+            async with deadline(conn, "LISTEN"):
+                await conn.execute(f"SET lock_timeout = '{ARM_LOCK_TIMEOUT}'")
+                await conn.execute(f'LISTEN "{self.channel}"')
             self._connected(failures)
             self._probe_sent = 0.0
             while True:
@@ -246,10 +253,14 @@ class NotificationListener:
                     self._waiting = None
                 now = time.monotonic()
                 if self._probe_sent and now - self._probe_sent > self.probe_interval:
-                    raise TimeoutError("the listener did not hear its own probe notification")
+                    await discard(conn)  # its session may live on over there, still LISTENing
+                    raise DeadConnection("the listener did not hear its own probe notification")
                 if not self._probe_sent and now - self.last_heard >= self.probe_interval / 2:
                     self._probe_sent = now  # before: psycopg may hand the probe over at once
-                    await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, PROBE_PAYLOAD))
+                    async with deadline(conn, "the listener's probe"):
+                        await conn.execute(
+                            "SELECT pg_notify(%s, %s)", (self.channel, PROBE_PAYLOAD)
+                        )
 
     async def _wait_for_notifications(self, conn: psycopg.AsyncConnection[object]) -> int:
         """Wait until the server sends something or `_wait_time` passes; returns how many

@@ -29,6 +29,7 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from projectord.database import DeadConnection, condemn, deadline, discard
 from projectord.dead_letters import dead_letter_params, format_traceback
 from projectord.error_policy import ErrorPolicy, backoff, is_transient
 from projectord.event_store import Event
@@ -326,7 +327,7 @@ class ProjectionRunner:
             self._log.warning("checkpoint.moved", position=self._position)
 
     async def _load_checkpoint(self) -> None:
-        async with self.pool.connection() as conn:
+        async with self.pool.connection() as conn, deadline(conn, "a checkpoint read"):
             await conn.execute(self.queries["ensure_position"], {"name": self.name})
             cur = await conn.execute(self.queries["read_position"], {"name": self.name})
             row = await cur.fetchone()
@@ -373,7 +374,8 @@ class ProjectionRunner:
         async with self.pool.connection() as conn:
             batch = self._read_ahead.take(self._position)
             if batch is None:
-                batch = await self.fetch(conn, self._position)
+                async with deadline(conn, "a batch's fetch"):
+                    batch = await self.fetch(conn, self._position)
             if batch.events:
                 try:
                     await self._apply_reading_ahead(conn, batch)
@@ -382,7 +384,8 @@ class ProjectionRunner:
                 except Exception as exc:
                     raise BatchFailed(batch, exc) from exc
             else:
-                await self._advance_idle(conn, batch)
+                async with deadline(conn, "an idle checkpoint move"):
+                    await self._advance_idle(conn, batch)
         return batch
 
     async def fetch(self, conn: AsyncConnection[Any], after: Checkpoint) -> Batch:
@@ -437,6 +440,8 @@ class ProjectionRunner:
                     await self._roll_back(conn)
                 except psycopg.Error:
                     pass
+            if conn.closed:  # its session may live on over there, in its transaction
+                condemn(conn)
             raise
         duration = time.perf_counter() - started
         self._moved_to(new, len(batch.events))
@@ -509,9 +514,11 @@ class ProjectionRunner:
         with anyio.move_on_after(COMMIT_WAIT, shield=True) as waited:
             await pipeline.__aexit__(None, None, None)
         if waited.cancelled_caught:
-            await conn.close()
-            raise psycopg.OperationalError(
-                f"no answer to a batch's COMMIT within {COMMIT_WAIT:g}s; connection closed"
+            # Its session may live on over there, holding the positions row's lock and an xid
+            # that holds back every projection: it is terminated once the server answers.
+            await discard(conn)
+            raise DeadConnection(
+                f"no answer to a batch's COMMIT within {COMMIT_WAIT:g}s; connection discarded"
             )
 
     @staticmethod
@@ -668,6 +675,10 @@ class ProjectionRunner:
                 position=self._position,
             )
         self._set_state("degraded")
+        if isinstance(exc, DeadConnection):
+            # A silent partition: the pool's other connections are as dead as this one, and
+            # nothing on them says so. Replace them all rather than wait a deadline for each.
+            await self.pool.drain()
         await self._wait_backoff(backoff(self._transient_failures, exc))
 
     async def _on_failure(self, exc: Exception, batch: Batch | None) -> None:
