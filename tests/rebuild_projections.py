@@ -5,8 +5,8 @@ not know what it writes would corrupt or double its read model.
   which an online rebuild's search_path does not redirect.
 - `Audited` also adds every amount into `audit_sums`, a table it does not declare (its owner
   created it), which an offline rebuild does not empty.
-- `Skippy` raises on an event with `{"poison": true}` and overrides the error policy: skip it,
-  and never pipeline (its handler timeout is its own too).
+- `Skippy` raises on an event with `{"poison": true}` (it is `Picky`) and overrides the error
+  policy: skip it, and never pipeline (its handler timeout is its own too).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from psycopg import AsyncConnection
 
 from projectord import Event, Projection, Table
 from projectord.read_model import upsert_many
+from tests.projections import Picky
 
 TOTALS = {"account": "bigint PRIMARY KEY", "total": "bigint NOT NULL"}
 
@@ -30,39 +31,37 @@ def fold(events: Sequence[Event]) -> list[dict[str, int]]:
     return [{"account": a, "total": t} for a, t in totals.items()]
 
 
-class Qualified(Projection):
+class Totals(Projection):
+    """Adds each account's amounts into every table of `writes`, by the names given there."""
+
+    event_types = ("Credited",)
+    writes: tuple[str, ...] = ()
+
+    async def handle(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
+        rows = fold(events)
+        for table in self.writes:
+            await upsert_many(conn, table, rows, key=["account"], add=["total"])
+
+
+class Qualified(Totals):
     name = "qualified"
-    event_types = ("Credited",)
     tables = {"qualified_totals": Table(TOTALS)}
-
-    async def handle(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
-        rows = fold(events)
-        await upsert_many(conn, "public.qualified_totals", rows, key=["account"], add=["total"])
+    writes = ("public.qualified_totals",)
 
 
-class Audited(Projection):
+class Audited(Totals):
     name = "audited"
-    event_types = ("Credited",)
     tables = {"audited_totals": Table(TOTALS)}
-
-    async def handle(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
-        rows = fold(events)
-        await upsert_many(conn, "audited_totals", rows, key=["account"], add=["total"])
-        await upsert_many(conn, "audit_sums", rows, key=["account"], add=["total"])
+    writes = ("audited_totals", "audit_sums")
 
 
-class Skippy(Projection):
+class Skippy(Picky):
+    """`Picky` (applies every event but a poison one) with a policy of its own."""
+
     name = "skippy"
-    event_types = ("Credited",)
-    tables = {"skippy_seen": Table({"event_id": "uuid PRIMARY KEY"})}
     on_error = "skip"
     handler_timeout = 7.0
     pipeline = False
-
-    async def on(self, event: Event, conn: AsyncConnection[Any]) -> None:
-        if event.payload.get("poison"):
-            raise ValueError(f"cannot handle event {event.event_id}")
-        await conn.execute("INSERT INTO skippy_seen VALUES (%s)", (event.event_id,))
 
 
 qualified = [Qualified]

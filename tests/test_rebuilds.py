@@ -83,7 +83,7 @@ def test_the_shadow_runs_under_the_projections_error_policy_and_the_configured_d
     env = cli_env(db.url, SKIPPY) | {"PROJECTORD_MAX_ATTEMPTS": "1"}
     rebuilt = run_cli("rebuild", "skippy", "--online", env=env)
     assert rebuilt.returncode == 0, rebuilt.stderr
-    assert db.scalar("SELECT count(*) FROM skippy_seen") == 19
+    assert db.scalar("SELECT count(*) FROM picky_seen") == 19
     letters = db.rows(
         "SELECT projection, event_id, attempts, resolved_at IS NULL FROM projectord.dead_letters"
     )
