@@ -44,6 +44,12 @@ def add_operator_commands(add: AddCommand) -> None:
     rebuild.add_argument("name", metavar="NAME")
     rebuild.add_argument("--wait", action="store_true", help="block until the rebuild is done")
     rebuild.add_argument(
+        "--allow-undeclared",
+        action="store_true",
+        help="rebuild even though the projection writes tables it does not declare (which are"
+        " not emptied): you emptied them yourself, or its writes to them can be repeated",
+    )
+    rebuild.add_argument(
         "--timeout", type=float, default=0.0, help="give up waiting after S seconds (0: never)"
     )
 
@@ -194,7 +200,8 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     swallowed) and exit 3 when the daemon goes away."""
     out = sys.stdout
     with _client(args) as client:
-        started = _call(client, "rebuild", name=args.name)["rebuild"]
+        request = {"allow_undeclared": True} if args.allow_undeclared else {}
+        started = _call(client, "rebuild", name=args.name, **request)["rebuild"]
         if not (args.wait or out.isatty()):
             print(f"rebuilding {args.name}: {started['total']} events to apply")
             return EXIT_OK

@@ -64,6 +64,11 @@ COMMIT_WAIT = 5.0
 BUSY_READ_PAUSE = 0.02
 # A rebuild waits at most this long for the locks on the projection's tables.
 REBUILD_LOCK_TIMEOUT = "10s"
+# How often a batch also records which tables its handler wrote (seconds; and always a runner's
+# first batch): what lets `rebuild` refuse a projection that writes tables it does not declare.
+# One statement more in the batch's pipeline, no round trip; sampled, so live batches of one event
+# do not pay for it each time.
+WRITES_SAMPLE_INTERVAL = 10.0
 
 
 class CheckpointMoved(Exception):
@@ -72,6 +77,11 @@ class CheckpointMoved(Exception):
 
 class RunnerBusy(Exception):
     """The runner did not take an operator request in time (it is inside a long batch)."""
+
+
+class UndeclaredWrites(Exception):
+    """`rebuild` refused: the projection writes tables it does not declare, which a rebuild does
+    not empty, so it would apply every event to them a second time."""
 
 
 class NothingToSkip(Exception):
@@ -201,11 +211,16 @@ class ProjectionRunner:
         policy: ErrorPolicy | None = None,
         owner: str | None = None,
         read_model_schema: str | None = None,
+        observe_writes: bool = True,
     ) -> None:
         self.projection = projection
         # Where the projection's tables live: checked for a foreign owner whenever the positions
         # row is read (projectord/foreign_owner.py). None: not checked.
         self.read_model_schema = read_model_schema
+        # Record which tables the handler writes, now and then (WRITES_SAMPLE_INTERVAL); off for
+        # an online rebuild's shadow, whose guard checks every batch instead.
+        self.observe_writes = observe_writes
+        self._writes_recorded_at: float | None = None
         self.policy = policy or ErrorPolicy()
         # The daemon instance this runner commits for; the compare-and-set checks it against the
         # positions row's owner. None: no ownership (one-off runners such as an online rebuild's).
@@ -463,13 +478,25 @@ class ProjectionRunner:
         trip for a set-based handler (the compare-and-set fails with an error, not a row count,
         so COMMIT never runs after it fails)."""
 
+        observe = self._writes_sample_due()
+
         async def work() -> None:
             async with self._transaction(conn, pipelined=pipelined):
                 await self.projection.handle(events, conn)
+                if observe:
+                    await conn.execute(self.queries["record_tables_written"], {"name": self.name})
                 await self._compare_and_set(conn, new, len(events))
+            if observe:
+                self._writes_recorded_at = time.monotonic()
 
         what = handler_of(self.projection, events)
         await self.clock.bound(work, conn, self.policy.handler_timeout, what)
+
+    def _writes_sample_due(self) -> bool:
+        recorded = self._writes_recorded_at
+        return self.observe_writes and (
+            recorded is None or time.monotonic() - recorded >= WRITES_SAMPLE_INTERVAL
+        )
 
     @asynccontextmanager
     async def _transaction(
@@ -928,18 +955,46 @@ class ProjectionRunner:
             request.error = RunnerBusy(f"projection {self.name!r} is stopping")
             request.done.set()
 
-    async def rebuild(self, *, timeout: float) -> dict[str, Any]:
+    async def rebuild(self, *, timeout: float, allow_undeclared: bool = False) -> dict[str, Any]:
         """Empty the projection's tables and reset its checkpoint in one transaction; the runner
-        then catches up from the first event. A paused projection is resumed."""
-        return await self.call(self._rebuild_now, timeout=timeout)
+        then catches up from the first event. A paused projection is resumed. Refused
+        (`UndeclaredWrites`) when the handler was seen writing a table it does not declare,
+        unless `allow_undeclared`: the operator has dealt with those tables."""
 
-    async def _rebuild_now(self) -> dict[str, Any]:
+        async def now() -> dict[str, Any]:
+            return await self._rebuild_now(allow_undeclared)
+
+        return await self.call(now, timeout=timeout)
+
+    async def _check_declared_writes(
+        self, conn: AsyncConnection[Any], allow_undeclared: bool
+    ) -> None:
+        """Refuse to rebuild over tables the rebuild would not empty; when confirmed, start the
+        record of written tables over (the rebuild shows them again)."""
+        if allow_undeclared:
+            await conn.execute(self.queries["forget_tables_written"], {"name": self.name})
+            return
+        cur = await conn.execute(
+            self.queries["undeclared_tables_written"],
+            {"name": self.name, "tables": list(self.projection.tables)},
+        )
+        undeclared = [f"{schema}.{table}" for schema, table in await cur.fetchall()]
+        if undeclared:
+            raise UndeclaredWrites(
+                f"refusing to rebuild {self.name}: it writes {', '.join(undeclared)}, not among"
+                " its declared tables, which a rebuild does not empty, so every event would be"
+                " applied to it again; declare the table in the projection's `tables`, or empty"
+                " it yourself and confirm with --allow-undeclared"
+            )
+
+    async def _rebuild_now(self, allow_undeclared: bool) -> dict[str, Any]:
         params = {"txid": "0", "position": 0, "types": self.types}
         async with self.pool.connection() as conn, conn.transaction():
             await self._check_owners(conn)
             if self.refused:  # TRUNCATE would fire the owner's triggers as projectord
                 raise self.refused
             await conn.execute(f"SET LOCAL lock_timeout = '{REBUILD_LOCK_TIMEOUT}'")
+            await self._check_declared_writes(conn, allow_undeclared)
             if self.projection.tables:
                 tables = ", ".join(quote_ident(t) for t in self.projection.tables)
                 await conn.execute(f"TRUNCATE {tables}")
@@ -950,6 +1005,7 @@ class ProjectionRunner:
             cur = await conn.execute(self.queries["latest_event_of_types"], params)
             row = await cur.fetchone()
         target = (int(row[0]), int(row[1])) if row else None
+        self._writes_recorded_at = None  # the rebuild's first batch shows what it writes
         self._persisted = self._position = (0, 0)
         self._persisted_at = time.monotonic()
         self.paused = self.failed = False

@@ -33,3 +33,11 @@ SELECT c.relname, c.relowner = (SELECT oid FROM pg_roles WHERE rolname = current
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s::text[]) AND c.relkind IN ('r', 'p');
+
+-- name: adopt_shadow_dead_letters
+-- The swap: events the shadow dead-lettered (on_error = "skip") are the projection's now.
+UPDATE {schema}.dead_letters SET projection = %(name)s WHERE projection = %(shadow)s;
+
+-- name: delete_shadow_dead_letters
+-- A rebuild that is abandoned: its shadow's dead letters go with its tables.
+DELETE FROM {schema}.dead_letters WHERE projection = %(shadow)s;
