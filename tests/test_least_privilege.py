@@ -13,11 +13,11 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
-from psycopg.types.json import Jsonb
 
 from tests.drift_support import cli_env
 from tests.harness import DaemonProcess, TestDatabase, run_cli, wait_until
 from tests.role_support import TemporaryRoles, read_as, temporary_roles
+from tests.test_security import append
 
 ACCOUNTS = "tests.drift_projections:accounts"
 TENANT_A = uuid.UUID("00000000-0000-0000-0000-00000000aaaa")
@@ -54,34 +54,22 @@ def test_init_leaves_no_drift(db: TestDatabase, roles: TemporaryRoles) -> None:
 
 
 @pytest.fixture
-def plain_database(pg_admin_url: str) -> Iterator[str]:
-    """A database owned by the superuser, as an application's usually is: an admin URL of it."""
-    name = f"pd_lp_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+def plain_database(db: TestDatabase) -> str:
+    """A database as an application's usually is, owned by an administrator and without
+    projectord's schema yet: an admin URL of it."""
+    with db.connect(autocommit=True) as conn:
+        conn.execute("DROP SCHEMA projectord CASCADE")
         # As on PostgreSQL 15 and later whatever the server: no CREATE on public for PUBLIC.
-    admin_url = make_conninfo(pg_admin_url, dbname=name)
-    with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
-    try:
-        yield admin_url
-    finally:
-        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return db.url
 
 
 @pytest.fixture
-def daemon_role(
-    pg_admin_url: str, plain_database: str
-) -> Iterator[tuple[TemporaryRoles, str, str]]:
+def daemon_role(plain_database: str, roles: TemporaryRoles) -> tuple[TemporaryRoles, str, str]:
     """(the roles, projectord's least-privilege role, its URL): the role as docs/security-roles.md
     creates it, before it is given anything in the database."""
-    made = TemporaryRoles(pg_admin_url)
-    try:
-        role = made.create("daemon", "LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE")
-        yield made, role, make_conninfo(plain_database, user=role)
-    finally:
-        made.drop(plain_database)
+    role = roles.create("daemon", "LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE")
+    return roles, role, make_conninfo(plain_database, user=role)
 
 
 def test_init_without_create_says_what_to_grant(
@@ -90,9 +78,8 @@ def test_init_without_create_says_what_to_grant(
     _, role, url = daemon_role
     refused = run_cli("init", env=cli_env(url, ACCOUNTS))
     assert refused.returncode == 1
-    assert refused.stderr.strip().splitlines()[-1].endswith(
-        f'create it for the role first: CREATE SCHEMA "projectord" AUTHORIZATION "{role}"'
-    )
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.endswith(f'first: CREATE SCHEMA "projectord" AUTHORIZATION "{role}"')
     with psycopg.connect(plain_database, autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA projectord AUTHORIZATION "{role}"')
     refused = run_cli("init", env=cli_env(url, ACCOUNTS))
@@ -119,8 +106,8 @@ def test_the_daemon_runs_as_a_role_without_bypassrls(
     accounts = {TENANT_A: uuid.uuid4(), TENANT_B: uuid.uuid4()}
     with DaemonProcess(url, ACCOUNTS, state_dir, extra_env=env):
         for tenant, account in accounts.items():
-            _append(url, "Opened", tenant, account, 1)
-            _append(url, "Credited", tenant, account, 2)
+            append(url, "Opened", tenant, account, 1)
+            append(url, "Credited", tenant, account, 2)
         wait_until(lambda: _balances(plain_database) == {TENANT_A: 14, TENANT_B: 14}, 30)
 
     claims = {"role": reader, "tenant_id": str(TENANT_A)}
@@ -156,15 +143,6 @@ def test_the_daemon_refuses_to_start_when_row_level_security_stops_its_writes(
     started = run_cli("run", env=env, timeout=60)
     assert started.returncode == 1
     assert "public.applied_log" in started.stderr and "projectord_write" in started.stderr
-
-
-def _append(url: str, type_: str, tenant: uuid.UUID, aggregate: uuid.UUID, version: int) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO projectord.events (tenant_id, aggregate_id, version, type, payload)"
-            " VALUES (%s, %s, %s, %s, %s)",
-            (tenant, aggregate, version, type_, Jsonb({"owner": "ann", "amount": 7})),
-        )
 
 
 def _balances(admin_url: str) -> dict[uuid.UUID, int]:
