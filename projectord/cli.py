@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 from psycopg import AsyncConnection
 
+from projectord.bootstrap import bootstrap
 from projectord.catch_up import wait_for_projections
 from projectord.config import ConfigError, Settings, load_settings
 from projectord.database import connect, describe_error, redact
@@ -28,7 +29,6 @@ from projectord.logs import configure_logging
 from projectord.operator_cli import add_operator_commands
 from projectord.projection import Projection, ProjectionError, load_projections
 from projectord.queries import Queries
-from projectord.schema import initialise
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
 
@@ -169,12 +169,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         async with database(settings) as dsn:
             async with await open_connection(dsn) as conn:
                 try:
-                    created = await initialise(
-                        conn,
-                        schema=settings.schema,
-                        read_model_schema=settings.read_model_schema,
-                        projections=projections,
-                    )
+                    created = await bootstrap(conn, settings, projections)
                     refused = await refused_projections(
                         conn, Queries(settings.schema), settings.read_model_schema, projections
                     )

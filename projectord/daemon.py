@@ -24,6 +24,7 @@ from contextlib import AsyncExitStack
 import anyio
 from anyio.abc import TaskGroup
 
+from projectord.bootstrap import bootstrap
 from projectord.config import ConfigError, Settings
 from projectord.control import ControlServer, ControlSocketError
 from projectord.database import connect, describe_error, make_pool, redact
@@ -42,7 +43,6 @@ from projectord.queries import Queries
 from projectord.reaper import Reaper
 from projectord.reload import compare_settings
 from projectord.runner import ProjectionRunner
-from projectord.schema import initialise
 from projectord.security import SecurityError, check_write_access
 from projectord.status import StatusReporter, summary_line
 from projectord.supervisor import Supervisor
@@ -167,12 +167,7 @@ class Daemon:
             ) from None
         async with conn:
             try:
-                created = await initialise(
-                    conn,
-                    schema=self.settings.schema,
-                    read_model_schema=self.settings.read_model_schema,
-                    projections=self.projections,
-                )
+                created = await bootstrap(conn, self.settings, self.projections)
             except Exception as exc:
                 raise StartupError(
                     f"cannot create projectord's tables: {describe_error(exc, self.dsn)}"

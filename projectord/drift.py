@@ -11,8 +11,8 @@ the column it concerns, what was expected and found, and how it can be repaired:
   primary key, a NOT NULL column for existing rows, a missing table of a projection that has applied
   events): an online rebuild into shadow tables, swapped in when caught up;
 - `drop`: something extra (a column, a policy) that only an explicit flag removes;
-- `manual`: something only an operator can do (create a role, grant BYPASSRLS, deal with a table
-  another role owns).
+- `manual`: something only an operator can do (create a role, deal with a table another role
+  owns).
 
 A check runs no code that the database's other users wrote: tables another role owns are only
 reported (`foreign_owner`), never read, and stored values are cast to probe a type change only
@@ -32,16 +32,21 @@ from typing import Any
 import psycopg
 from psycopg import AsyncConnection, sql
 
-from projectord.catalog import ColumnShape, TableShape, declared_shapes, read_shapes
+from projectord.catalog import (
+    ColumnShape,
+    PolicyShape,
+    TableShape,
+    declared_shapes,
+    read_shapes,
+)
 from projectord.config import Settings
 from projectord.database import connect
 from projectord.foreign_owner import ForeignTable, foreign_owned
 from projectord.projection import Projection
 from projectord.queries import Queries
 from projectord.security import (
-    READ_POLICY,
+    POLICIES,
     check_declaration,
-    current_role,
     existing_roles,
     policy_statements,
 )
@@ -97,7 +102,6 @@ class Kind(StrEnum):
     ROLE_MISSING = "role_missing"
     FOREIGN_OWNER = "foreign_owner"
     EXTRA_GRANT = "extra_grant"
-    WRITER_CANNOT_BYPASS_RLS = "writer_cannot_bypass_rls"
 
 
 class Repair(StrEnum):
@@ -152,7 +156,6 @@ class Inspection:
     actual: dict[str, TableShape]
     projections: dict[str, Projection]  # by name
     readers: set[str]  # the read_access roles that exist
-    bypasses_rls: bool  # the connection's role (projectord's) is exempt from row-level security
 
     def lines(self) -> list[str]:
         return [item.line(self.schema) for item in self.items]
@@ -192,45 +195,23 @@ async def inspect(
     async with conn.transaction(force_rollback=True):
         await conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)))
         readers = await existing_roles(conn, queries, declared_readers)
-        _, bypasses = await current_role(conn, queries)
         foreign = {t.table: t for t in await foreign_owned(conn, queries, schema, tables)}
         # Actual shapes first: once temporary tables exist they shadow same-named sequences in
         # the deparsed defaults of the real tables.
         actual = await read_shapes(conn, queries, schema, tables)
 
         def secure(temp_schema: str, projection: Projection, table: str) -> list[sql.Composed]:
+            # This projection's own readers: another projection's must not widen its policy.
             ident = sql.Identifier(temp_schema, table)
-            return policy_statements(ident, settings.schema, projection, readers)
+            own = readers & set(projection.read_access)
+            return policy_statements(ident, settings.schema, projection, own)
 
         expected = await declared_shapes(conn, queries, projections, secure)
         comparer = _Comparer(conn, queries, schema, readers, foreign)
         items: list[Drift] = []
         for projection in projections:
             items += await comparer.projection(projection, expected, actual)
-        if declared_readers and not bypasses:
-            items.append(_writer_cannot_bypass())
-    return Inspection(
-        schema,
-        items,
-        expected,
-        actual,
-        {p.name: p for p in projections},
-        readers,
-        bypasses,
-    )
-
-
-def _writer_cannot_bypass() -> Drift:
-    return Drift(
-        None,
-        None,
-        None,
-        Kind.WRITER_CANNOT_BYPASS_RLS,
-        "BYPASSRLS",
-        "projectord's role lacks it",
-        Repair.MANUAL,
-        "forced row-level security would stop projectord's writes: ALTER ROLE … BYPASSRLS",
-    )
+    return Inspection(schema, items, expected, actual, {p.name: p for p in projections}, readers)
 
 
 def uses_sequence(default: str | None) -> bool:
@@ -496,7 +477,8 @@ class _ItemMaker:
 
 
 def _security(item: _ItemMaker, want: TableShape, have: TableShape) -> list[Drift]:
-    """Row-level security switched on and forced, and exactly the reader policy."""
+    """Row-level security switched on and forced, and exactly projectord's read and write
+    policies."""
     items = []
     if not have.rls_enabled:
         items.append(item(Kind.RLS_NOT_ENABLED, Repair.IN_PLACE, expected="enabled",
@@ -505,20 +487,28 @@ def _security(item: _ItemMaker, want: TableShape, have: TableShape) -> list[Drif
         items.append(item(Kind.RLS_NOT_FORCED, Repair.IN_PLACE, expected="forced",
                           actual="not forced",
                           reason="without FORCE the table's owner reads every row"))  # fmt: skip
-    wanted = want.policies.get(READ_POLICY)
-    found = have.policies.get(READ_POLICY)
-    if wanted is not None and found is None:
-        items.append(item(Kind.POLICY_MISSING, Repair.IN_PLACE, expected=wanted.describe(),
-                          subject=READ_POLICY))  # fmt: skip
-    elif found is not None and wanted != found:
-        items.append(item(Kind.POLICY_DIFFERENT, Repair.IN_PLACE, subject=READ_POLICY,
-                          expected=wanted.describe() if wanted else None,
-                          actual=found.describe()))  # fmt: skip
-    for name in sorted(set(have.policies) - {READ_POLICY}):
+    for name in POLICIES:
+        items += _policy(item, name, want.policies.get(name), have.policies.get(name))
+    for name in sorted(set(have.policies) - set(POLICIES)):
         items.append(item(Kind.EXTRA_POLICY, Repair.DROP, subject=name,
                           actual=f"{name}: {have.policies[name].describe()}",
                           reason="another policy changes what read_access implies"))  # fmt: skip
     return items
+
+
+def _policy(
+    item: _ItemMaker, name: str, wanted: PolicyShape | None, found: PolicyShape | None
+) -> list[Drift]:
+    """One of projectord's policies, compared as a whole: a policy with more roles than declared
+    (widened) is as different as one with fewer."""
+    if wanted is not None and found is None:
+        return [item(Kind.POLICY_MISSING, Repair.IN_PLACE, expected=wanted.describe(),
+                     subject=name)]  # fmt: skip
+    if found is not None and wanted != found:
+        return [item(Kind.POLICY_DIFFERENT, Repair.IN_PLACE, subject=name,
+                     expected=wanted.describe() if wanted else None,
+                     actual=found.describe())]  # fmt: skip
+    return []
 
 
 def _repair(reason: str) -> Repair:
