@@ -473,19 +473,26 @@ class ProjectionRunner:
     async def _commit_batch(
         self, conn: AsyncConnection[Any], events: list[Event], new: Checkpoint, *, pipelined: bool
     ) -> None:
-        """The handler's statements, the checkpoint's compare-and-set and COMMIT, in one
+        """The checkpoint's compare-and-set, the handler's statements and COMMIT, in one
         transaction bounded by the handler timeout. Pipelined, they travel together: one round
         trip for a set-based handler (the compare-and-set fails with an error, not a row count,
-        so COMMIT never runs after it fails)."""
+        so nothing after it runs when it fails).
+
+        The compare-and-set comes first. A runner whose last COMMIT landed although its answer
+        was lost retries that batch from the checkpoint before it: the moved row must stop the
+        retry before the handler runs, or a handler that is not idempotent fails on its own rows
+        and the retry is taken for a poison event. It also takes the positions row's lock for the
+        whole batch, so a pause or a second writer of the projection waits for the batch, or the
+        batch for them."""
 
         observe = self._writes_sample_due()
 
         async def work() -> None:
             async with self._transaction(conn, pipelined=pipelined):
+                await self._compare_and_set(conn, new, len(events))
                 await self.projection.handle(events, conn)
                 if observe:
                     await conn.execute(self.queries["record_tables_written"], {"name": self.name})
-                await self._compare_and_set(conn, new, len(events))
             if observe:
                 self._writes_recorded_at = time.monotonic()
 
@@ -876,6 +883,10 @@ class ProjectionRunner:
         letter and move the checkpoint just past it. An operator's skip passes a pause."""
         attempts = int(error.get("attempts") or self._failures)
         async with self.pool.connection() as conn, self._transaction(conn, pipelined=False):
+            # First, as in _commit_batch: a moved checkpoint stops this before the handler runs.
+            await self._compare_and_set(
+                conn, event.commit_position, len(ahead), even_if_paused=by == "operator"
+            )
             if ahead:  # events of the failed batch before the stuck one
                 await run_handler(
                     self.projection, ahead, conn, self.policy.handler_timeout, self.clock
@@ -883,9 +894,6 @@ class ProjectionRunner:
             await conn.execute(
                 self.queries["insert_dead_letter"],
                 dead_letter_params(self.name, event, error, trace, attempts),
-            )
-            await self._compare_and_set(
-                conn, event.commit_position, len(ahead), even_if_paused=by == "operator"
             )
         self._moved_to(event.commit_position, len(ahead))
         self._failures = 0
