@@ -1,0 +1,219 @@
+"""Each aggregate's events reach projections in version order, whoever wrote them (issue 12, §1).
+
+A transaction takes its id at its first write, so one that took it early (a dispatcher that locked
+its command row, a writer that lost a race and retried in a savepoint) used to append version n+1
+with a lower id than version n, and projections read n+1 first.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from projectord.aggregate import CommandRegistry
+from projectord.commands import Command, CommandStatus
+from projectord.database import connect
+from projectord.dispatch import Dispatcher
+from projectord.samples import Account
+from tests.harness import TENANT, DaemonProcess, TestDatabase, wait_until
+
+LAST = "tests.order_projections:last_amount"
+INSERT = (
+    "INSERT INTO projectord.events (tenant_id, aggregate_id, aggregate_type, version, type,"
+    " payload) VALUES (%s, %s, 'account', %s, 'Deposited', %s)"
+)
+NEXT_VERSION = "SELECT coalesce(max(version), 0) + 1 FROM projectord.events WHERE aggregate_id = %s"
+
+
+def insert(conn: psycopg.Connection[Any], account: uuid.UUID, version: int, amount: int) -> None:
+    conn.execute(INSERT, (TENANT, account, version, Jsonb({"amount": amount})))
+
+
+def commit_order_versions(db: TestDatabase, account: uuid.UUID) -> list[int]:
+    """The aggregate's versions in the order projections read them."""
+    rows = db.rows(
+        "SELECT version FROM projectord.events WHERE aggregate_id = %s"
+        " ORDER BY transaction_id, global_position",
+        (account,),
+    )
+    return [v for (v,) in rows]
+
+
+def append_taking_id_first(
+    conn: psycopg.Connection[Any], account: uuid.UUID, amount: int, rng: random.Random
+) -> None:
+    """A plain SQL writer as the issue describes it: its transaction takes its id first, then it
+    appends the next version, retrying in a savepoint when another writer got that version."""
+    conn.execute("SELECT pg_current_xact_id()")
+    while True:
+        try:
+            with conn.transaction():  # a savepoint: the transaction keeps its (older) id
+                (version,) = conn.execute(NEXT_VERSION, (account,)).fetchone() or (1,)
+                time.sleep(rng.uniform(0, 0.002))  # think time (not a wait for anything)
+                insert(conn, account, version, amount)
+            return
+        except psycopg.errors.UniqueViolation:
+            continue
+
+
+def sql_writer(url: str, accounts: list[uuid.UUID], count: int, seed: int) -> int:
+    """`count` appends, each retried in a fresh transaction when the store refuses it (40001),
+    as under SERIALIZABLE; returns how many times it was refused."""
+    rng = random.Random(seed)
+    refused = 0
+    with psycopg.connect(url) as conn:
+        for _ in range(count):
+            account, amount = rng.choice(accounts), rng.randint(1, 10**6)
+            while True:
+                try:
+                    append_taking_id_first(conn, account, amount, rng)
+                    conn.commit()
+                    break
+                except psycopg.errors.SerializationFailure:
+                    conn.rollback()
+                    refused += 1
+    return refused
+
+
+def contended_writes(db: TestDatabase, accounts: list[uuid.UUID]) -> tuple[list[Command], int]:
+    """6 dispatchers and 4 plain SQL writers, all on the same few accounts at once."""
+    dispatcher = Dispatcher(CommandRegistry([Account]), max_attempts=1000)
+    outcomes: list[Command] = []
+    refusals: list[int] = []
+    rng = random.Random(12)
+
+    async def dispatching(commands: list[Command]) -> None:
+        async with await connect(db.url, autocommit=True) as conn:
+            for command in commands:
+                outcomes.append(await dispatcher.dispatch(conn, command))
+
+    async def writing(seed: int) -> None:
+        refusals.append(await anyio.to_thread.run_sync(sql_writer, db.url, accounts, 15, seed))
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tasks:
+            for _ in range(6):
+                commands = [
+                    Command(
+                        TENANT,
+                        "Deposit",
+                        {"account_id": str(rng.choice(accounts)), "amount": rng.randint(1, 10**6)},
+                    )
+                    for _ in range(15)
+                ]
+                tasks.start_soon(dispatching, commands)
+            for seed in range(4):
+                tasks.start_soon(writing, seed)
+
+    anyio.run(main)
+    return outcomes, sum(refusals)
+
+
+def test_contended_writers_keep_every_aggregates_versions_in_order(
+    db: TestDatabase, state_dir: Path
+) -> None:
+    """The issue's scenario against the real daemon: a last-value projection applies each
+    aggregate's versions in version order, and ends on the last version's value."""
+    db.init(LAST)
+    accounts = [uuid.uuid4(), uuid.uuid4()]
+    with DaemonProcess(db.url, LAST, state_dir):
+        outcomes, refused = contended_writes(db, accounts)
+        assert all(o.status is CommandStatus.CONSUMED for o in outcomes), [
+            o.error for o in outcomes if o.status is not CommandStatus.CONSUMED
+        ]
+        total = db.scalar("SELECT count(*) FROM projectord.events")
+        assert total == 6 * 15 + 4 * 15
+        wait_until(lambda: db.scalar("SELECT count(*) FROM apply_order") == total, timeout=60)
+
+    print(f"plain SQL writers refused for order and retried: {refused} time(s)")
+    for account in accounts:
+        applied = [
+            v
+            for (v,) in db.rows(
+                "SELECT version FROM apply_order WHERE aggregate_id = %s ORDER BY seq", (account,)
+            )
+        ]
+        assert applied == list(range(1, len(applied) + 1)), "applied out of version order"
+        versions = commit_order_versions(db, account)
+        assert versions == sorted(versions), "commit order is not version order"
+        last = db.rows(
+            "SELECT version, (payload->>'amount')::bigint FROM projectord.events"
+            " WHERE aggregate_id = %s ORDER BY version DESC LIMIT 1",
+            (account,),
+        )[0]
+        assert db.rows(
+            "SELECT version, amount FROM last_amount WHERE aggregate_id = %s", (account,)
+        ) == [last]
+
+
+def test_an_append_older_than_the_latest_version_is_refused_with_40001(db: TestDatabase) -> None:
+    """A takes its id, B appends version 2 with a newer one and commits, then A appends version 3:
+    refused with 40001 naming the aggregate and the rule. Retried fresh, it is accepted."""
+    account = uuid.uuid4()
+    with db.connect(autocommit=True) as setup:
+        insert(setup, account, 1, 10)
+    with db.connect() as a, db.connect() as b:
+        a.execute("SELECT pg_current_xact_id()")
+        insert(b, account, 2, 20)
+        b.commit()
+        with pytest.raises(psycopg.errors.SerializationFailure) as refused:
+            insert(a, account, 3, 30)
+        a.rollback()
+        message = refused.value.diag.message_primary or ""
+        assert str(account) in message and "version 3" in message
+        assert "versions must come from ever newer transactions" in message
+        insert(a, account, 3, 30)
+        a.commit()
+    assert commit_order_versions(db, account) == [1, 2, 3]
+
+
+def test_versions_of_one_transaction_statement_and_copy_are_accepted(db: TestDatabase) -> None:
+    """The edge cases the rule must let through: the first version, several versions in one
+    statement or one COPY, and a version whose previous one this transaction wrote earlier."""
+    one, two, three = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    with db.connect() as conn:
+        insert(conn, one, 1, 1)
+        insert(conn, one, 2, 2)  # the previous version, earlier in the same transaction
+        conn.execute(
+            "INSERT INTO projectord.events (tenant_id, aggregate_id, version, type)"
+            " SELECT %s, %s, v, 'Deposited' FROM generate_series(1, 5) v ORDER BY v",
+            (TENANT, two),
+        )
+        with conn.cursor().copy(
+            "COPY projectord.events (tenant_id, aggregate_id, version, type) FROM STDIN"
+        ) as copy:
+            for version in (1, 2, 3):
+                copy.write_row((TENANT, three, version, "Deposited"))
+        conn.commit()
+    assert commit_order_versions(db, one) == [1, 2]
+    assert commit_order_versions(db, two) == [1, 2, 3, 4, 5]
+    assert commit_order_versions(db, three) == [1, 2, 3]
+
+
+def test_a_version_below_the_latest_that_does_not_exist_is_refused(db: TestDatabase) -> None:
+    """Version 2 before version 1 in one statement, or a gap filled after a later version: no
+    retry can put them in order, so they are refused as a constraint (23514); a version that
+    exists still gets the unique violation a stale writer expects."""
+    account = uuid.uuid4()
+    with db.connect(autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.CheckViolation, match="below its latest version 2"):
+            conn.execute(
+                "INSERT INTO projectord.events (tenant_id, aggregate_id, version, type)"
+                " VALUES (%s, %s, 2, 'Deposited'), (%s, %s, 1, 'Deposited')",
+                (TENANT, account, TENANT, account),
+            )
+        insert(conn, account, 1, 1)
+        insert(conn, account, 3, 3)
+        with pytest.raises(psycopg.errors.CheckViolation, match=str(account)):
+            insert(conn, account, 2, 2)
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            insert(conn, account, 1, 1)
+    assert commit_order_versions(db, account) == [1, 3]
