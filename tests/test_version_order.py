@@ -8,6 +8,7 @@ with a lower id than version n, and projections read n+1 first.
 from __future__ import annotations
 
 import random
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -22,6 +23,7 @@ from projectord.aggregate import CommandRegistry
 from projectord.commands import Command, CommandStatus
 from projectord.database import connect
 from projectord.dispatch import Dispatcher
+from projectord.event_store import EventStore, NewEvent
 from projectord.samples import Account
 from tests.harness import TENANT, DaemonProcess, TestDatabase, wait_until
 
@@ -217,3 +219,54 @@ def test_a_version_below_the_latest_that_does_not_exist_is_refused(db: TestDatab
         with pytest.raises(psycopg.errors.UniqueViolation):
             insert(conn, account, 1, 1)
     assert commit_order_versions(db, account) == [1, 3]
+
+
+PAUSE_MARKED_APPENDS = """
+CREATE FUNCTION public.pause_marked_append() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.payload ? 'pause' THEN
+        PERFORM pg_current_xact_id();  -- the transaction takes its id, then waits for the test
+        PERFORM pg_advisory_xact_lock_shared(4242);
+    END IF;
+    RETURN NEW;
+END $$;
+-- Named to fire before the store's events_ordered (same timing: alphabetical order).
+CREATE TRIGGER events_0_pause BEFORE INSERT ON projectord.events
+    FOR EACH ROW EXECUTE FUNCTION public.pause_marked_append();
+"""
+
+
+def test_append_retries_a_refusal_in_a_fresh_transaction(db: TestDatabase) -> None:
+    """`EventStore.append` on an idle connection owns its transaction: refused because another
+    writer's newer transaction committed the latest version in between (held here at the moment
+    the append's transaction has taken its id), it retries in a fresh transaction and succeeds."""
+    account = uuid.uuid4()
+    with db.connect(autocommit=True) as setup:
+        setup.execute(PAUSE_MARKED_APPENDS)
+        insert(setup, account, 1, 10)
+    appended: list[list[int]] = []
+
+    async def append() -> None:
+        async with await connect(db.url, autocommit=True) as conn:
+            event = NewEvent(TENANT, account, 3, "Deposited", {"amount": 30, "pause": True})
+            appended.append(await EventStore().append(conn, [event]))
+
+    with db.connect(autocommit=True) as holder, db.connect(autocommit=True) as other:
+        holder.execute("SELECT pg_advisory_lock(4242)")
+        appending = threading.Thread(target=anyio.run, args=(append,))
+        appending.start()
+        wait_until(
+            lambda: (
+                db.scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock' AND wait_event = 'advisory'"
+                )
+                == 1
+            ),
+            timeout=10,
+        )
+        insert(other, account, 2, 20)  # a newer transaction, committed first
+        holder.execute("SELECT pg_advisory_unlock(4242)")
+        appending.join(timeout=30)
+    assert len(appended) == 1, "the append was not retried"
+    assert commit_order_versions(db, account) == [1, 2, 3]
