@@ -13,26 +13,24 @@ from psycopg import AsyncConnection
 
 from projectord import Event, Projection, Table
 
+# Each aggregate's latest version and amount: where a fold of its events in version order ends.
+LATEST = Table(
+    {"aggregate_id": "uuid PRIMARY KEY", "version": "integer NOT NULL", "amount": "bigint NOT NULL"}
+)
+# Every (aggregate, version) in the order the projection applied them.
+APPLY_ORDER = Table(
+    {
+        "seq": "bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+        "aggregate_id": "uuid NOT NULL",
+        "version": "integer NOT NULL",
+    }
+)
+
 
 class LastAmount(Projection):
     name = "last_amount"
     event_types = ("Deposited",)
-    tables = {
-        "last_amount": Table(
-            {
-                "aggregate_id": "uuid PRIMARY KEY",
-                "version": "integer NOT NULL",
-                "amount": "bigint NOT NULL",
-            }
-        ),
-        "apply_order": Table(
-            {
-                "seq": "bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
-                "aggregate_id": "uuid NOT NULL",
-                "version": "integer NOT NULL",
-            }
-        ),
-    }
+    tables = {"last_amount": LATEST, "apply_order": APPLY_ORDER}
 
     async def on(self, event: Event, conn: AsyncConnection[Any]) -> None:
         await conn.execute(
