@@ -25,7 +25,8 @@ from projectord.database import connect
 from projectord.dispatch import Dispatcher
 from projectord.event_store import EventStore, NewEvent
 from projectord.samples import Account
-from tests.harness import TENANT, DaemonProcess, TestDatabase, wait_until
+from tests.harness import TENANT, DaemonProcess, TestDatabase, Writers, credits, run_cli, wait_until
+from tests.test_ordering import LEDGER, applied_count, assert_applied_exactly_once
 
 LAST = "tests.order_projections:last_amount"
 INSERT = (
@@ -270,3 +271,33 @@ def test_append_retries_a_refusal_in_a_fresh_transaction(db: TestDatabase) -> No
         appending.join(timeout=30)
     assert len(appended) == 1, "the append was not retried"
     assert commit_order_versions(db, account) == [1, 2, 3]
+
+
+def downgrade_to_before_0010(db: TestDatabase) -> None:
+    """The schema an earlier main made: 0010 only added the trigger and its function."""
+    with db.connect(autocommit=True) as conn:
+        conn.execute("DROP TRIGGER events_ordered ON projectord.events")
+        conn.execute("DROP FUNCTION projectord.order_appended_event()")
+        conn.execute("DELETE FROM projectord.schema_migrations WHERE version = 10")
+
+
+def test_upgrade_in_place_while_writing_carries_on_from_old_checkpoints(
+    db: TestDatabase, state_dir: Path
+) -> None:
+    """A store from before 0010, with a checkpoint its daemon left: `init` upgrades it while
+    writers append, and the new daemon applies every event exactly once from that checkpoint."""
+    db.init(LEDGER)
+    credits(db, 50)
+    with DaemonProcess(db.url, LEDGER, state_dir):
+        wait_until(lambda: applied_count(db) == 50, timeout=30)
+    downgrade_to_before_0010(db)
+    env = {"PROJECTORD_DATABASE_URL": db.url, "PROJECTORD_STATE_DIR": str(state_dir)}
+    with Writers(db.url):
+        wait_until(lambda: db.scalar("SELECT count(*) FROM projectord.events") > 100, timeout=30)
+        upgraded = run_cli("init", env=env)
+        wait_until(lambda: db.scalar("SELECT count(*) FROM projectord.events") > 200, timeout=30)
+    assert upgraded.returncode == 0 and "0010_append_order" in upgraded.stdout, upgraded
+    total = db.scalar("SELECT count(*) FROM projectord.events")
+    with DaemonProcess(db.url, LEDGER, state_dir):
+        wait_until(lambda: applied_count(db) == total, timeout=60)
+    assert_applied_exactly_once(db)
