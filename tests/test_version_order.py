@@ -301,3 +301,32 @@ def test_upgrade_in_place_while_writing_carries_on_from_old_checkpoints(
     with DaemonProcess(db.url, LEDGER, state_dir):
         wait_until(lambda: applied_count(db) == total, timeout=60)
     assert_applied_exactly_once(db)
+
+
+def test_the_order_check_never_scans_the_table(db: TestDatabase) -> None:
+    """A session plans the trigger's lookup once: planned while the table was tiny (here: fresh
+    statistics of 3 rows, autovacuum off) it must still be the index probe, or every later row of
+    a bulk INSERT or COPY would read the whole table."""
+    with db.connect(autocommit=True) as conn:
+        conn.execute("ALTER TABLE projectord.events SET (autovacuum_enabled = false)")
+        for version in (1, 2, 3):
+            insert(conn, uuid.uuid4(), version, 1)
+        conn.execute("ANALYZE projectord.events")
+        before = seq_scans(conn)
+        for _ in range(3):  # one session: its plan of the lookup is kept
+            conn.execute(
+                "INSERT INTO projectord.events (tenant_id, aggregate_id, version, type)"
+                " SELECT %s, gen_random_uuid(), 1, 'Deposited' FROM generate_series(1, 2000)",
+                (TENANT,),
+            )
+        assert seq_scans(conn) == before
+
+
+def seq_scans(conn: psycopg.Connection[Any]) -> int:
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    row = conn.execute(
+        "SELECT seq_scan FROM pg_stat_user_tables WHERE relid = 'projectord.events'::regclass"
+    ).fetchone()
+    assert row is not None
+    return int(row[0])

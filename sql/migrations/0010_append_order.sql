@@ -18,11 +18,15 @@
 -- rows its statement wrote before) carry the same id and a lower position, so they pass. The
 -- latest version is one backward probe of the (aggregate_id, version) unique index.
 -- The schema is a constant of the function (like 0009's channel): no search_path lookups per row.
+-- enable_seqscan is off inside it because a session plans the lookup once and keeps the plan: made
+-- while the table was tiny (a new store, stale statistics) it would be a sequential scan, kept
+-- for every later row of that session, and a bulk INSERT or COPY would go quadratic
+-- (tests/test_batch_transaction.py grows the table so). With it off, the plan is the index probe.
 DO $migration$
 BEGIN
     EXECUTE format($function$
         CREATE OR REPLACE FUNCTION order_appended_event() RETURNS trigger
-        LANGUAGE plpgsql AS $body$
+        LANGUAGE plpgsql SET enable_seqscan = off AS $body$
         DECLARE
             latest record;
         BEGIN
