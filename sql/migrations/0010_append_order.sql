@@ -17,6 +17,7 @@
 -- Versions written earlier in the same transaction (or statement, or COPY: a row trigger sees the
 -- rows its statement wrote before) carry the same id and a lower position, so they pass. The
 -- latest version is one backward probe of the (aggregate_id, version) unique index.
+-- The common path evaluates only simple expressions (plpgsql's fast path, no executor run).
 -- The schema is a constant of the function (like 0009's channel): no search_path lookups per row.
 -- enable_seqscan is off inside it because a session plans the lookup once and keeps the plan: made
 -- while the table was tiny (a new store, stale statistics) it would be a sequential scan, kept
@@ -28,39 +29,43 @@ BEGIN
         CREATE OR REPLACE FUNCTION order_appended_event() RETURNS trigger
         LANGUAGE plpgsql SET enable_seqscan = off AS $body$
         DECLARE
-            latest record;
+            latest_version integer;
+            latest_id xid8;
         BEGIN
             NEW.transaction_id := pg_current_xact_id();
-            SELECT e.version, e.transaction_id INTO latest
+            SELECT e.version, e.transaction_id INTO latest_version, latest_id
             FROM %1$I.events e
             WHERE e.aggregate_id = NEW.aggregate_id
             ORDER BY e.version DESC
             LIMIT 1;
-            IF NOT FOUND OR latest.version >= NEW.version AND EXISTS (
+            IF latest_version IS NULL THEN
+                RETURN NEW;
+            END IF;
+            IF latest_version < NEW.version THEN
+                IF latest_id > NEW.transaction_id THEN
+                    RAISE EXCEPTION USING
+                        ERRCODE = 'serialization_failure',
+                        MESSAGE = format('aggregate %%s: version %%s cannot be appended by'
+                            ' transaction %%s, older than transaction %%s that appended version'
+                            ' %%s: an aggregate''s versions must come from ever newer'
+                            ' transactions', NEW.aggregate_id, NEW.version, NEW.transaction_id,
+                            latest_id, latest_version),
+                        HINT = 'retry the whole transaction: a new transaction gets a newer id';
+                END IF;
+                RETURN NEW;
+            END IF;
+            -- Rare: a version at or below the latest. An existing one is the unique constraint's.
+            IF EXISTS (
                 SELECT FROM %1$I.events e
                 WHERE e.aggregate_id = NEW.aggregate_id AND e.version = NEW.version
             ) THEN
                 RETURN NEW;
             END IF;
-            IF latest.version > NEW.version THEN
-                RAISE EXCEPTION USING
-                    ERRCODE = 'check_violation',
-                    MESSAGE = format('aggregate %%s: version %%s is below its latest version %%s'
-                        ' and cannot be ordered after it', NEW.aggregate_id, NEW.version,
-                        latest.version),
-                    HINT = 'append each aggregate''s versions in increasing order';
-            END IF;
-            IF latest.transaction_id > NEW.transaction_id THEN
-                RAISE EXCEPTION USING
-                    ERRCODE = 'serialization_failure',
-                    MESSAGE = format('aggregate %%s: version %%s cannot be appended by transaction'
-                        ' %%s, older than transaction %%s that appended version %%s: an'
-                        ' aggregate''s versions must come from ever newer transactions',
-                        NEW.aggregate_id, NEW.version, NEW.transaction_id,
-                        latest.transaction_id, latest.version),
-                    HINT = 'retry the whole transaction: a new transaction gets a newer id';
-            END IF;
-            RETURN NEW;
+            RAISE EXCEPTION USING
+                ERRCODE = 'check_violation',
+                MESSAGE = format('aggregate %%s: version %%s is below its latest version %%s and'
+                    ' cannot be ordered after it', NEW.aggregate_id, NEW.version, latest_version),
+                HINT = 'append each aggregate''s versions in increasing order';
         END;
         $body$
     $function$, current_schema());
