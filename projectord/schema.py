@@ -13,6 +13,7 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
+from projectord.foreign_ids import check_transaction_ids
 from projectord.projection import Projection
 from projectord.queries import Queries, quote_ident, sql_dir
 
@@ -45,7 +46,10 @@ async def initialise(
     read_model_schema: str,
     projections: Sequence[Projection] = (),
 ) -> list[str]:
-    """Bring the database up to date in one transaction; return what was created."""
+    """Bring the database up to date in one transaction; return what was created.
+
+    Raises `ForeignTransactionIds` (and changes nothing) when the store holds transaction ids from
+    another cluster: the daemon must not run on it (projectord/foreign_ids.py)."""
     done: list[str] = []
     queries = Queries(schema)
     async with conn.transaction():
@@ -71,6 +75,7 @@ async def initialise(
             )
             done.append(f"migration {migration.version:04d}_{migration.name}")
         await conn.execute("SET LOCAL search_path TO DEFAULT")
+        await check_transaction_ids(conn, queries)
         done += await create_projection_tables(conn, read_model_schema, projections)
         for projection in projections:
             await conn.execute(queries["ensure_position"], {"name": projection.name})
