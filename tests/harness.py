@@ -28,6 +28,16 @@ ROOT = Path(__file__).resolve().parent.parent
 TENANT = uuid.UUID("00000000-0000-0000-0000-00000000000a")
 
 
+# The sessions holding a projection's ownership lock (its key is in lock_keys, migration 0016).
+PROJECTION_LOCK_HOLDERS = (
+    "SELECT l.pid FROM pg_locks l"
+    " JOIN projectord.lock_keys k ON k.purpose = 'projection' AND k.name = %s"
+    " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND l.classid = ((k.key >> 32) & 4294967295)::oid AND l.objid = (k.key & 4294967295)::oid"
+)
+
+
 def init_database(dsn: str, projections: Sequence[str] = ()) -> list[str]:
     async def run() -> list[str]:
         conn = await connect(dsn, autocommit=True)
