@@ -173,6 +173,7 @@ def cmd_init(args: argparse.Namespace) -> int:
                         schema=settings.schema,
                         read_model_schema=settings.read_model_schema,
                         projections=projections,
+                        lock_timeout=settings.init_lock_timeout,
                     )
                 except Exception as exc:
                     raise CommandError(f"init failed: {describe_error(exc, dsn)}") from None

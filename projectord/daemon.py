@@ -167,6 +167,7 @@ class Daemon:
                     schema=self.settings.schema,
                     read_model_schema=self.settings.read_model_schema,
                     projections=self.projections,
+                    lock_timeout=self.settings.init_lock_timeout,
                 )
             except Exception as exc:
                 raise StartupError(

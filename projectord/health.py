@@ -4,10 +4,10 @@ failing: a projection stopped on a poison event (state `failed`), the database h
 for `health_outage_seconds`, or a loop of the daemon is wedged (it would stop the systemd watchdog
 too). degraded: the database does not answer (yet: the daemon reconnects by itself, so a restart or
 a failover is degraded, not failing), the listener is down (the runners still poll), a projection
-retries after a handler error, is paused, rebuilding or lagging beyond the thresholds, or an
-open transaction has held the xmin horizon back longer than `health_horizon_seconds` — then the
-reason names that transaction (pid, xid, age, state, start of its query), because that is who the
-operator must talk to.
+retries after a handler error, is paused, rebuilding or lagging beyond the thresholds, or a
+transaction (in any database of the cluster) has held the xmin horizon longer than
+`health_horizon_seconds` — then the reason names that transaction (pid, xid, role, database,
+and where visible its state, age and query), because that is who the operator must talk to.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ class HealthCheck:
         self.heartbeats = heartbeats
         self.thresholds = thresholds
         self._unreachable_since: float | None = None  # monotonic; while the database is away
+        # (xid, monotonic time first seen) of the transaction holding the horizon
+        self._horizon_seen: tuple[str, float] | None = None
 
     async def check(self) -> dict[str, Any]:
         return await self.evaluate(await self.reporter.snapshot())
@@ -182,44 +184,48 @@ class HealthCheck:
         return []
 
     async def _horizon_reasons(self) -> list[dict[str, Any]]:
+        """`horizon_held` once a transaction has held the xmin horizon past the threshold.
+
+        Asked of the database on every check, whether or not events wait behind it yet: any event
+        committed after that transaction started will wait for it. (It used to be inferred from
+        the runners, which see it only once an event committed behind it, and counted from then:
+        idle, or with a threshold of 30 s, health said ok while every projection was held.)"""
         now = time.monotonic()
-        held = [
-            (runner.name, now - runner.status.held_back_since)
+        waiting = {
+            runner.name: now - runner.status.held_back_since
             for runner in self.reporter.runners.values()
             if runner.status.held_back_since is not None
-            and now - runner.status.held_back_since > self.thresholds.horizon_seconds
-        ]
-        if not held:
-            return []
-        seconds = max(s for _, s in held)
-        names = sorted(name for name, _ in held)
+        }
         try:
-            holder = await self._horizon_holder()
-        except Exception as exc:  # the reason still stands without its name
-            holder = {"kind": "unknown", "error": str(exc)}
-        if holder is None or holder["kind"] == "unknown":
-            who = "an open transaction (not visible to this role: grant it pg_read_all_stats)"
-        elif holder["kind"] == "prepared":
-            who = f"prepared transaction xid {holder['xid']} ({holder['query']})"
-        else:
-            query = " ".join((holder["query"] or "").split())[:120]
-            who = (
-                f"pid {holder['pid']} (xid {holder['xid']}, {holder['state']}, "
-                f"user {holder['usename']}, since {holder['xact_start']}): {query}"
-            )
+            holder = await self._horizon_holder(now)
+        except Exception as exc:  # the runners' view still stands, without a name
+            holder = {"kind": "unknown", "error": str(exc), "seconds": None}
+        seconds = max([*waiting.values(), (holder or {}).get("seconds") or 0.0])
+        if seconds <= self.thresholds.horizon_seconds:
+            return []
+        names = sorted(waiting)
+        held = (
+            f"has held {', '.join(names)} back for {seconds:.0f}s: events committed after it "
+            "started wait until it ends"
+            if names
+            else f"has held the xmin horizon for {seconds:.0f}s: events committed after it "
+            "started will wait until it ends"
+        )
         return [
             reason(
                 "degraded",
                 "horizon_held",
-                f"{who} has held {', '.join(names)} back for {seconds:.0f}s: "
-                "events committed after it started wait until it ends",
+                f"{_describe_holder(holder)} {held}",
                 projections=names,
                 seconds=round(seconds, 1),
                 holder=holder,
             )
         ]
 
-    async def _horizon_holder(self) -> dict[str, Any] | None:
+    async def _horizon_holder(self, now: float) -> dict[str, Any] | None:
+        """The transaction holding the horizon, with `seconds`: its age where the database shows
+        it, else (another role's session, without pg_read_all_stats) at least as long as this
+        daemon has seen it hold the horizon, since `_horizon_seen`."""
         reporter = self.reporter
         async with reporter.db_limiter:
             with anyio.fail_after(DB_TIMEOUT):
@@ -227,4 +233,29 @@ class HealthCheck:
                     cur = await conn.execute(reporter.queries["horizon_holder"])
                     row = await cur.fetchone()
                     columns = [c.name for c in cur.description or ()]
-        return dict(zip(columns, row, strict=True)) if row else None
+        if not row:
+            self._horizon_seen = None
+            return None
+        holder = dict(zip(columns, row, strict=True))
+        if self._horizon_seen is None or self._horizon_seen[0] != holder["xid"]:
+            self._horizon_seen = (holder["xid"], now)
+        holder["seconds"] = max(holder["seconds"] or 0.0, now - self._horizon_seen[1])
+        return holder
+
+
+def _describe_holder(holder: dict[str, Any] | None) -> str:
+    """Who holds the horizon, in the words an operator needs to find them."""
+    if holder is None or holder["kind"] == "unknown":
+        return "an open transaction (not found: the check failed)"
+    if holder["kind"] == "prepared":
+        return f"prepared transaction xid {holder['xid']} ({holder['query']})"
+    who = (
+        f"pid {holder['pid']} (xid {holder['xid']}, user {holder['usename']}, "
+        f"database {holder['datname']}, application {holder['application_name']!r}"
+    )
+    if not holder["visible"]:
+        return (
+            f"{who}; its state and query are not visible to this role: grant it pg_read_all_stats)"
+        )
+    query = " ".join((holder["query"] or "").split())[:120]
+    return f"{who}, {holder['state']}, since {holder['xact_start']}): {query}"
