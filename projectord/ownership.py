@@ -134,8 +134,8 @@ class Ownership:
         key = keys[(INSTANCE, "")]
         if key == self._instance_key:
             return
-        if not await self._try(conn, "try_lock_instance", key):
-            await self._rekey(conn, INSTANCE, "", key)  # a stranger holds it exclusively
+        if not await _try(conn, self.queries, "try_lock_instance", key):
+            await _rekey(conn, self.queries, INSTANCE, "", key)  # a stranger holds it exclusively
             return  # the next turn holds the new key
         if self._instance_key is not None:
             await conn.execute(self.queries["release_instance"], {"key": self._instance_key})
@@ -181,39 +181,11 @@ class Ownership:
 
     async def _take(self, conn: AsyncConnection[Any], name: str, keys: Keys) -> bool:
         """Lock a projection; if a stranger holds its key, draw a new key and lock that."""
-        key = keys[(PROJECTION, name)]
-        if not await self._try(conn, "try_lock_projection", key):
-            new = await self._rekey(conn, PROJECTION, name, key)
-            if new is None or not await self._try(conn, "try_lock_projection", new):
-                return False
-            key = keys[(PROJECTION, name)] = new
-        self._held[name] = key
+        held = await take_keyed_lock(conn, self.queries, PROJECTION, name, keys[(PROJECTION, name)])
+        if held is None:
+            return False
+        self._held[name] = keys[(PROJECTION, name)] = held
         return True
-
-    async def _try(self, conn: AsyncConnection[Any], query: str, key: int) -> bool:
-        cur = await conn.execute(self.queries[query], {"key": key})
-        row = await cur.fetchone()
-        return bool(row and row[0])
-
-    async def _rekey(
-        self, conn: AsyncConnection[Any], purpose: str, name: str, key: int
-    ) -> int | None:
-        """A new key for a lock held only by strangers; None when a daemon holds it (or it is
-        free again, or another daemon drew the new key first)."""
-        cur = await conn.execute(
-            self.queries["rekey_lock"], {"purpose": purpose, "name": name, "key": key}
-        )
-        row = await cur.fetchone()
-        if row is None:
-            return None
-        log.warning(
-            "ownership.rekeyed",
-            lock=purpose,
-            projection=name or None,
-            instance=self.instance,
-            reason="its key was held by a session of another role",
-        )
-        return int(row[0])
 
     async def _lose_all(self) -> None:
         self._held.clear()
@@ -222,6 +194,43 @@ class Ownership:
             lost, self.owned = self.owned, []
             await self._lost(lost)  # their runners stop first: nothing commits after the line
             log.warning("ownership.lost", projections=lost, instance=self.instance)
+
+
+async def take_keyed_lock(
+    conn: AsyncConnection[Any], queries: Queries, purpose: str, name: str, key: int
+) -> int | None:
+    """Take the session lock `key` of lock_keys' (purpose, name) without waiting; if only
+    strangers hold it, draw a new key and take that. The key now held, or None."""
+    if await _try(conn, queries, "try_lock", key):
+        return key
+    new = await _rekey(conn, queries, purpose, name, key)
+    if new is None or not await _try(conn, queries, "try_lock", new):
+        return None
+    return new
+
+
+async def _try(conn: AsyncConnection[Any], queries: Queries, query: str, key: int) -> bool:
+    cur = await conn.execute(queries[query], {"key": key})
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
+async def _rekey(
+    conn: AsyncConnection[Any], queries: Queries, purpose: str, name: str, key: int
+) -> int | None:
+    """A new key for a lock held only by strangers; None when a daemon holds it (or it is free
+    again, or another daemon drew the new key first)."""
+    cur = await conn.execute(queries["rekey_lock"], {"purpose": purpose, "name": name, "key": key})
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    log.warning(
+        "ownership.rekeyed",
+        lock=purpose,
+        name=name or None,
+        reason="its key was held only by sessions of roles other than the daemon's",
+    )
+    return int(row[0])
 
 
 def _digest(text: str) -> str:

@@ -13,7 +13,7 @@ ON CONFLICT (purpose, name) DO NOTHING;
 -- name: lock_keys
 SELECT purpose, name, key FROM {schema}.lock_keys WHERE purpose = ANY(%(purposes)s::text[]);
 
--- name: try_lock_projection
+-- name: try_lock
 SELECT pg_try_advisory_lock(%(key)s::bigint);
 
 -- name: try_lock_instance
