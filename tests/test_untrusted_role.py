@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from projectord.queries import Queries
-from tests.harness import DaemonProcess, TestDatabase, run_cli, wait_until
+from tests.harness import DaemonProcess, TestDatabase, run_cli, temporary_database, wait_until
 from tests.ops_support import cli, credit, projection, start
 from tests.role_support import TemporaryRoles, temporary_roles
 
@@ -28,14 +27,8 @@ LEGACY_INIT_LOCK = 0x70726F6A  # the init lock's advisory key before migration 0
 @pytest.fixture
 def other_database(pg_admin_url: str) -> Iterator[str]:
     """Another database of the same cluster, for a session that is not in the daemon's."""
-    name = f"pd_other_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
+    with temporary_database(pg_admin_url, "pd_other") as name:
         yield name
-    finally:
-        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
