@@ -58,6 +58,7 @@ class HealthCheck:
             reasons += self._projection_reasons(projection)
         if snapshot["database"]["reachable"]:
             reasons += await self._horizon_reasons()
+            reasons += await self._wakeup_reasons()
         worst = max((SEVERITY[r["severity"]] for r in reasons), default=0)
         status = next(name for name, level in SEVERITY.items() if level == worst)
         return {"status": status, "reasons": reasons, "instance": snapshot["instance"]}
@@ -226,21 +227,55 @@ class HealthCheck:
         """The transaction holding the horizon, with `seconds`: its age where the database shows
         it, else (another role's session, without pg_read_all_stats) at least as long as this
         daemon has seen it hold the horizon, since `_horizon_seen`."""
-        reporter = self.reporter
-        async with reporter.db_limiter:
-            with anyio.fail_after(DB_TIMEOUT):
-                async with reporter.pool.connection(timeout=DB_TIMEOUT) as conn:
-                    cur = await conn.execute(reporter.queries["horizon_holder"])
-                    row = await cur.fetchone()
-                    columns = [c.name for c in cur.description or ()]
-        if not row:
+        found = await self._rows("horizon_holder")
+        if not found:
             self._horizon_seen = None
             return None
-        holder = dict(zip(columns, row, strict=True))
+        holder = found[0]
         if self._horizon_seen is None or self._horizon_seen[0] != holder["xid"]:
             self._horizon_seen = (holder["xid"], now)
         holder["seconds"] = max(holder["seconds"] or 0.0, now - self._horizon_seen[1])
         return holder
+
+    async def _wakeup_reasons(self) -> list[dict[str, Any]]:
+        """`wakeups_obstructed` while sessions of another role hold the wake-up stripes on
+        purpose. The stripes' key cannot be secret (the trigger's source and the held stripes
+        are readable by every role), so a stranger can take them: held exclusively, arming times
+        out and the runners poll (events arrive within about 250 ms); held in share mode, every
+        append notifies (the writers' throughput halves). Nothing is lost either way, but the
+        operator should know who does it (docs/security-locks.md)."""
+        try:
+            channel = self.reporter.listener.channel
+            found = await self._rows("wakeup_strangers", {"channel": channel})
+        except Exception:  # a failed check is the database's problem, reported elsewhere
+            return []
+        return [
+            reason(
+                "degraded",
+                "wakeups_obstructed",
+                f"pid {s['pid']} (user {s['usename']}, database {s['datname']}, application "
+                f"{s['application_name']!r}) holds {s['exclusive'] + s['shared']} of the wake-up "
+                "locks: "
+                + (
+                    "arming fails, projections poll (up to about 250 ms behind)"
+                    if s["exclusive"]
+                    else "every append notifies, which slows the writers"
+                ),
+                session=s,
+            )
+            for s in found
+        ]
+
+    async def _rows(self, query: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """A named query on a pooled connection, bounded like the status reads."""
+        reporter = self.reporter
+        async with reporter.db_limiter:
+            with anyio.fail_after(DB_TIMEOUT):
+                async with reporter.pool.connection(timeout=DB_TIMEOUT) as conn:
+                    cur = await conn.execute(reporter.queries[query], params)
+                    rows = await cur.fetchall()
+                    columns = [c.name for c in cur.description or ()]
+        return [dict(zip(columns, row, strict=True)) for row in rows]
 
 
 def _describe_holder(holder: dict[str, Any] | None) -> str:

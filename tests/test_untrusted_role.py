@@ -145,18 +145,17 @@ def test_health_names_a_strangers_transaction_in_another_database_at_once(
     with start(db, LEDGER, state_dir), psycopg.connect(other_url) as mallory:
         credit(db)
         wait_until(lambda: applied(db) == 1, timeout=15)
-        assert health(state_dir)[0] == 0
+        wait_until(lambda: health(state_dir)[0] == 0, timeout=15, interval=0.2)
         mallory.execute("SELECT pg_current_xact_id()")
         pid = mallory.info.backend_pid
-        began = time.monotonic()
 
         def held() -> dict[str, Any] | None:
             code, verdict = health(state_dir)
             found = [r for r in verdict["reasons"] if r["code"] == "horizon_held"]
             return found[0] if found and code == 1 and verdict["status"] == "degraded" else None
 
+        # The default threshold (5 s) plus a few checks: within 15 s, no event waiting yet.
         wait_until(lambda: held() is not None, timeout=15, interval=0.2)
-        assert time.monotonic() - began < 12
         reason = held()
         assert reason is not None
         holder = reason["holder"]
@@ -183,3 +182,33 @@ def test_health_names_a_strangers_transaction_in_another_database_at_once(
         mallory.rollback()
         wait_until(lambda: applied(db) == 2, timeout=10)
         wait_until(lambda: health(state_dir)[0] == 0, timeout=15, interval=0.2)
+
+
+def test_health_names_a_stranger_holding_the_wake_up_locks(
+    db: TestDatabase, state_dir: Path, stranger: str
+) -> None:
+    """The wake-up stripes' key cannot be secret (the trigger's source is readable by all), so a
+    stranger may take them: events still arrive (the runners poll), and health names who does it."""
+    db.init(LEDGER)
+    with psycopg.connect(make_conninfo(db.url, user=stranger), autocommit=True) as mallory:
+        mallory.execute(
+            "SELECT count(pg_advisory_lock(hashtext('projectord_projectord'), s))"
+            " FROM generate_series(0, 63) AS s"
+        )
+        with DaemonProcess(db.url, LEDGER, state_dir):
+            credit(db)
+            wait_until(lambda: applied(db) == 1, timeout=15)
+
+            def obstructed() -> dict[str, Any] | None:
+                code, verdict = health(state_dir)
+                found = [r for r in verdict["reasons"] if r["code"] == "wakeups_obstructed"]
+                return found[0] if found and code == 1 else None
+
+            wait_until(lambda: obstructed() is not None, timeout=15, interval=0.2)
+            reason = obstructed()
+            assert reason is not None
+            assert reason["session"]["pid"] == mallory.info.backend_pid
+            assert reason["session"]["usename"] == stranger
+            assert f"pid {mallory.info.backend_pid}" in reason["message"]
+            mallory.execute("SELECT pg_advisory_unlock_all()")
+            wait_until(lambda: health(state_dir)[0] == 0, timeout=15, interval=0.2)
