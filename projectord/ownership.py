@@ -31,7 +31,7 @@ import anyio
 import psycopg
 from psycopg import AsyncConnection
 
-from projectord.database import connect, describe_error
+from projectord.database import condemn, connect, deadline, describe_error, reap
 from projectord.logs import get_logger
 from projectord.queries import Queries
 
@@ -80,9 +80,14 @@ class Ownership:
     async def run(self) -> None:
         failures = 0
         while True:
+            conn: AsyncConnection[Any] | None = None
             try:
                 conn = await connect(self.dsn, autocommit=True, connect_timeout=5)
                 async with conn:
+                    # The previous session may live on on the server after a silent partition,
+                    # holding this instance's locks: end it (and any other dead session) first.
+                    async with deadline(conn, "terminating dead sessions"):
+                        await reap(conn)
                     await self._join(conn)
                     self.connected = True
                     if failures:
@@ -90,6 +95,8 @@ class Ownership:
                     failures = 0
                     await self._keep(conn)
             except (psycopg.Error, OSError) as exc:
+                if conn is not None:
+                    condemn(conn)  # its locks must go with it, whatever the server still thinks
                 was_connected, self.connected = self.connected, False
                 if was_connected or failures == 0:
                     log.warning(
@@ -117,35 +124,37 @@ class Ownership:
 
     async def _join(self, conn: AsyncConnection[Any]) -> None:
         """Make sure every lock this daemon may take has a key, then say this instance is alive."""
-        await conn.execute(self.queries["ensure_lock_keys"], {"purpose": INSTANCE, "names": [""]})
-        await conn.execute(
-            self.queries["ensure_lock_keys"], {"purpose": PROJECTION, "names": self.names}
-        )
+        await self._query(conn, "ensure_lock_keys", {"purpose": INSTANCE, "names": [""]})
+        await self._query(conn, "ensure_lock_keys", {"purpose": PROJECTION, "names": self.names})
         self._instance_key = None
         await self._hold_instance(conn, await self._keys(conn))
 
     async def _keys(self, conn: AsyncConnection[Any]) -> Keys:
         """The current keys, read every turn: another daemon may have drawn a new one."""
-        cur = await conn.execute(self.queries["lock_keys"], {"purposes": [INSTANCE, PROJECTION]})
-        return {(purpose, name): int(key) for purpose, name, key in await cur.fetchall()}
+        async with deadline(conn, "ownership's lock_keys"):
+            cur = await conn.execute(
+                self.queries["lock_keys"], {"purposes": [INSTANCE, PROJECTION]}
+            )
+            rows = await cur.fetchall()
+        return {(purpose, name): int(key) for purpose, name, key in rows}
 
     async def _hold_instance(self, conn: AsyncConnection[Any], keys: Keys) -> None:
         """Hold the current instance key in share mode (moving off an old one)."""
         key = keys[(INSTANCE, "")]
         if key == self._instance_key:
             return
-        if not await _try(conn, self.queries, "try_lock_instance", key):
-            await _rekey(conn, self.queries, INSTANCE, "", key)  # a stranger holds it exclusively
+        row = await self._query(conn, "try_lock_instance", {"key": key})
+        if not (row and row[0]):
+            await self._rekey(conn, INSTANCE, "", key)  # a stranger holds it exclusively
             return  # the next turn holds the new key
         if self._instance_key is not None:
-            await conn.execute(self.queries["release_instance"], {"key": self._instance_key})
+            await self._query(conn, "release_instance", {"key": self._instance_key})
         self._instance_key = key
 
     async def rebalance(self, conn: AsyncConnection[Any]) -> None:
         keys = await self._keys(conn)
         await self._hold_instance(conn, keys)
-        cur = await conn.execute(self.queries["count_instances"], {"key": keys[(INSTANCE, "")]})
-        row = await cur.fetchone()
+        row = await self._query(conn, "count_instances", {"key": keys[(INSTANCE, "")]})
         self.instances = max(int(row[0]) if row else 1, 1)
         share = math.ceil(len(self.names) / self.instances)
         # A projection held under a key that is no longer its own (a daemon drew a new one) is
@@ -159,9 +168,7 @@ class Ownership:
                 break
             if name not in self.owned and await self._take(conn, name, keys):
                 self.owned.append(name)
-                await conn.execute(
-                    self.queries["record_owner"], {"name": name, "owner": self.instance}
-                )
+                await self._query(conn, "record_owner", {"name": name, "owner": self.instance})
                 log.info(
                     "ownership.acquired",
                     projection=name,
@@ -176,16 +183,34 @@ class Ownership:
         log.info(
             "ownership.released", projection=name, instance=self.instance, instances=self.instances
         )
-        await conn.execute(self.queries["release_projection"], {"key": self._held.pop(name)})
+        await self._query(conn, "release_projection", {"key": self._held.pop(name)})
         self.owned.remove(name)
 
     async def _take(self, conn: AsyncConnection[Any], name: str, keys: Keys) -> bool:
         """Lock a projection; if a stranger holds its key, draw a new key and lock that."""
-        held = await take_keyed_lock(conn, self.queries, PROJECTION, name, keys[(PROJECTION, name)])
+        async with deadline(conn, "ownership's try_lock"):
+            held = await take_keyed_lock(
+                conn, self.queries, PROJECTION, name, keys[(PROJECTION, name)]
+            )
         if held is None:
             return False
         self._held[name] = keys[(PROJECTION, name)] = held
         return True
+
+    async def _rekey(
+        self, conn: AsyncConnection[Any], purpose: str, name: str, key: int
+    ) -> int | None:
+        async with deadline(conn, "ownership's rekey_lock"):
+            return await rekey(conn, self.queries, purpose, name, key)
+
+    async def _query(
+        self, conn: AsyncConnection[Any], name: str, params: dict[str, Any]
+    ) -> tuple[Any, ...] | None:
+        """One of ownership's statements, bounded: a session that does not answer is taken for
+        dead (its locks are then someone else's to take), never waited on forever."""
+        async with deadline(conn, f"ownership's {name}"):
+            cur = await conn.execute(self.queries[name], params)
+            return await cur.fetchone() if cur.description else None
 
     async def _lose_all(self) -> None:
         self._held.clear()
@@ -203,7 +228,7 @@ async def take_keyed_lock(
     strangers hold it, draw a new key and take that. The key now held, or None."""
     if await _try(conn, queries, "try_lock", key):
         return key
-    new = await _rekey(conn, queries, purpose, name, key)
+    new = await rekey(conn, queries, purpose, name, key)
     if new is None or not await _try(conn, queries, "try_lock", new):
         return None
     return new
@@ -215,7 +240,7 @@ async def _try(conn: AsyncConnection[Any], queries: Queries, query: str, key: in
     return bool(row and row[0])
 
 
-async def _rekey(
+async def rekey(
     conn: AsyncConnection[Any], queries: Queries, purpose: str, name: str, key: int
 ) -> int | None:
     """A new key for a lock held only by strangers; None when a daemon holds it (or it is free

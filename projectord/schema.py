@@ -40,6 +40,10 @@ class _Step:
         self.what = what
 
 
+class InitError(Exception):
+    """`init` cannot do its work with this role's privileges; one line saying what to grant."""
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -92,9 +96,11 @@ async def _initialise_once(
     lock_timeout: float,
 ) -> list[str]:
     done: list[str] = []
+    queries = Queries(schema)
     async with conn.transaction():
         await conn.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'")
-        for name in dict.fromkeys((schema, read_model_schema)):
+        missing = await check_privileges(conn, queries, schema, read_model_schema, projections)
+        for name in missing:  # IF NOT EXISTS would still need CREATE on the database
             await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(name)}")
         await conn.execute(f"SET LOCAL search_path TO {quote_ident(schema)}")
         await conn.execute(
@@ -120,11 +126,48 @@ async def _initialise_once(
         await conn.execute("SET LOCAL search_path TO DEFAULT")
         step.what = f"the read-model schema {read_model_schema}"
         done += await create_projection_tables(conn, read_model_schema, projections)
-        queries = Queries(schema)
         for projection in projections:
             step.what = f"the positions row of {projection.name}"
             await conn.execute(queries["ensure_position"], {"name": projection.name})
     return done
+
+
+async def check_privileges(
+    conn: AsyncConnection[Any],
+    queries: Queries,
+    schema: str,
+    read_model_schema: str,
+    projections: Sequence[Projection],
+) -> list[str]:
+    """The schemas to create. Raise InitError, naming the schema and the GRANT, when this role
+    cannot create what `init` must create: projectord's schema (or its tables), or missing tables
+    in the read-model schema. The read-model schema needs CREATE only while a table is missing."""
+    cur = await conn.execute(queries["schema_access"], {"schemas": [schema, read_model_schema]})
+    access = {name: (exists, may_create) for name, exists, may_create in await cur.fetchall()}
+    cur = await conn.execute(queries["current_identity"])
+    row = await cur.fetchone()
+    assert row is not None
+    role, database = quote_ident(row[0]), quote_ident(row[1])
+    tables = [name for projection in projections for name in projection.tables]
+    cur = await conn.execute(
+        queries["missing_tables"], {"schema": read_model_schema, "tables": tables}
+    )
+    needs_create = {schema: True, read_model_schema: bool(await cur.fetchall())}
+    for name in dict.fromkeys((schema, read_model_schema)):
+        exists, may_create = access[name]
+        if may_create or (exists and not needs_create[name]):
+            continue
+        ident = quote_ident(name)
+        if not exists:
+            raise InitError(
+                f"cannot create schema {name}: role {role} lacks CREATE on database {database};"
+                f" create it for the role first: CREATE SCHEMA {ident} AUTHORIZATION {role}"
+            )
+        raise InitError(
+            f"cannot create tables in schema {name}: role {role} lacks CREATE on it;"
+            f" GRANT CREATE ON SCHEMA {ident} TO {role} (or let {role} own the schema)"
+        )
+    return [name for name in dict.fromkeys((schema, read_model_schema)) if not access[name][0]]
 
 
 async def create_projection_tables(
