@@ -48,6 +48,7 @@ from projectord.database import connect, make_pool
 from projectord.error_policy import ErrorPolicy
 from projectord.event_store import Event
 from projectord.logs import get_logger
+from projectord.ownership import take_keyed_lock
 from projectord.projection import Projection
 from projectord.queries import Queries
 from projectord.runner import ProjectionRunner
@@ -201,9 +202,10 @@ class _OnlineRebuild:
 
     async def _take_lock(self, control: AsyncConnection[Any]) -> None:
         key = f"{self.settings.schema}.{self.schema}.{self.projection.name}"
-        cur = await control.execute(self.queries["try_rebuild_lock"], {"key": key})
+        cur = await control.execute(self.queries["rebuild_lock_key"], {"key": key})
         row = await cur.fetchone()
-        if not (row and row[0]):
+        assert row is not None  # RETURNING of an upsert
+        if await take_keyed_lock(control, self.queries, "rebuild", key, int(row[0])) is None:
             raise RebuildError(f"an online rebuild of {self.projection.name!r} is already running")
 
     async def _build_shadow(self, control: AsyncConnection[Any]) -> None:
