@@ -17,7 +17,7 @@ The shadow runs under the projection's own error policy, pipeline setting and th
 defaults, like the live runner. Its handler's unqualified table names resolve to the shadow tables
 through `search_path`; a schema-qualified name would escape into a live table, so every shadow batch
 ends with a guard: the tables its transaction holds a write lock on (`tables_written()`,
-sql/migrations/0015_tables_written.sql). A write outside the shadow schema rolls the batch back and
+sql/migrations/0013_tables_written.sql). A write outside the shadow schema rolls the batch back and
 aborts the rebuild, naming the table: the live data is never touched by a shadow run.
 
 The live runner's next compare-and-set then fails (its checkpoint moved under it), so it rolls its

@@ -10,7 +10,7 @@ turn. The checkpoint's compare-and-set stays the second guard: a runner that los
 cannot commit a batch after the new owner moved the checkpoint.
 
 Advisory locks need no privilege, so their keys are random and kept in `<schema>.lock_keys`, which
-only the daemon's role can read (migration 0016): a role that can merely connect cannot take a
+only the daemon's role can read (migration 0014): a role that can merely connect cannot take a
 projection's lock before a daemon does. A held key shows in pg_locks, though, and a stranger who
 saw it may take it once it is free (at a rebalance or a restart). A daemon that finds a key held
 only by strangers draws a new one, and every daemon uses that from its next turn; fellow daemons

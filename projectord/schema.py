@@ -4,7 +4,7 @@ Migrations are the numbered files in `sql/migrations/`, each applied once and re
 `<schema>.schema_migrations`. The whole run holds `schema_migrations` locked (ACCESS EXCLUSIVE), so
 daemons starting together do not race each other. That is the init lock: a table lock, because
 taking it needs privileges on projectord's own table, where an advisory lock (what it was before
-migration 0016) can be taken first by any role that can connect, and start-up then hung. Every
+migration 0014) can be taken first by any role that can connect, and start-up then hung. Every
 lock wait of the run is bounded by `lock_timeout`: a wait that runs out fails with one line naming
 what it waited for. Running it twice changes nothing.
 """
@@ -111,7 +111,7 @@ async def _initialise_once(
             " version integer PRIMARY KEY, name text NOT NULL,"
             " applied_at timestamptz NOT NULL DEFAULT now())"
         )
-        # ACCESS EXCLUSIVE also conflicts with the read of an `init` from before migration 0016
+        # ACCESS EXCLUSIVE also conflicts with the read of an `init` from before migration 0014
         # (it took an advisory lock, then read this table): old and new runs serialise too.
         await conn.execute("LOCK TABLE schema_migrations IN ACCESS EXCLUSIVE MODE")
         cur = await conn.execute("SELECT version FROM schema_migrations")

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TENANT = uuid.UUID("00000000-0000-0000-0000-00000000000a")
 
 
-# The sessions holding a projection's ownership lock (its key is in lock_keys, migration 0016).
+# The sessions holding a projection's ownership lock (its key is in lock_keys, migration 0014).
 PROJECTION_LOCK_HOLDERS = (
     "SELECT l.pid FROM pg_locks l"
     " JOIN projectord.lock_keys k ON k.purpose = 'projection' AND k.name = %s"

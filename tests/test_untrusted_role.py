@@ -21,7 +21,7 @@ from tests.ops_support import cli, credit, projection, start
 from tests.role_support import TemporaryRoles, temporary_roles
 
 LEDGER = "tests.projections:ledger_only"
-LEGACY_INIT_LOCK = 0x70726F6A  # the init lock's advisory key before migration 0016
+LEGACY_INIT_LOCK = 0x70726F6A  # the init lock's advisory key before migration 0014
 
 
 @pytest.fixture

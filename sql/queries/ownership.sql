@@ -1,5 +1,5 @@
 -- Advisory locks of one installation. Their keys are random, stored in {schema}.lock_keys, which
--- only the daemon's role can read (sql/migrations/0016_lock_keys.sql): a role that can merely
+-- only the daemon's role can read (sql/migrations/0014_lock_keys.sql): a role that can merely
 -- connect cannot know a key before a daemon holds it. Session locks: they end with the session.
 -- "Daemon" below means a session of the daemon's role or of a member of it.
 -- A bigint key shows in pg_locks as classid (high 32 bits), objid (low 32 bits), objsubid 1.

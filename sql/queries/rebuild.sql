@@ -1,6 +1,6 @@
 -- name: rebuild_lock_key
 -- One online rebuild per projection at a time: a session lock, released when its connection ends,
--- on a random key only the daemon's role can read (sql/migrations/0016_lock_keys.sql).
+-- on a random key only the daemon's role can read (sql/migrations/0014_lock_keys.sql).
 INSERT INTO {schema}.lock_keys AS k (purpose, name) VALUES ('rebuild', %(key)s)
 ON CONFLICT (purpose, name) DO UPDATE SET key = k.key
 RETURNING key;

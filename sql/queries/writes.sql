@@ -1,4 +1,4 @@
--- Which tables projections write (sql/migrations/0015_tables_written.sql).
+-- Which tables projections write (sql/migrations/0013_tables_written.sql).
 
 -- name: record_tables_written
 -- Run inside a batch's transaction, after its handler: every table the handler wrote, once per
