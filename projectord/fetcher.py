@@ -38,13 +38,25 @@ READ_AHEAD_CONNECTION_TIMEOUT = 0.05
 
 @dataclass
 class Batch:
+    """Events read in one snapshot, with what the read was bounded by.
+
+    `limit` is the count the batch was read with, not the runner's batch size now: a reload may
+    change that between the read and the apply (or while a batch is read ahead), and a batch read
+    with a smaller limit would then look short and move the checkpoint over events never read."""
+
     events: list[Event]
     horizon: int
     held_back: bool
+    limit: int
 
     @property
     def last(self) -> Checkpoint:
         return self.events[-1].commit_position
+
+    @property
+    def short(self) -> bool:
+        """Fewer events than asked for: every event below the horizon has been seen."""
+        return len(self.events) < self.limit
 
 
 class Fetcher:
@@ -82,7 +94,7 @@ class Fetcher:
         # The query returns commit order; sorting an already sorted list is a linear check (in C)
         # that keeps the guarantee even if a future plan stopped preserving it.
         events.sort(key=_commit_order)
-        return Batch(events, int(horizon), bool(held_back))
+        return Batch(events, int(horizon), bool(held_back), limit)
 
 
 def _size_class(newest_position: int) -> int:

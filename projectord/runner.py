@@ -306,7 +306,7 @@ class ProjectionRunner:
             await self._on_error(exc, None)
             return
         self._on_success(batch)
-        if len(batch.events) < self.batch_size:
+        if batch.short:
             await self._wait_for_events(batch.held_back, armed, bool(batch.events))
 
     async def _load_checkpoint_after_move(self) -> None:
@@ -361,7 +361,7 @@ class ProjectionRunner:
     async def _apply_reading_ahead(self, conn: AsyncConnection[Any], batch: Batch) -> None:
         """Apply a batch; when it is full (a catch-up), read the next one meanwhile on another
         connection (projectord/fetcher.py). Errors are the batch's own, never the read-ahead's."""
-        if len(batch.events) < self.batch_size:
+        if batch.short:
             await self.apply(conn, batch)
             return
         failure: Exception | None = None
@@ -378,8 +378,10 @@ class ProjectionRunner:
 
     def _next_checkpoint(self, batch: Batch) -> Checkpoint:
         """After a short batch everything below the horizon has been seen: move there, so events
-        of other types are never scanned again. After a full batch, stop at its last event."""
-        if len(batch.events) < self.batch_size:
+        of other types are never scanned again. After a full batch, stop at its last event.
+        Short means short of the limit the batch was read with (`Batch.limit`), whatever the
+        batch size is now."""
+        if batch.short:
             return max((batch.horizon, 0), batch.last if batch.events else self._position)
         return batch.last
 
@@ -751,7 +753,8 @@ class ProjectionRunner:
             try:
                 async with self.pool.connection() as conn:
                     # Horizon 0: the checkpoint stops at the part's last event.
-                    await self.apply(conn, Batch(pending[:size], horizon=0, held_back=False))
+                    part = Batch(pending[:size], horizon=0, held_back=False, limit=size)
+                    await self.apply(conn, part)
             except CheckpointMoved:
                 raise
             except Exception as exc:
