@@ -11,6 +11,13 @@ a two-core machine runs the two halves of a catch-up side by side. A batch read 
 if the runner is still at the position it was read from (a rebuild, a skip or a failure in
 between throws it away), and it is as safe as any other fetch: it carries the horizon of its own
 snapshot.
+
+A batch is bounded in bytes as well as in events (`batch_max_bytes`, counting each event's
+payload and metadata as the JSON text the fetch receives), and the server cuts it: the rows past
+the bound are never sent, so the bound holds on the wire and in this process, not only after the
+fact. An event larger than the bound still comes, alone in its batch. A batch read ahead gets
+only what the batch being applied leaves of the bound, and no oversized event, so one runner
+holds at most `batch_max_bytes` of events text at a time (docs/batches.md).
 """
 
 from __future__ import annotations
@@ -34,6 +41,12 @@ _commit_order = attrgetter("transaction_id", "global_position")
 # How long a read-ahead waits for a free connection before it gives up (seconds): it is an
 # optimisation and must never hold up a runner.
 READ_AHEAD_CONNECTION_TIMEOUT = 0.05
+# The default byte bound of a batch (payload and metadata as JSON text), and of a batch and the
+# one read ahead together.
+DEFAULT_BATCH_MAX_BYTES = 32 * 2**20
+# Rows asked for beyond what the byte bound should hold, at the last batch's bytes per event
+# (as a fraction): the server converts every row asked for, sent or not.
+ROWS_HEADROOM = 0.25
 
 
 @dataclass
@@ -48,6 +61,8 @@ class Batch:
     horizon: int
     held_back: bool
     limit: int
+    cut: bool = False  # the byte bound stopped it: more events were there
+    bytes: int = 0  # its events' payload and metadata text
 
     @property
     def last(self) -> Checkpoint:
@@ -55,8 +70,9 @@ class Batch:
 
     @property
     def short(self) -> bool:
-        """Fewer events than asked for: every event below the horizon has been seen."""
-        return len(self.events) < self.limit
+        """Fewer events than asked for, and not for lack of room: every event below the horizon
+        has been seen. A batch cut by the byte bound is not short."""
+        return len(self.events) < self.limit and not self.cut
 
 
 class Fetcher:
@@ -66,6 +82,7 @@ class Fetcher:
         self.query = queries["fetch_batch"]
         self.types = types
         self._size_class = _size_class(0)
+        self._bytes_per_event = 0  # in the last batch that had events; 0: not known yet
 
     def _query_for_size(self) -> str:
         """The fetch, told apart by the table's size class. psycopg prepares a statement on its
@@ -75,8 +92,19 @@ class Fetcher:
         Planning every fetch instead would cost about 0.2 ms of a live batch's round trip."""
         return f"/* size class {self._size_class} */ {self.query}"
 
-    async def fetch(self, conn: AsyncConnection[Any], after: Checkpoint, limit: int) -> Batch:
-        """The events after `after` in commit order, below the horizon of the query's snapshot."""
+    async def fetch(
+        self,
+        conn: AsyncConnection[Any],
+        after: Checkpoint,
+        limit: int,
+        max_bytes: int = DEFAULT_BATCH_MAX_BYTES,
+        *,
+        alone: bool = True,
+    ) -> Batch:
+        """The events after `after` in commit order, below the horizon of the query's snapshot:
+        at most `limit` of them and `max_bytes` of their text, or a first event larger than that
+        alone (unless not `alone`: then such an event is not read and the batch is empty)."""
+        rows_asked = self._rows_for(limit, max_bytes)
         cur = conn.cursor(binary=True)
         await cur.execute(
             self._query_for_size(),
@@ -84,17 +112,34 @@ class Fetcher:
                 "txid": str(after[0]),
                 "position": after[1],
                 "types": self.types,
-                "limit": limit,
+                "limit": rows_asked,
+                "max_bytes": max_bytes,
+                "alone": alone,
             },
         )
         rows = await cur.fetchall()
         horizon, held_back, newest = rows[0][0], rows[0][1], rows[0][2]
         self._size_class = max(self._size_class, _size_class(newest))
-        events = [Event(*row[3:]) for row in rows if row[3] is not None]
+        events = [Event(*row[5:]) for row in rows if row[5] is not None]
         # The query returns commit order; sorting an already sorted list is a linear check (in C)
         # that keeps the guarantee even if a future plan stopped preserving it.
         events.sort(key=_commit_order)
-        return Batch(events, int(horizon), bool(held_back), limit)
+        batch = Batch(events, int(horizon), bool(held_back), rows_asked)
+        if events:
+            batch.bytes, batch.cut = int(rows[-1][3]), bool(rows[-1][4])
+            self._bytes_per_event = max(batch.bytes // len(events), 1)
+        return batch
+
+    def _rows_for(self, limit: int, max_bytes: int) -> int:
+        """How many rows to ask for: `limit`, or fewer when events have been large. The server
+        reads and converts every row asked for, also those the byte bound then leaves out; at
+        400 kB an event, 2000 rows asked for 80 sent would cost it 25 times the work. A batch of
+        fewer rows than `limit` that fills them is full, so asking too few costs only smaller
+        batches until the next estimate."""
+        if not self._bytes_per_event:
+            return limit
+        fits = int(max_bytes * (1 + ROWS_HEADROOM)) // self._bytes_per_event
+        return min(limit, fits + 1)
 
 
 def _size_class(newest_position: int) -> int:
@@ -127,16 +172,20 @@ class ReadAhead:
         stats = self.pool.get_stats()
         return stats.get("pool_available", 0) > 0 or stats.get("pool_size", 0) < self.pool.max_size
 
-    async def read(self, after: Checkpoint, limit: int) -> None:
-        """Read the batch after `after` if a connection is free; a failure only loses the
-        head start (the runner fetches the batch itself and meets the error there)."""
+    async def read(self, after: Checkpoint, limit: int, max_bytes: int) -> None:
+        """Read the batch after `after` if a connection is free, within `max_bytes` (what the
+        batch being applied leaves of the bound). A failure only loses the head start (the
+        runner fetches the batch itself and meets the error there), and so does a batch that
+        came back empty: it may be empty only because its first event did not fit, and the
+        runner would take an empty batch for "nothing until the horizon"."""
         self.discard()
         if not self.has_spare_connection():
             return
         try:
             async with self.pool.connection(timeout=READ_AHEAD_CONNECTION_TIMEOUT) as conn:
-                batch = await self.fetcher.fetch(conn, after, limit)
+                batch = await self.fetcher.fetch(conn, after, limit, max_bytes, alone=False)
         except Exception as exc:  # PoolTimeout, a lost connection, a cancelled statement
             log.debug("read_ahead.failed", error=str(exc))
             return
-        self._after, self._batch = after, batch
+        if batch.events:
+            self._after, self._batch = after, batch

@@ -195,6 +195,7 @@ class _OnlineRebuild:
                 pool,
                 self.queries,
                 batch_size=self.settings.batch_size,
+                batch_max_bytes=self.settings.batch_max_bytes,
                 poll_interval=self.settings.poll_interval,
             )
             stopped = anyio.Event()

@@ -32,7 +32,7 @@ from psycopg_pool import AsyncConnectionPool
 from projectord.dead_letters import dead_letter_params, format_traceback
 from projectord.error_policy import ErrorPolicy, backoff, is_transient
 from projectord.event_store import Event
-from projectord.fetcher import Batch, Fetcher, ReadAhead
+from projectord.fetcher import DEFAULT_BATCH_MAX_BYTES, Batch, Fetcher, ReadAhead
 from projectord.handler_timeout import HandlerClock, handler_of, run_handler
 from projectord.heartbeat import Heartbeat
 from projectord.listener import NotificationListener
@@ -198,6 +198,7 @@ class ProjectionRunner:
         listener: NotificationListener | None = None,
         policy: ErrorPolicy | None = None,
         owner: str | None = None,
+        batch_max_bytes: int = DEFAULT_BATCH_MAX_BYTES,
     ) -> None:
         self.projection = projection
         self.policy = policy or ErrorPolicy()
@@ -208,6 +209,7 @@ class ProjectionRunner:
         self.pool = pool
         self.queries = queries
         self.batch_size = batch_size
+        self.batch_max_bytes = batch_max_bytes  # a batch and the one read ahead, together
         self.poll_interval = poll_interval
         self.on_batch = on_batch
         self.types = list(projection.event_types)
@@ -356,17 +358,20 @@ class ProjectionRunner:
         return batch
 
     async def fetch(self, conn: AsyncConnection[Any], after: Checkpoint) -> Batch:
-        return await self.fetcher.fetch(conn, after, self.batch_size)
+        return await self.fetcher.fetch(conn, after, self.batch_size, self.batch_max_bytes)
 
     async def _apply_reading_ahead(self, conn: AsyncConnection[Any], batch: Batch) -> None:
         """Apply a batch; when it is full (a catch-up), read the next one meanwhile on another
-        connection (projectord/fetcher.py). Errors are the batch's own, never the read-ahead's."""
-        if batch.short:
+        connection (projectord/fetcher.py). Errors are the batch's own, never the read-ahead's.
+        The batch read ahead gets what this one leaves of the byte bound, if an event of this
+        batch's average size would fit in it."""
+        room = self.batch_max_bytes - batch.bytes
+        if batch.short or room * len(batch.events) < batch.bytes:
             await self.apply(conn, batch)
             return
         failure: Exception | None = None
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(self._read_ahead.read, batch.last, self.batch_size)
+            tasks.start_soon(self._read_ahead.read, batch.last, self.batch_size, room)
             try:
                 await self.apply(conn, batch)
             except Exception as exc:

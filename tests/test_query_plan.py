@@ -22,7 +22,14 @@ def test_fetch_batch_uses_the_commit_order_index(db: TestDatabase) -> None:
             row[0]
             for row in conn.execute(
                 "EXPLAIN (ANALYZE, COSTS OFF) " + Queries("projectord")["fetch_batch"],
-                {"txid": middle[0], "position": middle[1], "types": ["Credited"], "limit": 5000},
+                {
+                    "txid": middle[0],
+                    "position": middle[1],
+                    "types": ["Credited"],
+                    "limit": 5000,
+                    "max_bytes": 2**25,
+                    "alone": True,
+                },
             )
         )
     assert "events_commit_order" in plan, plan
