@@ -61,8 +61,7 @@ def server_ms(url: str, after: tuple[int, int], batch: int) -> float:
         "position": after[1],
         "types": list(Balances.event_types),
         "limit": batch,
-        "max_bytes": DEFAULT_BATCH_MAX_BYTES,
-        "alone": True,
+        "max_event_bytes": DEFAULT_BATCH_MAX_BYTES // (2 * batch),
     }
     with psycopg.connect(url, autocommit=True) as conn:
         plan = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + query, params).fetchone()
