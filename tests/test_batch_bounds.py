@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from projectord.fetcher import Batch
 from projectord.queries import Queries
 from projectord.runner import ProjectionRunner
@@ -24,7 +26,22 @@ from tests.test_fetcher import run_runner
 
 EVENTS = 20_000
 # Growing sizes are what lost events: a full batch read with the old, smaller size looked short.
-RELOADED_SIZES = (80, 130, 70, 160, 200)
+RELOADED_SIZES = (
+    "batch_size = 80",
+    "batch_size = 130",
+    "batch_size = 70",
+    "batch_size = 160",
+    "batch_size = 200",
+)
+# The byte bound changed as well: batches cut by bytes (about 30 bytes an event here) between
+# batches cut by count, each applied with the bounds it was read with.
+RELOADED_BOUNDS = (
+    'batch_size = 80\nbatch_max_bytes = "2KiB"',
+    'batch_size = 130\nbatch_max_bytes = "32MiB"',
+    'batch_size = 70\nbatch_max_bytes = "1KiB"',
+    'batch_size = 160\nbatch_max_bytes = "3KiB"',
+    'batch_size = 200\nbatch_max_bytes = "32MiB"',
+)
 
 LAG = """
 SELECT count(*) FROM projectord.events e, projectord.projection_positions p
@@ -41,8 +58,9 @@ def applied(db: TestDatabase) -> int:
     return int(db.scalar("SELECT count(*) FROM applied_log"))
 
 
-def test_batch_size_changed_by_sighup_during_a_catch_up_loses_nothing(
-    db: TestDatabase, state_dir: Path
+@pytest.mark.parametrize("reloads", [RELOADED_SIZES, RELOADED_BOUNDS], ids=["size", "bytes"])
+def test_batch_bounds_changed_by_sighup_during_a_catch_up_lose_nothing(
+    db: TestDatabase, state_dir: Path, reloads: tuple[str, ...]
 ) -> None:
     specs = "tests.batch_projections:paced_ledger"
     db.init(specs)
@@ -51,14 +69,14 @@ def test_batch_size_changed_by_sighup_during_a_catch_up_loses_nothing(
     config = state_dir / "projectord.toml"
     config.write_text("batch_size = 50\n")
     with DaemonProcess(db.url, specs, state_dir, args=["--config", str(config)]) as daemon:
-        for reloads, size in enumerate(RELOADED_SIZES, start=1):
+        for reloaded, settings in enumerate(reloads, start=1):
             before = applied(db)
             # Reload in the middle of the catch-up: after some batches, before the end.
             wait_until(lambda b=before: applied(db) >= b + 1000 or lag(db) == 0, timeout=60)
-            config.write_text(f"batch_size = {size}\n")
+            config.write_text(settings + "\n")
             daemon.process.send_signal(signal.SIGHUP)
             wait_until(
-                lambda n=reloads: (
+                lambda n=reloaded: (
                     sum(e["event"] == "config.reloaded" for e in daemon.log_events()) >= n
                 ),
                 timeout=10,
