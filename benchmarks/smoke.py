@@ -14,6 +14,7 @@ from benchmarks import (
     large_events,
     live_latency,
     many_projections,
+    soak,
     write_cost,
 )
 
@@ -25,6 +26,7 @@ def main() -> None:
         write_cost,
         many_projections,
         fetch_scale,
+        soak,
         large_events,
     ):
         started = time.perf_counter()

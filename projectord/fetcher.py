@@ -29,6 +29,7 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from projectord.database import deadline
 from projectord.event_store import Event
 from projectord.logs import get_logger
 from projectord.queries import Queries
@@ -236,7 +237,8 @@ class ReadAhead:
             return
         try:
             async with self.pool.connection(timeout=READ_AHEAD_CONNECTION_TIMEOUT) as conn:
-                batch = await self.fetcher.fetch(conn, after, limit, max_bytes, alone=False)
+                async with deadline(conn, "a read-ahead fetch"):
+                    batch = await self.fetcher.fetch(conn, after, limit, max_bytes, alone=False)
         except Exception as exc:  # PoolTimeout, a lost connection, a cancelled statement
             log.debug("read_ahead.failed", error=str(exc))
             return

@@ -26,6 +26,7 @@ RUNTIME_KEYS = (
     "health_horizon_seconds",
     "stall_timeout",
     "health_outage_seconds",
+    "health_notify_queue_usage",
 )
 
 
