@@ -31,7 +31,7 @@ from benchmarks.bench_db import (
     server_description,
 )
 from projectord.database import connect
-from projectord.fetcher import Fetcher
+from projectord.fetcher import DEFAULT_BATCH_MAX_BYTES, Fetcher
 from projectord.queries import Queries
 from projectord.samples import Balances
 
@@ -61,6 +61,7 @@ def server_ms(url: str, after: tuple[int, int], batch: int) -> float:
         "position": after[1],
         "types": list(Balances.event_types),
         "limit": batch,
+        "max_event_bytes": DEFAULT_BATCH_MAX_BYTES // (2 * batch),
     }
     with psycopg.connect(url, autocommit=True) as conn:
         plan = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + query, params).fetchone()

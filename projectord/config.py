@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import ByteSize, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -46,6 +46,9 @@ with warnings.catch_warnings():
         control_socket: Path | None = None
         state_dir: Path = Path(".projectord")
         batch_size: int = Field(default=2000, ge=1, le=100_000)
+        # Bytes of events (payload and metadata as JSON text) in a batch and the one read ahead
+        # together; an int or a size such as "32MiB" (docs/batches.md).
+        batch_max_bytes: ByteSize = Field(default=ByteSize(32 * 2**20), ge=2**10, le=2**31 - 1)
         poll_interval: float = Field(default=5.0, gt=0, le=3600)
         pool_size: int = Field(default=10, ge=2, le=200)
         drain_timeout: float = Field(default=20.0, gt=0)

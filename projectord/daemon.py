@@ -105,6 +105,7 @@ class Daemon:
                 self.pool,
                 self.queries,
                 batch_size=settings.batch_size,
+                batch_max_bytes=settings.batch_max_bytes,
                 poll_interval=settings.poll_interval,
                 on_batch=self.metrics.observe_batch if self.metrics else None,
                 listener=self.listener,
@@ -311,6 +312,7 @@ class Daemon:
         set_level(settings.log_level)
         for runner in self.runners:
             runner.batch_size = settings.batch_size
+            runner.batch_max_bytes = settings.batch_max_bytes
             runner.poll_interval = settings.poll_interval
         self.listener.poll_interval = settings.poll_interval
         self.control.idle_timeout = settings.control_idle_timeout

@@ -282,6 +282,7 @@ class _OnlineRebuild:
             pool,
             self.queries,
             batch_size=self.settings.batch_size,
+            batch_max_bytes=self.settings.batch_max_bytes,
             poll_interval=self.settings.poll_interval,
             policy=ErrorPolicy.of(self.projection, ErrorPolicy.configured(self.settings)),
             observe_writes=False,

@@ -1,10 +1,10 @@
 """Which settings SIGHUP may change in a running daemon, and what a reload changed.
 
-Runtime-changeable: the log level, batch size and poll interval, drain timeout, control-socket
-limits, health thresholds and the watchdog's stall timeout. Everything else (database,
-projections, schemas, socket path, pool size, metrics address, log format) needs a restart: a
-reload names those keys and leaves them as they were. Values are never logged for those keys, so
-the database URL cannot leak.
+Runtime-changeable: the log level, batch size and byte bound, poll interval, drain timeout,
+control-socket limits, health thresholds and the watchdog's stall timeout. Everything else
+(database, projections, schemas, socket path, pool size, metrics address, log format) needs a
+restart: a reload names those keys and leaves them as they were. Values are never logged for
+those keys, so the database URL cannot leak.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from projectord.config import Settings
 RUNTIME_KEYS = (
     "log_level",
     "batch_size",
+    "batch_max_bytes",
     "poll_interval",
     "drain_timeout",
     "control_idle_timeout",

@@ -33,7 +33,7 @@ from projectord.database import DeadConnection, condemn, deadline, discard
 from projectord.dead_letters import dead_letter_params, format_traceback
 from projectord.error_policy import ErrorPolicy, backoff, is_transient
 from projectord.event_store import Event
-from projectord.fetcher import Batch, Fetcher, ReadAhead
+from projectord.fetcher import DEFAULT_BATCH_MAX_BYTES, Batch, Fetcher, ReadAhead
 from projectord.foreign_owner import ForeignOwnerError, foreign_owned, refusal
 from projectord.handler_timeout import HandlerClock, handler_of, run_handler
 from projectord.heartbeat import Heartbeat
@@ -210,6 +210,7 @@ class ProjectionRunner:
         listener: NotificationListener | None = None,
         policy: ErrorPolicy | None = None,
         owner: str | None = None,
+        batch_max_bytes: int = DEFAULT_BATCH_MAX_BYTES,
         read_model_schema: str | None = None,
         observe_writes: bool = True,
     ) -> None:
@@ -229,6 +230,7 @@ class ProjectionRunner:
         self.pool = pool
         self.queries = queries
         self.batch_size = batch_size
+        self.batch_max_bytes = batch_max_bytes  # a batch and the one read ahead, together
         self.poll_interval = poll_interval
         self.on_batch = on_batch
         self.types = list(projection.event_types)
@@ -329,7 +331,7 @@ class ProjectionRunner:
             await self._on_error(exc, None)
             return
         self._on_success(batch)
-        if len(batch.events) < self.batch_size:
+        if batch.short:
             await self._wait_for_events(batch.held_back, armed, bool(batch.events))
 
     async def _load_checkpoint_after_move(self) -> None:
@@ -404,17 +406,20 @@ class ProjectionRunner:
         return batch
 
     async def fetch(self, conn: AsyncConnection[Any], after: Checkpoint) -> Batch:
-        return await self.fetcher.fetch(conn, after, self.batch_size)
+        return await self.fetcher.fetch(conn, after, self.batch_size, self.batch_max_bytes)
 
     async def _apply_reading_ahead(self, conn: AsyncConnection[Any], batch: Batch) -> None:
         """Apply a batch; when it is full (a catch-up), read the next one meanwhile on another
-        connection (projectord/fetcher.py). Errors are the batch's own, never the read-ahead's."""
-        if len(batch.events) < self.batch_size:
+        connection (projectord/fetcher.py). Errors are the batch's own, never the read-ahead's.
+        The batch read ahead gets what this one leaves of the byte bound, if an event of this
+        batch's average size would fit in it."""
+        room = self.batch_max_bytes - batch.bytes
+        if batch.short or room * len(batch.events) < batch.bytes:
             await self.apply(conn, batch)
             return
         failure: Exception | None = None
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(self._read_ahead.read, batch.last, self.batch_size)
+            tasks.start_soon(self._read_ahead.read, batch.last, self.batch_size, room)
             try:
                 await self.apply(conn, batch)
             except Exception as exc:
@@ -426,8 +431,10 @@ class ProjectionRunner:
 
     def _next_checkpoint(self, batch: Batch) -> Checkpoint:
         """After a short batch everything below the horizon has been seen: move there, so events
-        of other types are never scanned again. After a full batch, stop at its last event."""
-        if len(batch.events) < self.batch_size:
+        of other types are never scanned again. After a full batch, stop at its last event.
+        Short means short of the limit the batch was read with (`Batch.limit`), whatever the
+        batch size is now."""
+        if batch.short:
             return max((batch.horizon, 0), batch.last if batch.events else self._position)
         return batch.last
 
@@ -841,7 +848,8 @@ class ProjectionRunner:
             try:
                 async with self.pool.connection() as conn:
                     # Horizon 0: the checkpoint stops at the part's last event.
-                    await self.apply(conn, Batch(pending[:size], horizon=0, held_back=False))
+                    part = Batch(pending[:size], horizon=0, held_back=False, limit=size)
+                    await self.apply(conn, part)
             except CheckpointMoved:
                 raise
             except Exception as exc:

@@ -66,7 +66,7 @@ def test_fetched_events_decode_to_the_stored_values(db: TestDatabase) -> None:
 
 def test_read_ahead_is_only_taken_from_its_own_position() -> None:
     read_ahead = ReadAhead(Fetcher(QUERIES, ["Credited"]), pool=None)  # type: ignore[arg-type]
-    batch = Batch([], 10, False)
+    batch = Batch([], 10, False, limit=5)
     read_ahead._after, read_ahead._batch = (5, 50), batch
     assert read_ahead.take((5, 49)) is None
     assert read_ahead.take((5, 50)) is None, "a batch that did not match must be thrown away"

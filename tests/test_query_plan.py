@@ -18,13 +18,19 @@ def test_fetch_batch_uses_the_commit_order_index(db: TestDatabase) -> None:
             " ORDER BY transaction_id, global_position OFFSET 50000 LIMIT 1"
         ).fetchone()
         assert middle is not None
-        plan = "\n".join(
-            row[0]
-            for row in conn.execute(
-                "EXPLAIN (ANALYZE, COSTS OFF) " + Queries("projectord")["fetch_batch"],
-                {"txid": middle[0], "position": middle[1], "types": ["Credited"], "limit": 5000},
+        position = {"txid": middle[0], "position": middle[1], "types": ["Credited"]}
+        bounds = {"limit": 5000, "max_event_bytes": 2**13, "max_bytes": 2**25, "alone": True}
+        plans = [
+            "\n".join(
+                row[0]
+                for row in conn.execute(
+                    "EXPLAIN (ANALYZE, COSTS OFF) " + Queries("projectord")[name],
+                    {**position, **bounds},
+                )
             )
-        )
-    assert "events_commit_order" in plan, plan
-    assert "Sort" not in plan, plan
-    assert "Seq Scan on events" not in plan, plan
+            for name in ("fetch_batch", "fetch_batch_by_bytes")
+        ]
+    for plan in plans:
+        assert "events_commit_order" in plan, plan
+        assert "Sort" not in plan, plan
+        assert "Seq Scan on events" not in plan, plan

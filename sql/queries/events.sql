@@ -15,6 +15,11 @@
 -- planner cannot see, may be planned as a sequential scan that reads the whole table).
 -- `newest` is that newest event's position, about the table's size: a plan prepared while the
 -- table was small (a sequential scan) is replaced once it has doubled (projectord/fetcher.py).
+-- The byte bound, cheaply: an event whose payload and metadata text exceed `max_event_bytes`
+-- comes without them (NULL, which the columns never are), so `limit` events weigh at most
+-- `limit * max_event_bytes`. The client keeps the events before the first such one and reads
+-- from there with `fetch_batch_by_bytes` (projectord/fetcher.py). A running sum over the batch
+-- instead (a window) cost the server as much again as the whole read.
 WITH horizon AS (
     SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin
 ), newest AS (
@@ -25,7 +30,12 @@ SELECT h.xmin::text::bigint AS horizon,
        coalesce((SELECT n.transaction_id >= h.xmin FROM newest n), false) AS held_back,
        coalesce((SELECT n.global_position FROM newest n), 0) AS newest,
        e.global_position, e.event_id, e.tenant_id, e.aggregate_id, e.aggregate_type, e.version,
-       e.type, e.payload_json, e.metadata_json, e.recorded_us, e.txid
+       e.type,
+       CASE WHEN octet_length(e.payload_json) + octet_length(e.metadata_json)
+                 <= %(max_event_bytes)s THEN e.payload_json END AS payload_json,
+       CASE WHEN octet_length(e.payload_json) + octet_length(e.metadata_json)
+                 <= %(max_event_bytes)s THEN e.metadata_json END AS metadata_json,
+       e.recorded_us, e.txid
 FROM horizon h
 LEFT JOIN LATERAL (
     SELECT ev.global_position, ev.event_id, ev.tenant_id, ev.aggregate_id, ev.aggregate_type,
@@ -39,6 +49,53 @@ LEFT JOIN LATERAL (
       AND ev.type = ANY(%(types)s::text[])
     ORDER BY ev.transaction_id, ev.global_position
     LIMIT %(limit)s
+) e ON true;
+
+-- name: fetch_batch_by_bytes
+-- `fetch_batch` bounded by a running sum of bytes, for events too large for its cheap bound.
+-- A batch is bounded in bytes too: an event counts its payload and metadata as the JSON text
+-- sent here; `running` is the batch's total up to and including it (a window over the rows already
+-- in commit order: no sort). Rows past `max_bytes` are never sent, except that a first row larger
+-- than the bound comes alone when `alone` (a read-ahead passes false: it must fit what is left).
+-- `more` on the last row sent says the bound cut the batch: more rows were read than sent. The
+-- rows past the cut are still read and converted here, which is why the client asks for only
+-- about as many rows as its byte bound is likely to hold (projectord/fetcher.py).
+WITH horizon AS (
+    SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin
+), newest AS (
+    SELECT w.transaction_id, w.global_position FROM {schema}.events w
+    ORDER BY w.transaction_id DESC LIMIT 1
+)
+SELECT h.xmin::text::bigint AS horizon,
+       coalesce((SELECT n.transaction_id >= h.xmin FROM newest n), false) AS held_back,
+       coalesce((SELECT n.global_position FROM newest n), 0) AS newest,
+       e.running, e.more,
+       e.global_position, e.event_id, e.tenant_id, e.aggregate_id, e.aggregate_type, e.version,
+       e.type, e.payload_json, e.metadata_json, e.recorded_us, e.txid
+FROM horizon h
+LEFT JOIN LATERAL (
+    SELECT b.* FROM (
+        SELECT r.*, sum(octet_length(r.payload_json) + octet_length(r.metadata_json)) OVER w
+                   AS running,
+               row_number() OVER w AS n,
+               lead(r.global_position) OVER w IS NOT NULL AS more
+        FROM (
+            SELECT ev.transaction_id, ev.global_position, ev.event_id, ev.tenant_id,
+                   ev.aggregate_id, ev.aggregate_type, ev.version, ev.type,
+                   ev.payload::text AS payload_json, ev.metadata::text AS metadata_json,
+                   (extract(epoch FROM ev.recorded_at) * 1000000)::bigint AS recorded_us,
+                   ev.transaction_id::text::bigint AS txid
+            FROM {schema}.events ev
+            WHERE (ev.transaction_id, ev.global_position) > (%(txid)s::xid8, %(position)s::bigint)
+              AND ev.transaction_id < h.xmin
+              AND ev.type = ANY(%(types)s::text[])
+            ORDER BY ev.transaction_id, ev.global_position
+            LIMIT %(limit)s
+        ) r
+        WINDOW w AS (ORDER BY r.transaction_id, r.global_position
+                     ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+    ) b
+    WHERE b.running <= %(max_bytes)s OR (b.n = 1 AND %(alone)s)
 ) e ON true;
 
 -- name: append_events
