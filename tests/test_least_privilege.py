@@ -103,11 +103,18 @@ def test_the_daemon_runs_as_a_role_without_bypassrls(
     assert init.returncode == 0, init.stderr
     assert run_cli("drift", "check", env=env).returncode == 0
 
+    # The application's writer, as documented: USAGE on projectord's schema, INSERT on events,
+    # nothing else (the version-order check reads the events table with its owner's rights).
+    writer = roles.create("writer", "LOGIN")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'GRANT USAGE ON SCHEMA projectord TO "{writer}"')
+        conn.execute(f'GRANT INSERT ON projectord.events TO "{writer}"')
+    writer_url = make_conninfo(plain_database, user=writer)
     accounts = {TENANT_A: uuid.uuid4(), TENANT_B: uuid.uuid4()}
     with DaemonProcess(url, ACCOUNTS, state_dir, extra_env=env):
         for tenant, account in accounts.items():
-            append(url, "Opened", tenant, account, 1)
-            append(url, "Credited", tenant, account, 2)
+            append(writer_url, "Opened", tenant, account, 1)
+            append(writer_url, "Credited", tenant, account, 2)
         wait_until(lambda: _balances(plain_database) == {TENANT_A: 14, TENANT_B: 14}, 30)
 
     claims = {"role": reader, "tenant_id": str(TENANT_A)}
