@@ -66,7 +66,8 @@ class Account:
     groups: tuple[int, ...]
 
 
-def _bin_dir() -> Path:
+def postgres_bin_dir() -> Path:
+    """The wheel's Postgres programs (postgres, pg_ctl, psql, pgbench, ...)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on import
@@ -76,7 +77,7 @@ def _bin_dir() -> Path:
     return Path(POSTGRES_BIN_PATH)
 
 
-def _ensure_system_user(name: str) -> pwd.struct_passwd:
+def ensure_system_user(name: str) -> pwd.struct_passwd:
     """The system user the server runs as under root; created (and said so) if missing, with no
     home and no login shell, since nobody needs to log in as it."""
     try:
@@ -97,7 +98,7 @@ def server_account() -> Account:
     if os.geteuid() != 0:
         entry = pwd.getpwuid(os.geteuid())
         return Account(entry.pw_name, entry.pw_uid, os.getegid(), tuple(os.getgroups()))
-    entry = _ensure_system_user(SYSTEM_USER)
+    entry = ensure_system_user(SYSTEM_USER)
     groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
     return Account(entry.pw_name, entry.pw_uid, entry.pw_gid, groups)
 
@@ -221,7 +222,7 @@ class EmbeddedPostgres:
     """
 
     def __init__(self, data_dir: Path, *, durable: bool = True) -> None:
-        self.bin_dir = _bin_dir()
+        self.bin_dir = postgres_bin_dir()
         self.data_dir = data_dir.absolute()
         self.durable = durable
         self.account = server_account()

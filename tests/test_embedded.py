@@ -22,23 +22,16 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from projectord.embedded import EmbeddedError, EmbeddedPostgres
+from projectord.embedded import EmbeddedError, EmbeddedPostgres, ensure_system_user
 
 PROBE_USER = "projectord_probe"
 AS_ROOT = os.geteuid() == 0
 
 
 def probe_user() -> pwd.struct_passwd:
-    """An unprivileged OS user other than the server's and ours (root only: it may be created)."""
-    try:
-        return pwd.getpwnam(PROBE_USER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir",
-             "/nonexistent", "--shell", "/usr/sbin/nologin", PROBE_USER],
-            check=True,
-        )  # fmt: skip
-        return pwd.getpwnam(PROBE_USER)
+    """An unprivileged OS user other than the server's and ours (root only: it may be created,
+    the same way as the server's)."""
+    return ensure_system_user(PROBE_USER)
 
 
 def psql_as_probe(server: EmbeddedPostgres, *args: str) -> subprocess.CompletedProcess[str]:
