@@ -65,7 +65,7 @@ def run_demo(settings: Settings, *, duration: float, writers: int) -> int:
 async def _demo(settings: Settings, duration: float, writers: int) -> int:
     """On `database_url` when one is set, else (the Quickstart) on the embedded Postgres."""
     admin_dsn = settings.database_dsn
-    if admin_dsn is not None and admin_dsn != EMBEDDED_URL:
+    if admin_dsn and admin_dsn != EMBEDDED_URL:
         return await _run(settings, await _fresh_database(admin_dsn), duration, writers)
     async with embedded_database(settings.state_dir, announce=True) as admin_dsn:
         return await _run(settings, await _fresh_database(admin_dsn), duration, writers)

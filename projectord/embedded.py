@@ -241,9 +241,12 @@ class EmbeddedPostgres:
             raise EmbeddedError(f"the embedded Postgres in {self.data_dir} is not running")
         return f"postgresql://postgres@/postgres?host={self.socket_dir}"
 
-    def _run(self, tool: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def _run(
+        self, tool: str, *args: str, timeout: float = 60, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         """Run a server tool as the server's user, with that user's own groups and nothing of
-        root's (the server inherits them from pg_ctl)."""
+        root's (the server inherits them from pg_ctl). A failure raises `EmbeddedError` with the
+        tool's own last line of stderr, which says why."""
         kwargs: dict[str, Any] = {}
         if self.account.uid != os.geteuid():
             kwargs = {
@@ -251,9 +254,8 @@ class EmbeddedPostgres:
                 "group": self.account.gid,
                 "extra_groups": list(self.account.groups),
             }
-        return subprocess.run(
+        result = subprocess.run(
             [str(self.bin_dir / tool), *args],
-            check=True,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -261,13 +263,13 @@ class EmbeddedPostgres:
             cwd="/",
             **kwargs,
         )
+        if check and result.returncode != 0:
+            lines = (result.stderr or result.stdout).strip().splitlines()
+            raise EmbeddedError(f"{tool} failed ({result.returncode}): {' '.join(lines[-1:])}")
+        return result
 
     def is_running(self) -> bool:
-        try:
-            self._run("pg_ctl", "-D", str(self.data_dir), "status")
-        except subprocess.CalledProcessError:
-            return False
-        return True
+        return self._run("pg_ctl", "-D", str(self.data_dir), "status", check=False).returncode == 0
 
     def _running_socket_dir(self) -> Path:
         """The socket directory of the server running in `data_dir`, from its postmaster.pid."""
@@ -351,15 +353,9 @@ class EmbeddedPostgres:
 
 
 def _start_reporting(server: EmbeddedPostgres) -> str:
-    """`server.start()`, any failure turned into one `EmbeddedError` line (a failed server tool
-    says why on its last line of stderr)."""
+    """`server.start()`, any failure turned into one `EmbeddedError` line."""
     try:
         return server.start()
-    except EmbeddedError:
-        raise
-    except subprocess.CalledProcessError as exc:
-        lines = (exc.stderr or "").strip().splitlines() or [str(exc)]
-        raise EmbeddedError(f"{Path(exc.cmd[0]).name}: {lines[-1]}") from None
     except (OSError, subprocess.SubprocessError) as exc:
         raise EmbeddedError(str(exc)) from None
 

@@ -23,6 +23,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from projectord.embedded import EmbeddedError, EmbeddedPostgres, ensure_system_user
+from tests.harness import run_cli
 
 PROBE_USER = "projectord_probe"
 AS_ROOT = os.geteuid() == 0
@@ -194,5 +195,19 @@ def test_the_socket_directory_is_removed_on_stop(tmp_path: Path) -> None:
             conn.execute("SELECT 1")
         embedded.stop()
         assert not directory.exists()
+    finally:
+        embedded.destroy()
+
+
+def test_a_command_uses_the_server_already_running_there(tmp_path: Path) -> None:
+    """It finds the socket directory from postmaster.pid, and leaves the server running."""
+    embedded = EmbeddedPostgres(tmp_path / "state" / "pgdata", durable=False)
+    url = embedded.start()
+    try:
+        result = run_cli("init", "--embedded", "--state-dir", str(tmp_path / "state"))
+        assert result.returncode == 0, result.stderr
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT to_regclass('projectord.events')").fetchone() != (None,)
+        assert socket_dir(url).is_dir() and embedded.is_running()
     finally:
         embedded.destroy()
