@@ -21,6 +21,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
+from structlog.testing import capture_logs
 
 from projectord.embedded import EmbeddedError, EmbeddedPostgres, ensure_system_user
 from tests.harness import run_cli
@@ -211,3 +212,22 @@ def test_a_command_uses_the_server_already_running_there(tmp_path: Path) -> None
         assert socket_dir(url).is_dir() and embedded.is_running()
     finally:
         embedded.destroy()
+
+
+def test_creating_the_system_user_is_said(tmp_path: Path) -> None:
+    """As root a missing server user is created, without a login shell or home, and logged. As
+    anyone else no user can be created: an existing one (ours) is returned, and nothing said."""
+    name = f"pd_sys_{os.getpid()}" if AS_ROOT else pwd.getpwuid(os.geteuid()).pw_name
+    try:
+        with capture_logs() as logs:
+            entry = ensure_system_user(name)
+        assert entry.pw_name == name
+        if AS_ROOT:
+            assert logs == [{"event": "embedded.system_user_created", "user": name,
+                             "log_level": "warning"}]  # fmt: skip
+            assert entry.pw_shell == "/usr/sbin/nologin" and not Path(entry.pw_dir).exists()
+        else:
+            assert logs == []
+    finally:
+        if AS_ROOT:
+            subprocess.run(["userdel", name], check=True)
