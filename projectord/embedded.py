@@ -164,10 +164,20 @@ def _socket_parent(data_dir: Path, account: Account) -> Path:
     raise EmbeddedError(f"no directory short enough for a unix socket near {data_dir}")
 
 
-def _make_socket_dir(data_dir: Path, account: Account) -> Path:
-    """A fresh directory only the server's user may enter. `mkdtemp` fails rather than follow
-    anything planted at its path, and its name cannot be guessed beforehand."""
-    path = Path(tempfile.mkdtemp(prefix="projectord-pg-", dir=_socket_parent(data_dir, account)))
+def _make_socket_dir(data_dir: Path, account: Account, again: Path | None = None) -> Path:
+    """A fresh directory only the server's user may enter: at `again` (this object's previous
+    one, so URLs handed out before stay valid) when nothing is there now, else by `mkdtemp`, whose
+    name cannot be guessed beforehand. Neither follows anything planted at its path."""
+    path = None
+    if again is not None:
+        try:
+            os.mkdir(again, 0o700)
+            path = again
+        except FileExistsError:
+            pass
+    if path is None:
+        parent = _socket_parent(data_dir, account)
+        path = Path(tempfile.mkdtemp(prefix="projectord-pg-", dir=parent))
     if account.uid != os.geteuid():
         os.chown(path, account.uid, account.gid, follow_symlinks=False)
     return path
@@ -227,6 +237,7 @@ class EmbeddedPostgres:
         self.durable = durable
         self.account = server_account()
         self.socket_dir: Path | None = None
+        # The socket directory this object made; remembered after a stop, to make it again.
         self._made_socket_dir: Path | None = None
         self.started_here = False
 
@@ -297,7 +308,9 @@ class EmbeddedPostgres:
         if self._made_socket_dir is None or not _is_own_socket_dir(
             self._made_socket_dir, self.account
         ):
-            self._made_socket_dir = _make_socket_dir(self.data_dir, self.account)
+            self._made_socket_dir = _make_socket_dir(
+                self.data_dir, self.account, again=self._made_socket_dir
+            )
         self.socket_dir = self._made_socket_dir
         try:
             self._pg_ctl_start(self.socket_dir)
@@ -334,10 +347,10 @@ class EmbeddedPostgres:
             except OSError as exc:
                 if exc.errno != errno.ENOENT:
                     raise
-            self._made_socket_dir = None
 
     def stop(self, mode: str = "fast") -> None:
-        """Stop the server and remove its socket directory."""
+        """Stop the server and remove its socket directory (a later `start` of this object makes
+        it again at the same path when it can)."""
         self._stop_server(mode)
         self._remove_socket_dir()
 

@@ -187,15 +187,23 @@ def test_a_link_planted_as_the_data_directory_is_refused(tmp_path: Path) -> None
 
 
 def test_the_socket_directory_is_removed_on_stop(tmp_path: Path) -> None:
+    """Removed on stop; made again at the same path by a later start (URLs handed out stay
+    valid) unless something was planted there meanwhile, which is then left alone."""
+    target = victim(tmp_path / "victim")
     embedded = EmbeddedPostgres(tmp_path / "state" / "pgdata", durable=False)
     directory = socket_dir(embedded.start())
     try:
         assert directory.is_dir()
-        embedded.restart("fast")  # a restart keeps it: URLs handed out stay valid
+        embedded.restart("fast")
+        embedded.stop()
+        assert not directory.exists()
+        assert socket_dir(embedded.start()) == directory
         with psycopg.connect(embedded.url) as conn:
             conn.execute("SELECT 1")
         embedded.stop()
-        assert not directory.exists()
+        directory.symlink_to(target)
+        assert socket_dir(embedded.start()) != directory
+        assert stat.S_IMODE(target.stat().st_mode) == 0o700 and list(target.iterdir()) == []
     finally:
         embedded.destroy()
 
