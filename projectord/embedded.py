@@ -4,7 +4,8 @@ Its data lives in `<state_dir>/pgdata`. It is private to the OS user who starts 
 (docs/embedded.md says why each of these holds):
 - it listens on a unix socket only, in a fresh directory made by `mkdtemp` (mode 0700, owned by
   the server's user), so no other local user can even reach the socket; the directory is removed
-  when the server stops;
+  when the server stops (and made again at the same path by a later start, when nothing is
+  there);
 - `pg_hba.conf` allows peer authentication on that socket only, for the OS users named in
   `pg_ident.conf`: the invoking user and the server's own user (rewritten on every start);
 - Postgres refuses to run as root, so as root the server runs as the unprivileged system user
@@ -103,28 +104,35 @@ def server_account() -> Account:
     return Account(entry.pw_name, entry.pw_uid, entry.pw_gid, groups)
 
 
-def _can_traverse(info: os.stat_result, account: Account) -> bool:
+def _search_bit(info: os.stat_result, account: Account) -> int:
+    """The one permission bit the kernel checks when `account` searches this directory: the
+    owner's, else the group's if it is in the group, else the others'."""
     if info.st_uid == account.uid:
-        return bool(info.st_mode & stat.S_IXUSR)
+        return stat.S_IXUSR
     if info.st_gid in account.groups or info.st_gid == account.gid:
-        return bool(info.st_mode & stat.S_IXGRP)
-    return bool(info.st_mode & stat.S_IXOTH)
+        return stat.S_IXGRP
+    return stat.S_IXOTH
+
+
+def _can_traverse(info: os.stat_result, account: Account) -> bool:
+    return bool(info.st_mode & _search_bit(info, account))
 
 
 def _grant_traversal(path: Path, account: Account) -> None:
-    """Let the server's user reach `path` through every parent: o+x where it cannot yet, each
-    change logged, since it widens access outside the state directory too."""
+    """Let the server's user reach `path` through every parent: the search bit it is checked
+    against (usually o+x) where it lacks it, each change logged, since it widens access outside
+    the state directory too."""
     for parent in reversed(path.parents):
         info = parent.stat()
         if _can_traverse(info, account):
             continue
         mode = stat.S_IMODE(info.st_mode)
-        parent.chmod(mode | stat.S_IXOTH)
+        parent.chmod(mode | _search_bit(info, account))
         log.warning(
             "embedded.parent_made_traversable",
             path=str(parent),
             mode_before=oct(mode),
-            mode_after=oct(mode | stat.S_IXOTH),
+            mode_after=oct(mode | _search_bit(info, account)),
             reason=f"the server's user {account.name} must reach its data directory",
         )
 
