@@ -68,6 +68,11 @@ def latency_probe() -> list[Projection]:
     return [LatencyProbe()]
 
 
+def soak_projections() -> list[Projection]:
+    """The soak's read models: account balances (checked against a fold) and the latency probe."""
+    return [Balances(), LatencyProbe()]
+
+
 class Pings(Projection):
     """Counts `Pinged` events: a projection that costs the daemon as little as one can."""
 

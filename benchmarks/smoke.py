@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import time
 
-from benchmarks import catch_up, fetch_scale, live_latency, many_projections, write_cost
+from benchmarks import catch_up, fetch_scale, live_latency, many_projections, soak, write_cost
 
 
 def main() -> None:
-    for benchmark in (catch_up, live_latency, write_cost, many_projections, fetch_scale):
+    for benchmark in (catch_up, live_latency, write_cost, many_projections, fetch_scale, soak):
         started = time.perf_counter()
         print(f"== {benchmark.__name__} --smoke", flush=True)
         benchmark.main(["--smoke"])

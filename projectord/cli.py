@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 from psycopg import AsyncConnection
 
+from projectord.bootstrap import bootstrap
 from projectord.catch_up import wait_for_projections
 from projectord.config import ConfigError, Settings, load_settings
 from projectord.database import connect, describe_error, redact
@@ -28,11 +29,11 @@ from projectord.embedded import (
     EmbeddedUnavailable,
     embedded_database,
 )
+from projectord.foreign_owner import ForeignOwnerError, refused_projections
 from projectord.logs import configure_logging
 from projectord.operator_cli import add_operator_commands
 from projectord.projection import Projection, ProjectionError, load_projections
 from projectord.queries import Queries
-from projectord.schema import initialise
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
 
@@ -191,24 +192,25 @@ async def open_connection(dsn: str) -> AsyncConnection[Any]:
 def cmd_init(args: argparse.Namespace) -> int:
     settings, projections = load(args)
 
-    async def init() -> list[str]:
+    async def init() -> tuple[list[str], list[ForeignOwnerError]]:
         async with database(settings) as dsn:
             async with await open_connection(dsn) as conn:
                 try:
-                    return await initialise(
-                        conn,
-                        schema=settings.schema,
-                        read_model_schema=settings.read_model_schema,
-                        projections=projections,
+                    created = await bootstrap(conn, settings, projections)
+                    refused = await refused_projections(
+                        conn, Queries(settings.schema), settings.read_model_schema, projections
                     )
                 except Exception as exc:
                     raise CommandError(f"init failed: {describe_error(exc, dsn)}") from None
+        return created, refused
 
-    created = anyio.run(init)
+    created, refused = anyio.run(init)
     for item in created:
         print(f"created {item}")
     print("schema is up to date" if not created else f"{len(created)} change(s) applied")
-    return EXIT_OK
+    for error in refused:
+        print(f"projectord: {error}", file=sys.stderr)
+    return EXIT_FAILED if refused else EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:

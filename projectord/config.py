@@ -13,6 +13,8 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
@@ -59,6 +61,7 @@ with warnings.catch_warnings():
         stall_timeout: float = Field(default=120.0, gt=0)
         metrics_address: str | None = None
         health_outage_seconds: float = Field(default=60.0, gt=0)
+        health_notify_queue_usage: float = Field(default=0.1, ge=0, le=1)
         # Faults and scale-out (README, "Errors and dead letters", "Running several instances").
         on_error: Literal["pause", "skip"] = "pause"
         max_attempts: int = Field(default=5, ge=1, le=1000)
@@ -86,7 +89,8 @@ with warnings.catch_warnings():
         def _check_identifier(cls, value: str) -> str:
             if not _IDENTIFIER.match(value):
                 raise ValueError(
-                    f"{value!r} is not a plain lower-case identifier ([a-z_][a-z0-9_]*)"
+                    f"{value!r} is not a plain lower-case identifier of at most 63 characters"
+                    " ([a-z_][a-z0-9_]*)"
                 )
             return value
 
@@ -98,6 +102,20 @@ with warnings.catch_warnings():
             host, _, port = value.rpartition(":")
             if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"{value!r} is not HOST:PORT (e.g. '127.0.0.1:9187')")
+            return value
+
+        @field_validator("database_url")
+        @classmethod
+        def _check_database_url(cls, value: SecretStr | None) -> SecretStr | None:
+            # psycopg's parse errors quote pieces of the string, which may be the password: the
+            # message says only that it does not parse.
+            if value is not None and value.get_secret_value() != "embedded":
+                try:
+                    conninfo_to_dict(value.get_secret_value())
+                except psycopg.ProgrammingError:
+                    raise ValueError(
+                        "cannot be parsed as a libpq URL or key=value connection string"
+                    ) from None
             return value
 
         @field_validator("instance_name")

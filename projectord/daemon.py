@@ -24,9 +24,11 @@ from contextlib import AsyncExitStack
 import anyio
 from anyio.abc import TaskGroup
 
+from projectord.bootstrap import bootstrap
 from projectord.config import ConfigError, Settings
 from projectord.control import ControlServer, ControlSocketError
 from projectord.database import connect, describe_error, make_pool, redact
+from projectord.drift_control import DriftCommands
 from projectord.error_policy import ErrorPolicy
 from projectord.gc_tuning import tune_for_batches
 from projectord.health import HealthCheck, Thresholds
@@ -38,9 +40,9 @@ from projectord.operations import Operations
 from projectord.ownership import Ownership, default_instance_name
 from projectord.projection import Projection
 from projectord.queries import Queries
+from projectord.reaper import Reaper
 from projectord.reload import compare_settings
 from projectord.runner import ProjectionRunner
-from projectord.schema import initialise
 from projectord.security import SecurityError, check_write_access
 from projectord.status import StatusReporter, summary_line
 from projectord.supervisor import Supervisor
@@ -82,6 +84,7 @@ class Daemon:
             read_model_schema=settings.read_model_schema,
         )
         self.metrics = Metrics(settings.metrics_address) if settings.metrics_address else None
+        self.reaper = Reaper(dsn)  # ends the server sessions of connections given up as dead
         self.listener = NotificationListener(
             dsn, settings.schema, self.wake_all, poll_interval=settings.poll_interval
         )
@@ -96,6 +99,7 @@ class Daemon:
                 listener=self.listener,
                 policy=ErrorPolicy.of(projection, policy),
                 owner=self.instance,
+                read_model_schema=settings.read_model_schema,
             )
             for projection in self.projections
         ]
@@ -134,6 +138,7 @@ class Daemon:
         )
         self.health = HealthCheck(self.reporter, heartbeats, thresholds(settings))
         self.commands = Operations(self.runners, self.reporter, self.health).commands()
+        self.commands |= DriftCommands(self.dsn, settings, self.projections).commands()
         self.control = ControlServer(
             settings.socket_path(),
             self.commands,
@@ -162,12 +167,7 @@ class Daemon:
             ) from None
         async with conn:
             try:
-                created = await initialise(
-                    conn,
-                    schema=self.settings.schema,
-                    read_model_schema=self.settings.read_model_schema,
-                    projections=self.projections,
-                )
+                created = await bootstrap(conn, self.settings, self.projections)
             except Exception as exc:
                 raise StartupError(
                     f"cannot create projectord's tables: {describe_error(exc, self.dsn)}"
@@ -205,6 +205,7 @@ class Daemon:
                 services.start_soon(self.control.serve)
                 services.start_soon(self.watchdog.run)
                 services.start_soon(self.monitor.run)
+                services.start_soon(self.reaper.run)
                 await self._run_runners(services)
                 services.cancel_scope.cancel()
         self.notifier.close()
@@ -310,4 +311,5 @@ def thresholds(settings: Settings) -> Thresholds:
         horizon_seconds=settings.health_horizon_seconds,
         stall_timeout=settings.stall_timeout,
         outage_seconds=settings.health_outage_seconds,
+        notify_queue_usage=settings.health_notify_queue_usage,
     )

@@ -26,6 +26,7 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from projectord.aggregate import CommandRegistry
+from projectord.bootstrap import bootstrap
 from projectord.catch_up import wait_for_projections
 from projectord.commands import Command
 from projectord.config import Settings
@@ -37,7 +38,6 @@ from projectord.logs import configure_logging
 from projectord.projection import Projection
 from projectord.queries import Queries
 from projectord.samples import NOTED, Deposit, Withdraw, demo_aggregates, demo_projections
-from projectord.schema import initialise
 
 DEMO_DATABASE = "projectord_demo"
 PROJECTIONS_SPEC = "projectord.samples:demo_projections"
@@ -84,12 +84,7 @@ async def _run(settings: Settings, dsn: str, duration: float, writer_count: int)
     queries = Queries(settings.schema)
     conn = await connect(dsn, autocommit=True)
     async with conn:
-        await initialise(
-            conn,
-            schema=settings.schema,
-            read_model_schema=settings.read_model_schema,
-            projections=projections,
-        )
+        await bootstrap(conn, settings, projections)
     daemon, log_path = _start_daemon(settings, dsn)
     print(f"daemon started (pid {daemon.pid}, log {log_path})", flush=True)
     stats = WriterStats()

@@ -11,13 +11,19 @@ the column it concerns, what was expected and found, and how it can be repaired:
   primary key, a NOT NULL column for existing rows, a missing table of a projection that has applied
   events): an online rebuild into shadow tables, swapped in when caught up;
 - `drop`: something extra (a column, a policy) that only an explicit flag removes;
-- `manual`: something only an operator can do (create a role, grant BYPASSRLS).
+- `manual`: something only an operator can do (create a role, deal with a table another role
+  owns).
+
+A check runs no code that the database's other users wrote: tables another role owns are only
+reported (`foreign_owner`), never read, and stored values are cast to probe a type change only
+between built-in types, compared with built-in operators.
 
 `drift_check` is the entry point for the command line and the control socket.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -26,18 +32,52 @@ from typing import Any
 import psycopg
 from psycopg import AsyncConnection, sql
 
-from projectord.catalog import ColumnShape, TableShape, declared_shapes, read_shapes
+from projectord.catalog import (
+    ColumnShape,
+    PolicyShape,
+    TableShape,
+    declared_shapes,
+    read_shapes,
+)
 from projectord.config import Settings
 from projectord.database import connect
+from projectord.foreign_owner import ForeignTable, foreign_owned
 from projectord.projection import Projection
 from projectord.queries import Queries
 from projectord.security import (
-    READ_POLICY,
+    POLICIES,
     check_declaration,
-    current_role,
     existing_roles,
     policy_statements,
 )
+
+_PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_$]*")
+
+
+def display_name(name: str) -> str:
+    """A name from the catalog as an operator reads it: bare when plain, else double-quoted with
+    `"` doubled, so a name holding dots, quotes or spaces cannot pass for something else."""
+    return name if _PLAIN_NAME.fullmatch(name) else '"' + name.replace('"', '""') + '"'
+
+
+def printable(text: str) -> str:
+    """One line, whatever the catalog held: control and line-breaking characters are escaped, so
+    a column named `x\nDROP TABLE t; --` cannot start a line of its own (in a dry run's
+    comment, a line of its own would be SQL)."""
+    return "".join(
+        ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii")
+        for ch in text
+    )
+
+
+def sql_identifier(name: str) -> sql.Composable:
+    """A name from the catalog, as SQL that stays on its line: quoted as usual, or, when it holds
+    a character that is not printable (a newline...), spelled as a Unicode-escaped identifier
+    (`U&"x\\000aDROP"`), which means the same name to Postgres."""
+    if name.isprintable():
+        return sql.Identifier(name)
+    escaped = "".join(ch if ch.isprintable() and ch != "\\" else f"\\+{ord(ch):06X}" for ch in name)
+    return sql.SQL('U&"' + escaped.replace('"', '""') + '"')
 
 
 class DriftError(Exception):
@@ -60,7 +100,8 @@ class Kind(StrEnum):
     EXTRA_POLICY = "extra_policy"
     GRANT_MISSING = "grant_missing"
     ROLE_MISSING = "role_missing"
-    WRITER_CANNOT_BYPASS_RLS = "writer_cannot_bypass_rls"
+    FOREIGN_OWNER = "foreign_owner"
+    EXTRA_GRANT = "extra_grant"
 
 
 class Repair(StrEnum):
@@ -82,18 +123,20 @@ class Drift:
     reason: str = ""
     subject: str | None = None  # the role or policy the item is about, if any
 
-    def line(self, schema: str) -> str:
+    def where(self, schema: str) -> str:
+        """What the item is about: `schema.table.column` (names quoted when they need it), the
+        projection, or the database."""
         if self.table:
-            subject = ".".join(part for part in (schema, self.table, self.column) if part)
-        elif self.projection:
-            subject = f"projection {self.projection}"
-        else:
-            subject = "database"
-        text = f"{subject}: {self.kind.value.replace('_', ' ')}"
+            return ".".join(display_name(p) for p in (schema, self.table, self.column) if p)
+        return f"projection {self.projection}" if self.projection else "database"
+
+    def line(self, schema: str) -> str:
+        text = f"{self.where(schema)}: {self.kind.value.replace('_', ' ')}"
         if self.expected is not None or self.actual is not None:
             text += f" (expected {self.expected or 'none'}, found {self.actual or 'none'})"
         repair = self.repair.value.replace("_", " ")
-        return text + f"; repair: {repair}" + (f" ({self.reason})" if self.reason else "")
+        text += f"; repair: {repair}" + (f" ({self.reason})" if self.reason else "")
+        return printable(text)
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self) | {"kind": self.kind.value, "repair": self.repair.value}
@@ -113,7 +156,6 @@ class Inspection:
     actual: dict[str, TableShape]
     projections: dict[str, Projection]  # by name
     readers: set[str]  # the read_access roles that exist
-    bypasses_rls: bool  # the connection's role (projectord's) is exempt from row-level security
 
     def lines(self) -> list[str]:
         return [item.line(self.schema) for item in self.items]
@@ -153,44 +195,23 @@ async def inspect(
     async with conn.transaction(force_rollback=True):
         await conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)))
         readers = await existing_roles(conn, queries, declared_readers)
-        _, bypasses = await current_role(conn, queries)
+        foreign = {t.table: t for t in await foreign_owned(conn, queries, schema, tables)}
         # Actual shapes first: once temporary tables exist they shadow same-named sequences in
         # the deparsed defaults of the real tables.
         actual = await read_shapes(conn, queries, schema, tables)
 
         def secure(temp_schema: str, projection: Projection, table: str) -> list[sql.Composed]:
+            # This projection's own readers: another projection's must not widen its policy.
             ident = sql.Identifier(temp_schema, table)
-            return policy_statements(ident, settings.schema, projection, readers)
+            own = readers & set(projection.read_access)
+            return policy_statements(ident, settings.schema, projection, own)
 
         expected = await declared_shapes(conn, queries, projections, secure)
-        comparer = _Comparer(conn, queries, schema, readers)
+        comparer = _Comparer(conn, queries, schema, readers, foreign)
         items: list[Drift] = []
         for projection in projections:
             items += await comparer.projection(projection, expected, actual)
-        if declared_readers and not bypasses:
-            items.append(_writer_cannot_bypass())
-    return Inspection(
-        schema,
-        items,
-        expected,
-        actual,
-        {p.name: p for p in projections},
-        readers,
-        bypasses,
-    )
-
-
-def _writer_cannot_bypass() -> Drift:
-    return Drift(
-        None,
-        None,
-        None,
-        Kind.WRITER_CANNOT_BYPASS_RLS,
-        "BYPASSRLS",
-        "projectord's role lacks it",
-        Repair.MANUAL,
-        "forced row-level security would stop projectord's writes: ALTER ROLE … BYPASSRLS",
-    )
+    return Inspection(schema, items, expected, actual, {p.name: p for p in projections}, readers)
 
 
 def uses_sequence(default: str | None) -> bool:
@@ -206,6 +227,7 @@ class _Comparer:
     queries: Queries
     schema: str
     readers: set[str]
+    foreign: dict[str, ForeignTable]  # tables another role owns: reported, never probed
     _has_rows: dict[str, bool] = field(default_factory=dict)
 
     async def projection(
@@ -216,13 +238,34 @@ class _Comparer:
     ) -> list[Drift]:
         items: list[Drift] = []
         for table in projection.tables:
+            if table in self.foreign:
+                items.append(self._foreign_owner(projection, self.foreign[table]))
+                continue
             if table not in actual:
                 items.append(await self._missing_table(projection, table))
                 continue
             items += await self._table(projection, expected[table], actual[table])
+        items += await self._extra_grants(projection, actual)
         if projection.read_access:
             items += await self._readers(projection, actual)
         return items
+
+    async def _extra_grants(
+        self, projection: Projection, actual: dict[str, TableShape]
+    ) -> list[Drift]:
+        """Privileges beyond SELECT that others hold: writes, TRUNCATE (not subject to
+        row-level security), TRIGGER (their code, run as projectord), REFERENCES."""
+        tables = [t for t in projection.tables if t in actual and t not in self.foreign]
+        cur = await self.conn.execute(
+            self.queries["extra_grants"], {"schema": self.schema, "tables": tables}
+        )
+        return [
+            _ItemMaker(projection.name, table)(
+                Kind.EXTRA_GRANT, Repair.IN_PLACE, column=column, actual=privilege, subject=role,
+                reason=f"held by {display_name(role)}: only projectord writes a read model",
+            )
+            for table, role, privilege, column in await cur.fetchall()
+        ]  # fmt: skip
 
     async def _table(
         self, projection: Projection, want: TableShape, have: TableShape
@@ -251,6 +294,16 @@ class _Comparer:
         if projection.read_access:
             items += _security(item, want, have)
         return items
+
+    def _foreign_owner(self, projection: Projection, table: ForeignTable) -> Drift:
+        """Only reported: comparing it further would read a table whose policies are another
+        role's code, and repairing it would adopt that role's triggers."""
+        return _ItemMaker(projection.name, table.table)(
+            Kind.FOREIGN_OWNER, Repair.MANUAL, expected=f"owner {table.role}",
+            actual=f"owner {table.owner}", subject=table.owner,
+            reason="projectord does not write into it (its triggers would run as projectord):"
+            " inspect it, then drop it or ALTER TABLE … OWNER TO projectord's role",
+        )  # fmt: skip
 
     async def _missing_table(self, projection: Projection, table: str) -> Drift:
         cur = await self.conn.execute(
@@ -315,7 +368,7 @@ class _Comparer:
             if role not in self.readers
         ]  # fmt: skip
         roles = sorted(set(projection.read_access) & self.readers)
-        tables = [t for t in projection.tables if t in actual]
+        tables = [t for t in projection.tables if t in actual and t not in self.foreign]
         cur = await self.conn.execute(
             self.queries["missing_select_grants"],
             {"schema": self.schema, "tables": tables, "roles": roles},
@@ -372,12 +425,17 @@ class _Comparer:
             {"source": found.type_oid, "target": want.type_oid},
         )
         row = await cur.fetchone()
-        if not (row and row[0]):
+        if not (row and row[1]):
+            return "a type outside pg_catalog: a drift check does not run its casts"
+        if not row[0]:
             return f"no safe cast from {found.type} to {want.type}"
-        # The type names come from format_type() of the catalog, never from a request.
+        # Built-in types only (above), compared as text with the built-in operator: nothing the
+        # database's other users defined runs. The type names come from format_type() of the
+        # catalog, never from a request.
         query = sql.SQL(
-            "SELECT NOT EXISTS (SELECT 1 FROM {table} WHERE {col} IS DISTINCT FROM"
-            " ({col}::{new})::{old})"
+            "SELECT NOT EXISTS (SELECT 1 FROM {table} WHERE {col} IS NOT NULL"
+            " AND ((({col}::{new})::{old})::pg_catalog.text OPERATOR(pg_catalog.=)"
+            " {col}::pg_catalog.text) IS NOT TRUE)"
         ).format(
             table=self._table_ident(table),
             col=sql.Identifier(want.name),
@@ -419,7 +477,8 @@ class _ItemMaker:
 
 
 def _security(item: _ItemMaker, want: TableShape, have: TableShape) -> list[Drift]:
-    """Row-level security switched on and forced, and exactly the reader policy."""
+    """Row-level security switched on and forced, and exactly projectord's read and write
+    policies."""
     items = []
     if not have.rls_enabled:
         items.append(item(Kind.RLS_NOT_ENABLED, Repair.IN_PLACE, expected="enabled",
@@ -428,20 +487,28 @@ def _security(item: _ItemMaker, want: TableShape, have: TableShape) -> list[Drif
         items.append(item(Kind.RLS_NOT_FORCED, Repair.IN_PLACE, expected="forced",
                           actual="not forced",
                           reason="without FORCE the table's owner reads every row"))  # fmt: skip
-    wanted = want.policies.get(READ_POLICY)
-    found = have.policies.get(READ_POLICY)
-    if wanted is not None and found is None:
-        items.append(item(Kind.POLICY_MISSING, Repair.IN_PLACE, expected=wanted.describe(),
-                          subject=READ_POLICY))  # fmt: skip
-    elif found is not None and wanted != found:
-        items.append(item(Kind.POLICY_DIFFERENT, Repair.IN_PLACE, subject=READ_POLICY,
-                          expected=wanted.describe() if wanted else None,
-                          actual=found.describe()))  # fmt: skip
-    for name in sorted(set(have.policies) - {READ_POLICY}):
+    for name in POLICIES:
+        items += _policy(item, name, want.policies.get(name), have.policies.get(name))
+    for name in sorted(set(have.policies) - set(POLICIES)):
         items.append(item(Kind.EXTRA_POLICY, Repair.DROP, subject=name,
                           actual=f"{name}: {have.policies[name].describe()}",
                           reason="another policy changes what read_access implies"))  # fmt: skip
     return items
+
+
+def _policy(
+    item: _ItemMaker, name: str, wanted: PolicyShape | None, found: PolicyShape | None
+) -> list[Drift]:
+    """One of projectord's policies, compared as a whole: a policy with more roles than declared
+    (widened) is as different as one with fewer."""
+    if wanted is not None and found is None:
+        return [item(Kind.POLICY_MISSING, Repair.IN_PLACE, expected=wanted.describe(),
+                     subject=name)]  # fmt: skip
+    if found is not None and wanted != found:
+        return [item(Kind.POLICY_DIFFERENT, Repair.IN_PLACE, subject=name,
+                     expected=wanted.describe() if wanted else None,
+                     actual=found.describe())]  # fmt: skip
+    return []
 
 
 def _repair(reason: str) -> Repair:

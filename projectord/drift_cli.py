@@ -66,6 +66,12 @@ def _add_online_rebuild(add: AddCommand, commands: Any) -> None:
     offline = rebuild.get_default("handler")
 
     def handler(args: argparse.Namespace) -> int:
+        if args.online and getattr(args, "allow_undeclared", False):
+            raise _fail(
+                "--allow-undeclared is for the offline rebuild: an online rebuild never writes"
+                " outside its shadow tables (it stops instead)",
+                EXIT_USAGE,
+            )
         return cmd_rebuild_online(args) if args.online else int(offline(args))
 
     rebuild.set_defaults(handler=handler)

@@ -221,7 +221,8 @@ def _write_auth_files(data_dir: Path, account: Account) -> None:
     _write_private_file(
         data_dir / "pg_hba.conf",
         "# Written by projectord on every start (docs/embedded.md); edits are lost.\n"
-        f"local all all peer map={_IDENT_MAP}\n",
+        f"local all all peer map={_IDENT_MAP}\n"
+        f"local replication all peer map={_IDENT_MAP}\n",
         account,
     )
     _write_private_file(
@@ -286,6 +287,11 @@ class EmbeddedPostgres:
             lines = (result.stderr or result.stdout).strip().splitlines()
             raise EmbeddedError(f"{tool} failed ({result.returncode}): {' '.join(lines[-1:])}")
         return result
+
+    def claim(self, path: Path) -> None:
+        """Make `path` a private directory of the server's user, for a tool run as that user
+        that writes a data directory (pg_basebackup in the failover test)."""
+        _private_directory(path, self.account)
 
     def is_running(self) -> bool:
         return self._run("pg_ctl", "-D", str(self.data_dir), "status", check=False).returncode == 0

@@ -59,18 +59,31 @@ class ErrorPolicy:
         return cls(**values)
 
 
+# SQLSTATEs that say nothing about the handler (https://www.postgresql.org/docs/current/errcodes-appendix.html):
+# a serialization failure, a deadlock, a lock not available (NOWAIT, lock_timeout), and the server
+# shutting down or not yet accepting connections (57P01 admin, 57P02 crash, 57P03 cannot connect).
+TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57P01", "57P02", "57P03"})
+# Whole classes: 08 connection exception, 53 insufficient resources (disk full, out of memory,
+# too many connections): the server or the network, never the event.
+TRANSIENT_CLASSES = frozenset({"08", "53"})
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Errors that say nothing about the handler: the connection or the server's concurrency."""
-    return isinstance(
-        exc,
-        (
-            psycopg_pool.PoolTimeout,
-            psycopg.OperationalError,
-            psycopg.errors.SerializationFailure,
-            psycopg.errors.DeadlockDetected,
-            psycopg.errors.LockNotAvailable,
-        ),
-    ) and not isinstance(exc, psycopg.errors.QueryCanceled)
+    """Errors that say nothing about the handler: the connection or the server's concurrency.
+
+    Decided by SQLSTATE against an explicit list, not by psycopg's exception class: psycopg maps
+    whole classes to `OperationalError`, among them 54 (an index row too large, stack depth
+    exceeded), 55 and 58, which an event causes deterministically and would otherwise be retried
+    forever. An `OperationalError` without a SQLSTATE is the connection failing (closed, broken,
+    no answer): transient. Everything else counts toward `max_attempts`."""
+    if isinstance(exc, psycopg_pool.PoolTimeout):
+        return True
+    if not isinstance(exc, psycopg.Error):
+        return False
+    sqlstate = exc.sqlstate
+    if sqlstate is None:
+        return isinstance(exc, psycopg.OperationalError)
+    return sqlstate in TRANSIENT_SQLSTATES or sqlstate[:2] in TRANSIENT_CLASSES
 
 
 def backoff(attempts: int, error: BaseException) -> float:

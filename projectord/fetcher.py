@@ -22,6 +22,7 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from projectord.database import deadline
 from projectord.event_store import Event
 from projectord.logs import get_logger
 from projectord.queries import Queries
@@ -123,7 +124,8 @@ class ReadAhead:
             return
         try:
             async with self.pool.connection(timeout=READ_AHEAD_CONNECTION_TIMEOUT) as conn:
-                batch = await self.fetcher.fetch(conn, after, limit)
+                async with deadline(conn, "a read-ahead fetch"):
+                    batch = await self.fetcher.fetch(conn, after, limit)
         except Exception as exc:  # PoolTimeout, a lost connection, a cancelled statement
             log.debug("read_ahead.failed", error=str(exc))
             return

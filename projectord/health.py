@@ -1,6 +1,7 @@
 """`projectord health`: ok / degraded / failing, with the reasons an operator acts on.
 
-failing: a projection stopped on a poison event (state `failed`), the database has not answered
+failing: a projection stopped on a poison event (state `failed`) or refusing a table another role
+owns (state `refused`, projectord/foreign_owner.py), the database has not answered
 for `health_outage_seconds`, or a loop of the daemon is wedged (it would stop the systemd watchdog
 too). degraded: the database does not answer (yet: the daemon reconnects by itself, so a restart or
 a failover is degraded, not failing), the listener is down (the runners still poll), a projection
@@ -32,6 +33,7 @@ class Thresholds:
     horizon_seconds: float
     stall_timeout: float
     outage_seconds: float = 60.0
+    notify_queue_usage: float = 0.1  # fraction of the server's notification queue
 
 
 def reason(severity: str, code: str, message: str, **detail: Any) -> dict[str, Any]:
@@ -54,6 +56,7 @@ class HealthCheck:
         reasons = self._daemon_reasons(snapshot)
         for projection in snapshot["projections"]:
             reasons += self._projection_reasons(projection)
+        reasons += self._queue_reasons(snapshot)
         if snapshot["database"]["reachable"]:
             reasons += await self._horizon_reasons()
         worst = max((SEVERITY[r["severity"]] for r in reasons), default=0)
@@ -103,6 +106,25 @@ class HealthCheck:
             found.append(reason("degraded", "stopping", "the daemon is draining to stop"))
         return found
 
+    def _queue_reasons(self, snapshot: dict[str, Any]) -> list[dict[str, Any]]:
+        """The server's notification queue fills up when a session LISTENs and does not read
+        (a client that vanished without closing, an open transaction): at 100 % every NOTIFY,
+        and with it every append that notifies, fails."""
+        usage = snapshot["database"].get("notification_queue_usage")
+        limit = self.thresholds.notify_queue_usage
+        if usage is None or usage <= limit:
+            return []
+        return [
+            reason(
+                "degraded",
+                "notify_queue_filling",
+                f"the server's notification queue is {usage:.2%} full (threshold {limit:.2%}): "
+                "a session LISTENs without reading; see pg_stat_activity for a LISTEN session "
+                "idle in transaction or of a client that is gone",
+                usage=usage,
+            )
+        ]
+
     def _projection_reasons(self, p: dict[str, Any]) -> list[dict[str, Any]]:
         name, state, error = p["name"], p["state"], p["last_error"] or {}
         at = (
@@ -119,6 +141,16 @@ class HealthCheck:
                     f"projection {name} stopped{at}: {error.get('message')} (after "
                     f"{error.get('attempts')} attempts; `projectord resume {name}` retries, "
                     f"`projectord skip {name}` moves the event to the dead letters)",
+                    projection=name,
+                    error=error,
+                )
+            ]
+        if state == "refused":
+            return [
+                reason(
+                    "failing",
+                    "projection_refused",
+                    f"projection {name} does not run: {error.get('message')}",
                     projection=name,
                     error=error,
                 )

@@ -28,6 +28,7 @@ per poll interval, not 50.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from collections.abc import Callable
@@ -36,7 +37,7 @@ import anyio
 import anyio.lowlevel
 import psycopg
 
-from projectord.database import connect, describe_error
+from projectord.database import DeadConnection, connect, deadline, describe_error, discard
 from projectord.heartbeat import Heartbeat
 from projectord.logs import get_logger
 from projectord.queries import Queries
@@ -61,11 +62,20 @@ DISARM_WINDOW = 0.1
 # are still busy), up to the cap, and starts over after a longer quiet arming.
 REARM_COOLDOWN = (1.0, 16.0)
 REARM_QUIET = 5.0
+# PostgreSQL's identifier limit (NAMEDATALEN - 1), which channel names share.
+MAX_IDENTIFIER_BYTES = 63
 
 
 def channel_name(schema: str) -> str:
-    """The channel the events trigger notifies (see sql/migrations/0001_event_store.sql)."""
-    return f"projectord_{schema}"
+    """The channel the events trigger notifies (sql/migrations/0012_channel_fits_identifier_limit).
+
+    A channel is an identifier, at most 63 bytes: a schema too long for `projectord_<schema>`
+    gets the md5 of its name instead, so appends never fail on the channel's length.
+    """
+    channel = f"projectord_{schema}"
+    if len(channel.encode()) > MAX_IDENTIFIER_BYTES:
+        channel = f"projectord_{hashlib.md5(schema.encode()).hexdigest()}"
+    return channel
 
 
 class NotificationListener:
@@ -127,10 +137,11 @@ class NotificationListener:
         if now - self._polled_at < self.poll_interval:
             return
         self._polled_at = now
-        cur = await conn.execute(
-            self.queries["poll_events"], {"since": str(self._poll_since)}, prepare=False
-        )
-        row = await cur.fetchone()
+        async with deadline(conn, "the listener's poll"):
+            cur = await conn.execute(
+                self.queries["poll_events"], {"since": str(self._poll_since)}, prepare=False
+            )
+            row = await cur.fetchone()
         assert row is not None
         self._poll_since = row[0]
         if row[1]:
@@ -160,6 +171,11 @@ class NotificationListener:
         self.wake()
 
     async def _arm_or_disarm(self, conn: psycopg.AsyncConnection[object]) -> None:
+        if self._arm_wanted or self._disarm_wanted:
+            async with deadline(conn, "the listener's arming"):
+                await self._arm_or_disarm_now(conn)
+
+    async def _arm_or_disarm_now(self, conn: psycopg.AsyncConnection[object]) -> None:
         if self._disarm_wanted:
             self._disarm_wanted = False
             await conn.execute(self.queries["disarm_wakeups"])
@@ -214,8 +230,9 @@ class NotificationListener:
             # Notifications that arrive while the listener runs its own statements (a poll, an
             # arming, a probe) are read by psycopg and handed over here.
             conn.add_notify_handler(self._on_notify)
-            await conn.execute(f"SET lock_timeout = '{ARM_LOCK_TIMEOUT}'")
-            await conn.execute(f'LISTEN "{self.channel}"')
+            async with deadline(conn, "LISTEN"):
+                await conn.execute(f"SET lock_timeout = '{ARM_LOCK_TIMEOUT}'")
+                await conn.execute(f'LISTEN "{self.channel}"')
             self._connected(failures)
             self._probe_sent = 0.0
             while True:
@@ -236,10 +253,14 @@ class NotificationListener:
                     self._waiting = None
                 now = time.monotonic()
                 if self._probe_sent and now - self._probe_sent > self.probe_interval:
-                    raise TimeoutError("the listener did not hear its own probe notification")
+                    await discard(conn)  # its session may live on over there, still LISTENing
+                    raise DeadConnection("the listener did not hear its own probe notification")
                 if not self._probe_sent and now - self.last_heard >= self.probe_interval / 2:
                     self._probe_sent = now  # before: psycopg may hand the probe over at once
-                    await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, PROBE_PAYLOAD))
+                    async with deadline(conn, "the listener's probe"):
+                        await conn.execute(
+                            "SELECT pg_notify(%s, %s)", (self.channel, PROBE_PAYLOAD)
+                        )
 
     async def _wait_for_notifications(self, conn: psycopg.AsyncConnection[object]) -> int:
         """Wait until the server sends something or `_wait_time` passes; returns how many

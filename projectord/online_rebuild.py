@@ -9,9 +9,16 @@
    committed so far.
 3. **Swap**, in one transaction: lock the live tables against writes (EXCLUSIVE: reads go on),
    let the shadow apply the last events and stop it; then take ACCESS EXCLUSIVE locks (readers
-   wait for a moment), carry the live tables' owner and grants over, move the live tables out and
+   wait for a moment), carry the live tables' SELECT grants over, move the live tables out and
    the shadow tables in, drop the old ones, and move the live checkpoint to the shadow's.
    A reader sees the complete old tables until the commit and the complete new ones after it.
+
+The shadow runs under the projection's own error policy, pipeline setting and the configured
+defaults, like the live runner. Its handler's unqualified table names resolve to the shadow tables
+through `search_path`; a schema-qualified name would escape into a live table, so every shadow batch
+ends with a guard: the tables its transaction holds a write lock on (`tables_written()`,
+sql/migrations/0015_tables_written.sql). A write outside the shadow schema rolls the batch back and
+aborts the rebuild, naming the table: the live data is never touched by a shadow run.
 
 The live runner's next compare-and-set then fails (its checkpoint moved under it), so it rolls its
 batch back, reloads the checkpoint and continues from the shadow's position: no event is applied
@@ -38,6 +45,7 @@ from psycopg_pool import AsyncConnectionPool
 from projectord.catch_up import latest_positions
 from projectord.config import Settings
 from projectord.database import connect, make_pool
+from projectord.error_policy import ErrorPolicy
 from projectord.event_store import Event
 from projectord.logs import get_logger
 from projectord.projection import Projection
@@ -53,9 +61,7 @@ SWAP_ATTEMPTS = 5
 FINAL_CATCH_UP_TIMEOUT = 30.0  # seconds the live writes may be held while the shadow finishes
 POLL_INTERVAL = 0.05
 PROGRESS_INTERVAL = 2.0
-PRIVILEGES = frozenset(
-    {"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER", "MAINTAIN"}
-)
+CARRIED_PRIVILEGES = frozenset({"SELECT"})  # from the live tables to the rebuilt ones
 
 
 class RebuildError(Exception):
@@ -82,11 +88,46 @@ class ShadowNames:
         )
 
 
-def shadow_projection(live: Projection, names: ShadowNames, read_model_schema: str) -> Projection:
-    """The live projection, writing into the shadow tables under its own checkpoint.
+class ShadowGuard:
+    """What the shadow's guard found: the first table outside the shadow schema a shadow batch
+    wrote. Set once; the rebuild aborts when it sees it, whatever the error policy does with the
+    failed batch meanwhile."""
+
+    def __init__(self, projection: str, query: str, shadow_schema: str) -> None:
+        self.projection = projection
+        self.query = query
+        self.shadow_schema = shadow_schema
+        self.violation: str | None = None
+
+    async def check(self, conn: AsyncConnection[Any]) -> None:
+        """Raise (rolling the batch back) if this transaction wrote outside the shadow schema.
+        Reading the answer syncs a pipelined batch: one round trip more per shadow batch."""
+        cur = await conn.execute(self.query, {"shadow": self.shadow_schema})
+        written = [name for (name,) in await cur.fetchall()]
+        if written:
+            if self.violation is None:
+                self.violation = (
+                    f"projection {self.projection!r} wrote {', '.join(written)} during its online"
+                    " rebuild, outside its shadow tables (a schema-qualified or undeclared table);"
+                    " rebuild aborted, live tables untouched: write the projection's declared"
+                    " tables by unqualified name"
+                )
+            raise LiveTableWritten(self.violation)
+
+
+class LiveTableWritten(Exception):
+    """A shadow batch wrote a table outside the shadow schema; the batch is rolled back."""
+
+
+def shadow_projection(
+    live: Projection, names: ShadowNames, read_model_schema: str, guard: ShadowGuard
+) -> Projection:
+    """The live projection, writing into the shadow tables under its own checkpoint, with the
+    live projection's own settings (pipeline, error policy).
 
     Its handler runs with the shadow schema first on the search_path, set for the batch
-    transaction only, so the projection's unqualified table names resolve to the shadow tables.
+    transaction only, so the projection's unqualified table names resolve to the shadow tables;
+    `guard` then checks that nothing else was written.
     """
     set_path = sql.SQL("SET LOCAL search_path TO {}, {}").format(
         sql.Identifier(names.schema), sql.Identifier(read_model_schema)
@@ -97,10 +138,15 @@ def shadow_projection(live: Projection, names: ShadowNames, read_model_schema: s
         event_types = tuple(live.event_types)
         tables = live.tables
         read_access = live.read_access
+        pipeline = live.pipeline
+        on_error = live.on_error
+        max_attempts = live.max_attempts
+        handler_timeout = live.handler_timeout
 
         async def handle(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
             await conn.execute(set_path)
             await live.handle(events, conn)
+            await guard.check(conn)
 
     return Shadow()
 
@@ -124,6 +170,9 @@ class _OnlineRebuild:
         self.names = ShadowNames.of(self.schema, projection.name)
         self.queries = Queries(settings.schema)
         self.tables = list(projection.tables)
+        self.guard = ShadowGuard(
+            projection.name, self.queries["tables_written_outside"], self.names.schema
+        )
         self._log = log.bind(projection=projection.name)
 
     async def run(self, control: AsyncConnection[Any]) -> dict[str, Any]:
@@ -179,6 +228,9 @@ class _OnlineRebuild:
                 sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(self._shadow_schema)
             )
             await control.execute(self.queries["delete_position"], {"name": self.names.checkpoint})
+            await control.execute(
+                self.queries["delete_shadow_dead_letters"], {"shadow": self.names.checkpoint}
+            )
         except psycopg.Error as exc:  # the database may be what failed; say so and go on
             self._log.warning("rebuild.shadow_not_discarded", error=str(exc))
 
@@ -190,13 +242,7 @@ class _OnlineRebuild:
         self, control: AsyncConnection[Any], pool: AsyncConnectionPool
     ) -> tuple[tuple[int, int], int]:
         for attempt in range(1, SWAP_ATTEMPTS + 1):
-            runner = ProjectionRunner(
-                shadow_projection(self.projection, self.names, self.schema),
-                pool,
-                self.queries,
-                batch_size=self.settings.batch_size,
-                poll_interval=self.settings.poll_interval,
-            )
+            runner = self.shadow_runner(pool)
             stopped = anyio.Event()
             outcome: tuple[tuple[int, int], int] | None = None
             failure: Exception | None = None
@@ -226,6 +272,32 @@ class _OnlineRebuild:
             " than the projection applies them)"
         )
 
+    def shadow_runner(self, pool: AsyncConnectionPool) -> ProjectionRunner:
+        """A runner of the shadow with the settings the live runner has: the projection's error
+        policy over the configured defaults, its pipeline setting (carried by the shadow)."""
+        return ProjectionRunner(
+            shadow_projection(self.projection, self.names, self.schema, self.guard),
+            pool,
+            self.queries,
+            batch_size=self.settings.batch_size,
+            poll_interval=self.settings.poll_interval,
+            policy=ErrorPolicy.of(self.projection, ErrorPolicy.configured(self.settings)),
+            observe_writes=False,
+            read_model_schema=self.names.schema,
+        )
+
+    def _check_shadow(self, runner: ProjectionRunner) -> None:
+        """Abort when the shadow wrote outside its tables, or stopped on a poison event
+        (on_error = "pause"); a shadow still retrying is waited for, as its policy says."""
+        if self.guard.violation is not None:
+            raise RebuildError(self.guard.violation)
+        error = runner.status.last_error
+        if runner.failed and error:
+            raise RebuildError(
+                f"projection {self.projection.name!r} failed in the shadow tables:"
+                f" {error['type']}: {error['message']}"
+            )
+
     async def _catch_up(
         self, conn: AsyncConnection[Any], runner: ProjectionRunner, *, timeout: float | None
     ) -> None:
@@ -236,12 +308,7 @@ class _OnlineRebuild:
         deadline = None if timeout is None else time.monotonic() + timeout
         reported = time.monotonic()
         while target is not None and runner.status.checkpoint < target:
-            error = runner.status.last_error
-            if error and not error.get("transient"):
-                raise RebuildError(
-                    f"projection {self.projection.name!r} failed in the shadow tables:"
-                    f" {error['type']}: {error['message']}"
-                )
+            self._check_shadow(runner)
             if deadline is not None and time.monotonic() > deadline:
                 raise _SwapNotReady(f"the shadow did not catch up within {timeout}s")
             if time.monotonic() - reported >= PROGRESS_INTERVAL:
@@ -264,6 +331,7 @@ class _OnlineRebuild:
             await self._catch_up(control, runner, timeout=FINAL_CATCH_UP_TIMEOUT)
             runner.request_stop()
             await stopped.wait()
+            self._check_shadow(runner)
             shadow = [sql.Identifier(self.names.schema, t) for t in self.tables]
             await control.execute(
                 sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
@@ -281,35 +349,42 @@ class _OnlineRebuild:
             await control.execute(
                 self.queries["resolve_by_rebuild"], {"projection": self.projection.name}
             )
+            await control.execute(
+                self.queries["adopt_shadow_dead_letters"],
+                {"name": self.projection.name, "shadow": self.names.checkpoint},
+            )
         assert row is not None
         return (int(row[0]), int(row[1])), int(row[2])
 
-    async def _owners(self, conn: AsyncConnection[Any], schema: str) -> dict[str, str]:
+    async def _owners(self, conn: AsyncConnection[Any], schema: str) -> dict[str, bool]:
+        """The live tables that exist → whether projectord's role owns them."""
         cur = await conn.execute(
             self.queries["table_owners"], {"schema": schema, "tables": self.tables}
         )
-        return {name: owner for name, owner in await cur.fetchall()}
+        return {name: bool(ours) for name, ours in await cur.fetchall()}
 
-    async def _carry_over(self, conn: AsyncConnection[Any], owners: dict[str, str]) -> None:
-        """The new tables get the live tables' grants and owner, so whoever could read or owned
-        the old tables still can after the swap."""
-        for table, owner in owners.items():
+    async def _carry_over(self, conn: AsyncConnection[Any], owners: dict[str, bool]) -> None:
+        """The new tables, owned by projectord's role which created them, get the live tables'
+        SELECT grants, so whoever could read the old tables still can after the swap. Nothing else
+        is carried over: other privileges (TRUNCATE, TRIGGER, writes) are drift, and a table
+        another role owns passes on neither that owner nor the grants it made."""
+        for table, ours in owners.items():
+            if not ours:
+                self._log.warning("rebuild.foreign_owner_not_carried", table=table)
+                continue
             target = sql.Identifier(self.names.schema, table)
             cur = await conn.execute(
                 self.queries["table_grants"], {"schema": self.schema, "table": table}
             )
             for grantee, privilege in await cur.fetchall():
-                if privilege not in PRIVILEGES:
+                if privilege not in CARRIED_PRIVILEGES:
                     continue
                 who = sql.SQL("PUBLIC") if grantee == "public" else sql.Identifier(grantee)
                 await conn.execute(
                     sql.SQL("GRANT {} ON {} TO {}").format(sql.SQL(privilege), target, who)
                 )
-            await conn.execute(
-                sql.SQL("ALTER TABLE {} OWNER TO {}").format(target, sql.Identifier(owner))
-            )
 
-    async def _move_tables(self, conn: AsyncConnection[Any], owners: dict[str, str]) -> None:
+    async def _move_tables(self, conn: AsyncConnection[Any], owners: dict[str, bool]) -> None:
         """Old tables out, new tables in, old tables dropped. Dropping without CASCADE: a view or
         foreign key on an old table makes the swap fail instead of disappearing with it."""
         retired = sql.Identifier(self.names.retired)

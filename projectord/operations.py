@@ -11,6 +11,7 @@ them; the others refuse with `not_owner`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -21,9 +22,10 @@ from psycopg_pool import PoolTimeout
 
 from projectord.control import Arg, Command, RequestError
 from projectord.database import describe_error
+from projectord.foreign_owner import ForeignOwnerError
 from projectord.health import HealthCheck
 from projectord.logs import get_logger
-from projectord.runner import NothingToSkip, ProjectionRunner, RunnerBusy
+from projectord.runner import NothingToSkip, ProjectionRunner, RunnerBusy, UndeclaredWrites
 from projectord.status import DB_TIMEOUT, StatusReporter
 
 log = get_logger("projectord.operations")
@@ -47,7 +49,11 @@ class Operations:
             "health": Command(self.health, {}),
             "pause": Command(self.pause, name, changes_state=True),
             "resume": Command(self.resume, name, changes_state=True),
-            "rebuild": Command(self.rebuild, name, changes_state=True),
+            "rebuild": Command(
+                self.rebuild,
+                {**name, "allow_undeclared": Arg(bool)},
+                changes_state=True,
+            ),
             "skip": Command(self.skip, name, changes_state=True),
         }
 
@@ -112,7 +118,13 @@ class Operations:
         self._not_stopping()
         self._runs_here(args["name"])
         runner = self.runners[args["name"]]
-        progress = await self._ask(runner, runner.rebuild)
+        allow = bool(args.get("allow_undeclared"))
+        try:
+            progress = await self._ask(
+                runner, functools.partial(runner.rebuild, allow_undeclared=allow)
+            )
+        except UndeclaredWrites as exc:
+            raise RequestError("undeclared_tables", str(exc)) from None
         return {"name": runner.name, "rebuild": progress}
 
     async def skip(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -131,6 +143,8 @@ class Operations:
                 return await action(timeout=RUNNER_REQUEST_TIMEOUT)
         except RunnerBusy as exc:
             raise RequestError("busy", str(exc)) from None
+        except ForeignOwnerError as exc:
+            raise RequestError("foreign_owner", str(exc)) from None
 
     @contextmanager
     def _database_errors(self) -> Iterator[None]:

@@ -18,6 +18,8 @@ from projectord.control_client import ControlClient, ControlError, NoDaemon
 from projectord.text_table import render_table
 
 EXIT_OK, EXIT_FAILED, EXIT_NO_DAEMON = 0, 1, 3
+# `health`: one status per verdict, so a probe can tell degraded from failing (CONTRACT.md).
+HEALTH_EXIT = {"ok": 0, "degraded": 1, "failing": 2}
 FOLLOW_INTERVAL = 0.25  # seconds between progress polls of `rebuild`
 
 AddCommand = Callable[[str, Callable[[argparse.Namespace], int], str], Any]
@@ -41,6 +43,12 @@ def add_operator_commands(add: AddCommand) -> None:
     )
     rebuild.add_argument("name", metavar="NAME")
     rebuild.add_argument("--wait", action="store_true", help="block until the rebuild is done")
+    rebuild.add_argument(
+        "--allow-undeclared",
+        action="store_true",
+        help="rebuild even though the projection writes tables it does not declare (which are"
+        " not emptied): you emptied them yourself, or its writes to them can be repeated",
+    )
     rebuild.add_argument(
         "--timeout", type=float, default=0.0, help="give up waiting after S seconds (0: never)"
     )
@@ -158,7 +166,7 @@ def cmd_health(args: argparse.Namespace) -> int:
         print(result["status"])
         for reason in result["reasons"]:
             print(f"  {reason['severity']}: {reason['message']}")
-    return EXIT_OK if result["status"] == "ok" else EXIT_FAILED
+    return HEALTH_EXIT[result["status"]]
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
@@ -192,7 +200,8 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     swallowed) and exit 3 when the daemon goes away."""
     out = sys.stdout
     with _client(args) as client:
-        started = _call(client, "rebuild", name=args.name)["rebuild"]
+        request = {"allow_undeclared": True} if args.allow_undeclared else {}
+        started = _call(client, "rebuild", name=args.name, **request)["rebuild"]
         if not (args.wait or out.isatty()):
             print(f"rebuilding {args.name}: {started['total']} events to apply")
             return EXIT_OK

@@ -24,7 +24,7 @@ import anyio
 import psycopg
 from psycopg import AsyncConnection
 
-from projectord.database import connect, describe_error
+from projectord.database import condemn, connect, deadline, describe_error, reap
 from projectord.logs import get_logger
 from projectord.queries import Queries
 
@@ -68,12 +68,16 @@ class Ownership:
     async def run(self) -> None:
         failures = 0
         while True:
+            conn: AsyncConnection[Any] | None = None
             try:
                 conn = await connect(self.dsn, autocommit=True, connect_timeout=5)
                 async with conn:
-                    await conn.execute(
-                        self.queries["try_lock_instance"],
-                        {"schema": self.schema, "key": INSTANCE_LOCK},
+                    # The previous session may live on on the server after a silent partition,
+                    # holding this instance's locks: end it (and any other dead session) first.
+                    async with deadline(conn, "terminating dead sessions"):
+                        await reap(conn)
+                    await self._query(
+                        conn, "try_lock_instance", {"schema": self.schema, "key": INSTANCE_LOCK}
                     )
                     self.connected = True
                     if failures:
@@ -81,6 +85,8 @@ class Ownership:
                     failures = 0
                     await self._keep(conn)
             except (psycopg.Error, OSError) as exc:
+                if conn is not None:
+                    condemn(conn)  # its locks must go with it, whatever the server still thinks
                 was_connected, self.connected = self.connected, False
                 if was_connected or failures == 0:
                     log.warning(
@@ -107,10 +113,9 @@ class Ownership:
                 await anyio.wait_readable(conn.fileno())
 
     async def rebalance(self, conn: AsyncConnection[Any]) -> None:
-        cur = await conn.execute(
-            self.queries["count_instances"], {"schema": self.schema, "key": INSTANCE_LOCK}
+        row = await self._query(
+            conn, "count_instances", {"schema": self.schema, "key": INSTANCE_LOCK}
         )
-        row = await cur.fetchone()
         self.instances = max(int(row[0]) if row else 1, 1)
         share = math.ceil(len(self.names) / self.instances)
         while len(self.owned) > share:
@@ -123,18 +128,14 @@ class Ownership:
                 instance=self.instance,
                 instances=self.instances,
             )
-            await conn.execute(
-                self.queries["release_projection"], {"schema": self.schema, "key": name}
-            )
+            await self._query(conn, "release_projection", {"schema": self.schema, "key": name})
             self.owned.pop()
         for name in self._preference:
             if len(self.owned) >= share:
                 break
             if name not in self.owned and await self._take(conn, name):
                 self.owned.append(name)
-                await conn.execute(
-                    self.queries["record_owner"], {"name": name, "owner": self.instance}
-                )
+                await self._query(conn, "record_owner", {"name": name, "owner": self.instance})
                 log.info(
                     "ownership.acquired",
                     projection=name,
@@ -144,11 +145,17 @@ class Ownership:
                 await self._acquired(name)
 
     async def _take(self, conn: AsyncConnection[Any], key: str) -> bool:
-        cur = await conn.execute(
-            self.queries["try_lock_projection"], {"schema": self.schema, "key": key}
-        )
-        row = await cur.fetchone()
+        row = await self._query(conn, "try_lock_projection", {"schema": self.schema, "key": key})
         return bool(row and row[0])
+
+    async def _query(
+        self, conn: AsyncConnection[Any], name: str, params: dict[str, Any]
+    ) -> tuple[Any, ...] | None:
+        """One of ownership's statements, bounded: a session that does not answer is taken for
+        dead (its locks are then someone else's to take), never waited on forever."""
+        async with deadline(conn, f"ownership's {name}"):
+            cur = await conn.execute(self.queries[name], params)
+            return await cur.fetchone() if cur.description else None
 
     async def _lose_all(self) -> None:
         if self.owned:

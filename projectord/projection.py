@@ -12,6 +12,7 @@ from psycopg import AsyncConnection
 
 from projectord.cursor_reuse import reused_cursors
 from projectord.event_store import Event
+from projectord.queries import quote_ident
 from projectord.specs import resolve_spec
 
 
@@ -24,13 +25,16 @@ class Table:
     """A read-model table a projection owns: column name → SQL type and constraints.
 
     `indexes` are extra indexes as column lists, e.g. `[("tenant_id", "created_at")]`.
+    Column names are identifiers, quoted wherever they are used. Column *types* are raw SQL, by
+    design (`"uuid PRIMARY KEY"`, `"int8 NOT NULL DEFAULT 0"`, `"text CHECK (…)"`): they are
+    trusted code, written by the projection's author, never built from data.
     """
 
     columns: Mapping[str, str]
     indexes: Sequence[Sequence[str]] = field(default_factory=tuple)
 
     def create_sql(self, qualified_name: str) -> str:
-        cols = ", ".join(f'"{name}" {definition}' for name, definition in self.columns.items())
+        cols = ", ".join(f"{quote_ident(name)} {type_}" for name, type_ in self.columns.items())
         return f"CREATE TABLE IF NOT EXISTS {qualified_name} ({cols})"
 
 

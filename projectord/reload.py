@@ -25,6 +25,7 @@ RUNTIME_KEYS = (
     "health_horizon_seconds",
     "stall_timeout",
     "health_outage_seconds",
+    "health_notify_queue_usage",
 )
 
 

@@ -19,12 +19,12 @@ from psycopg import AsyncConnection, sql
 from projectord.catalog import TableShape
 from projectord.config import Settings
 from projectord.database import connect
-from projectord.drift import Drift, Inspection, Kind, Repair, inspect
+from projectord.drift import Drift, Inspection, Kind, Repair, inspect, printable, sql_identifier
 from projectord.logs import get_logger
 from projectord.online_rebuild import rebuild_online
 from projectord.projection import Projection
 from projectord.security import (
-    READ_POLICY,
+    WRITE_POLICY,
     drop_policy,
     enable_rls,
     force_rls,
@@ -32,12 +32,24 @@ from projectord.security import (
     grant_select,
     reader_policy,
     secure_statements,
+    writer_policy,
 )
 
 log = get_logger("projectord.repair")
 
 LOCK_TIMEOUT = "10s"  # an in-place repair waits this long for a table's lock, then fails cleanly
-RLS_KINDS = {Kind.RLS_NOT_ENABLED, Kind.RLS_NOT_FORCED, Kind.POLICY_MISSING, Kind.POLICY_DIFFERENT}
+# What init brings in line with `read_access` by itself: switching row-level security on and the
+# grants. Columns, indexes and extra policies are left to `drift repair` (they may need a rebuild,
+# or an explicit --drop-extra); a missing role needs an operator.
+SECURITY_KINDS = frozenset(
+    {
+        Kind.RLS_NOT_ENABLED,
+        Kind.RLS_NOT_FORCED,
+        Kind.POLICY_MISSING,
+        Kind.POLICY_DIFFERENT,
+        Kind.GRANT_MISSING,
+    }
+)
 
 
 class RepairError(Exception):
@@ -71,10 +83,36 @@ async def drift_repair(
         result = describe_plan(conn, inspection, plan) | {"applied": False}
         if not apply:
             return result
-        await apply_in_place(conn, inspection, plan)
+        await apply_in_place(conn, plan)
     for name in plan.rebuilds:
         await rebuild_online(dsn, settings, inspection.projections[name])
     return result | {"applied": True}
+
+
+async def secure_tables(
+    conn: AsyncConnection[Any], settings: Settings, projections: Sequence[Projection]
+) -> list[str]:
+    """Give the existing tables of the projections that declare `read_access` their row-level
+    security, policies and grants, where they differ (on `conn`, inside the caller's transaction
+    when there is one); return what was done. This is how `init` leaves no drift behind, and how a
+    database secured by an older projectord gets the current policies."""
+    secured = [projection for projection in projections if projection.read_access]
+    if not secured:
+        return []
+    inspection = await inspect(conn, settings, secured)
+    builder = _StatementBuilder(inspection, settings)
+    plan = RepairPlan()
+    for item in inspection.items:
+        if item.kind in SECURITY_KINDS and item.repair is Repair.IN_PLACE:
+            plan.steps.append((item, builder.statements(item)))
+    await apply_in_place(conn, plan)
+    return [_secured(inspection.schema, item) for item, _ in plan.steps]
+
+
+def _secured(schema: str, item: Drift) -> str:
+    """One line of `init`'s output for a security item it repaired."""
+    where = f"{schema}.{item.table}" if item.table else f"schema {schema}"
+    return f"{item.kind.value} on {where}" + (f" ({item.subject})" if item.subject else "")
 
 
 def plan_repair(inspection: Inspection, settings: Settings, *, drop_extra: bool) -> RepairPlan:
@@ -118,23 +156,13 @@ def plan_text(result: dict[str, Any], schema: str) -> list[str]:
     for name in result["rebuilds"]:
         lines.append(f"-- online rebuild of projection {name}: projectord rebuild {name} --online")
     for item in result["left"]:
-        if item["table"]:
-            where = ".".join(p for p in (schema, item["table"], item["column"]) if p)
-        else:
-            where = f"projection {item['projection']}" if item["projection"] else "database"
-        lines.append(f"-- not repaired: {where}: {item['kind']}: {item['why']}")
+        where = Drift.from_json({k: v for k, v in item.items() if k != "why"}).where(schema)
+        lines.append(printable(f"-- not repaired: {where}: {item['kind']}: {item['why']}"))
     return lines or ["-- no drift: nothing to do"]
 
 
-async def apply_in_place(
-    conn: AsyncConnection[Any], inspection: Inspection, plan: RepairPlan
-) -> None:
+async def apply_in_place(conn: AsyncConnection[Any], plan: RepairPlan) -> None:
     """Run the in-place statements in one transaction."""
-    if not inspection.bypasses_rls and _secures_anything(inspection, plan):
-        raise RepairError(
-            "refusing to force row-level security: projectord's database role lacks BYPASSRLS,"
-            " so its own writes would stop; ALTER ROLE … BYPASSRLS first"
-        )
     statements = plan.statements()
     if not statements:
         return
@@ -143,17 +171,6 @@ async def apply_in_place(
         for statement in statements:
             await conn.execute(statement)
     log.info("drift.repaired", statements=len(statements))
-
-
-def _secures_anything(inspection: Inspection, plan: RepairPlan) -> bool:
-    """Whether the plan switches on row-level security somewhere (which stops the writes of a
-    role that does not bypass it)."""
-    secured = {name for name, p in inspection.projections.items() if p.read_access}
-    in_place = any(
-        item.kind in RLS_KINDS or (item.kind is Kind.MISSING_TABLE and item.projection in secured)
-        for item, _ in plan.steps
-    )
-    return in_place or bool(secured & set(plan.rebuilds))
 
 
 @dataclass
@@ -166,7 +183,7 @@ class _StatementBuilder:
     def statements(self, item: Drift) -> list[sql.Composable]:
         schema = self.inspection.schema
         table = sql.Identifier(schema, item.table) if item.table else sql.SQL("")
-        column = sql.Identifier(item.column) if item.column else sql.SQL("")
+        column = sql_identifier(item.column) if item.column else sql.SQL("")
         want = self.inspection.expected.get(item.table or "")
         alter = sql.SQL("ALTER TABLE {} ").format(table)
         match item.kind:
@@ -196,9 +213,12 @@ class _StatementBuilder:
             case Kind.POLICY_MISSING:
                 return [self._policy(table, item)]
             case Kind.POLICY_DIFFERENT:
-                return [drop_policy(table, READ_POLICY), self._policy(table, item)]
+                return [drop_policy(table, item.subject or ""), self._policy(table, item)]
             case Kind.EXTRA_POLICY:
-                return [drop_policy(table, item.subject or "")]
+                drop = sql.SQL("DROP POLICY {} ON {}")
+                return [drop.format(sql_identifier(item.subject or ""), table)]
+            case Kind.EXTRA_GRANT:
+                return [_revoke(table, item)]
             case Kind.GRANT_MISSING if item.table:
                 return [grant_select(table, item.subject or "")]
             case Kind.GRANT_MISSING:
@@ -221,6 +241,8 @@ class _StatementBuilder:
         return statements + list(secure_statements(table, self.settings.schema, projection, roles))
 
     def _policy(self, table: sql.Composable, item: Drift) -> sql.Composed:
+        if item.subject == WRITE_POLICY:
+            return writer_policy(table)
         projection = self._projection(item)
         roles = set(projection.read_access) & self.inspection.readers
         return reader_policy(table, self.settings.schema, projection.read_access, roles)
@@ -237,4 +259,24 @@ def _create_index(table: sql.Composable, described: str) -> sql.Composed:
     definition = described.removeprefix("UNIQUE ")
     return sql.SQL("CREATE {}INDEX ON {} {}").format(
         sql.SQL("UNIQUE " if unique else ""), table, sql.SQL(definition)
+    )
+
+
+# What `extra_grant` may name: the table privileges Postgres knows (the catalog's spelling).
+PRIVILEGES = frozenset(
+    {"INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER", "MAINTAIN", "SELECT"}
+)
+
+
+def _revoke(table: sql.Composable, item: Drift) -> sql.Composed:
+    """REVOKE an extra privilege (on the table or one column). CASCADE: also what the grantee
+    passed on with a grant option."""
+    privilege = item.actual or ""
+    if privilege not in PRIVILEGES:
+        raise RepairError(f"unknown privilege {privilege[:40]!r}")
+    role = item.subject or ""
+    grantee = sql.SQL("PUBLIC") if role == "public" else sql_identifier(role)
+    columns = sql.SQL(" ({})").format(sql_identifier(item.column)) if item.column else sql.SQL("")
+    return sql.SQL("REVOKE {}{} ON {} FROM {} CASCADE").format(
+        sql.SQL(privilege), columns, table, grantee
     )

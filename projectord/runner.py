@@ -29,10 +29,12 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from projectord.database import DeadConnection, condemn, deadline, discard
 from projectord.dead_letters import dead_letter_params, format_traceback
 from projectord.error_policy import ErrorPolicy, backoff, is_transient
 from projectord.event_store import Event
 from projectord.fetcher import Batch, Fetcher, ReadAhead
+from projectord.foreign_owner import ForeignOwnerError, foreign_owned, refusal
 from projectord.handler_timeout import HandlerClock, handler_of, run_handler
 from projectord.heartbeat import Heartbeat
 from projectord.listener import NotificationListener
@@ -62,6 +64,11 @@ COMMIT_WAIT = 5.0
 BUSY_READ_PAUSE = 0.02
 # A rebuild waits at most this long for the locks on the projection's tables.
 REBUILD_LOCK_TIMEOUT = "10s"
+# How often a batch also records which tables its handler wrote (seconds; and always a runner's
+# first batch): what lets `rebuild` refuse a projection that writes tables it does not declare.
+# One statement more in the batch's pipeline, no round trip; sampled, so live batches of one event
+# do not pay for it each time.
+WRITES_SAMPLE_INTERVAL = 10.0
 
 
 class CheckpointMoved(Exception):
@@ -70,6 +77,11 @@ class CheckpointMoved(Exception):
 
 class RunnerBusy(Exception):
     """The runner did not take an operator request in time (it is inside a long batch)."""
+
+
+class UndeclaredWrites(Exception):
+    """`rebuild` refused: the projection writes tables it does not declare, which a rebuild does
+    not empty, so it would apply every event to them a second time."""
 
 
 class NothingToSkip(Exception):
@@ -198,8 +210,17 @@ class ProjectionRunner:
         listener: NotificationListener | None = None,
         policy: ErrorPolicy | None = None,
         owner: str | None = None,
+        read_model_schema: str | None = None,
+        observe_writes: bool = True,
     ) -> None:
         self.projection = projection
+        # Where the projection's tables live: checked for a foreign owner whenever the positions
+        # row is read (projectord/foreign_owner.py). None: not checked.
+        self.read_model_schema = read_model_schema
+        # Record which tables the handler writes, now and then (WRITES_SAMPLE_INTERVAL); off for
+        # an online rebuild's shadow, whose guard checks every batch instead.
+        self.observe_writes = observe_writes
+        self._writes_recorded_at: float | None = None
         self.policy = policy or ErrorPolicy()
         # The daemon instance this runner commits for; the compare-and-set checks it against the
         # positions row's owner. None: no ownership (one-off runners such as an online rebuild's).
@@ -221,6 +242,7 @@ class ProjectionRunner:
         self.paused = False  # as last read from the positions row
         self.failed = False  # stopped on a poison event (on_error = "pause"), as last read
         self.standby = False  # the positions row names another owner: commit nothing, wait
+        self.refused: ForeignOwnerError | None = None  # a table another role owns: wait
         self.stuck: StuckEvent | None = None
         self._requests: list[_Request] = []
         self._reload = False  # re-read the positions row before the next batch
@@ -255,6 +277,7 @@ class ProjectionRunner:
         self._reload = False
         self._failures = self._transient_failures = 0
         self.paused = self.failed = self.standby = False
+        self.refused = None
         self.stuck = None
         self._read_ahead.discard()
         self.status.state = "starting"
@@ -287,7 +310,7 @@ class ProjectionRunner:
         try:
             if self._persisted is None or self._reload:
                 await self._load_checkpoint()
-            if self.paused or self.failed or self.standby:
+            if self.paused or self.failed or self.standby or self.refused:
                 await self._wait_paused()
                 return
             if self._failures >= self.policy.max_attempts:
@@ -319,10 +342,11 @@ class ProjectionRunner:
             self._log.warning("checkpoint.moved", position=self._position)
 
     async def _load_checkpoint(self) -> None:
-        async with self.pool.connection() as conn:
+        async with self.pool.connection() as conn, deadline(conn, "a checkpoint read"):
             await conn.execute(self.queries["ensure_position"], {"name": self.name})
             cur = await conn.execute(self.queries["read_position"], {"name": self.name})
             row = await cur.fetchone()
+            await self._check_owners(conn)
         assert row is not None
         self._persisted = (int(row[0]), int(row[1]))
         self._position = self._persisted
@@ -338,12 +362,35 @@ class ProjectionRunner:
         self.status.checkpoint = self._persisted
         self.status.applied_total = int(row[3])
 
+    async def _check_owners(self, conn: AsyncConnection[Any]) -> None:
+        """Refuse to run while a table of the projection is owned by another role: its triggers
+        would run as projectord on every batch. Re-checked each time the positions row is read
+        (every poll interval while refused), so the projection starts once an operator fixed it."""
+        if self.read_model_schema is None or not self.projection.tables:
+            return
+        foreign = await foreign_owned(
+            conn, self.queries, self.read_model_schema, list(self.projection.tables)
+        )
+        refused = refusal(self.name, self.read_model_schema, foreign) if foreign else None
+        if refused is not None and str(refused) != str(self.refused):
+            self._log.error(
+                "projection.refused_foreign_owner",
+                error=str(refused),
+                tables={t.table: t.owner for t in foreign},
+            )
+            self.status.last_error = self._error_record(refused, 0, None)
+        elif refused is None and self.refused is not None:
+            self._log.info("projection.foreign_owner_resolved")
+            self.status.last_error = None
+        self.refused = refused
+
     async def step(self) -> Batch:
         """Fetch one batch and apply it; returns the batch (empty when there was nothing)."""
         async with self.pool.connection() as conn:
             batch = self._read_ahead.take(self._position)
             if batch is None:
-                batch = await self.fetch(conn, self._position)
+                async with deadline(conn, "a batch's fetch"):
+                    batch = await self.fetch(conn, self._position)
             if batch.events:
                 try:
                     await self._apply_reading_ahead(conn, batch)
@@ -352,7 +399,8 @@ class ProjectionRunner:
                 except Exception as exc:
                     raise BatchFailed(batch, exc) from exc
             else:
-                await self._advance_idle(conn, batch)
+                async with deadline(conn, "an idle checkpoint move"):
+                    await self._advance_idle(conn, batch)
         return batch
 
     async def fetch(self, conn: AsyncConnection[Any], after: Checkpoint) -> Batch:
@@ -407,6 +455,8 @@ class ProjectionRunner:
                     await self._roll_back(conn)
                 except psycopg.Error:
                     pass
+            if conn.closed:  # its session may live on over there, in its transaction
+                condemn(conn)
             raise
         duration = time.perf_counter() - started
         self._moved_to(new, len(batch.events))
@@ -423,18 +473,37 @@ class ProjectionRunner:
     async def _commit_batch(
         self, conn: AsyncConnection[Any], events: list[Event], new: Checkpoint, *, pipelined: bool
     ) -> None:
-        """The handler's statements, the checkpoint's compare-and-set and COMMIT, in one
+        """The checkpoint's compare-and-set, the handler's statements and COMMIT, in one
         transaction bounded by the handler timeout. Pipelined, they travel together: one round
         trip for a set-based handler (the compare-and-set fails with an error, not a row count,
-        so COMMIT never runs after it fails)."""
+        so nothing after it runs when it fails).
+
+        The compare-and-set comes first. A runner whose last COMMIT landed although its answer
+        was lost retries that batch from the checkpoint before it: the moved row must stop the
+        retry before the handler runs, or a handler that is not idempotent fails on its own rows
+        and the retry is taken for a poison event. It also takes the positions row's lock for the
+        whole batch, so a pause or a second writer of the projection waits for the batch, or the
+        batch for them."""
+
+        observe = self._writes_sample_due()
 
         async def work() -> None:
             async with self._transaction(conn, pipelined=pipelined):
-                await self.projection.handle(events, conn)
                 await self._compare_and_set(conn, new, len(events))
+                await self.projection.handle(events, conn)
+                if observe:
+                    await conn.execute(self.queries["record_tables_written"], {"name": self.name})
+            if observe:
+                self._writes_recorded_at = time.monotonic()
 
         what = handler_of(self.projection, events)
         await self.clock.bound(work, conn, self.policy.handler_timeout, what)
+
+    def _writes_sample_due(self) -> bool:
+        recorded = self._writes_recorded_at
+        return self.observe_writes and (
+            recorded is None or time.monotonic() - recorded >= WRITES_SAMPLE_INTERVAL
+        )
 
     @asynccontextmanager
     async def _transaction(
@@ -479,9 +548,11 @@ class ProjectionRunner:
         with anyio.move_on_after(COMMIT_WAIT, shield=True) as waited:
             await pipeline.__aexit__(None, None, None)
         if waited.cancelled_caught:
-            await conn.close()
-            raise psycopg.OperationalError(
-                f"no answer to a batch's COMMIT within {COMMIT_WAIT:g}s; connection closed"
+            # Its session may live on over there, holding the positions row's lock and an xid
+            # that holds back every projection: it is terminated once the server answers.
+            await discard(conn)
+            raise DeadConnection(
+                f"no answer to a batch's COMMIT within {COMMIT_WAIT:g}s; connection discarded"
             )
 
     @staticmethod
@@ -565,7 +636,15 @@ class ProjectionRunner:
     async def _wait_paused(self) -> None:
         """Paused, failed or standing by: ignore notifications; re-read the state on a nudge or
         every poll interval (a resume may also come from another process)."""
-        self._set_state("paused" if self.paused else "failed" if self.failed else "standby")
+        self._set_state(
+            "paused"
+            if self.paused
+            else "failed"
+            if self.failed
+            else "refused"
+            if self.refused
+            else "standby"
+        )
         self.status.record_held_back(False)
         with self.heartbeat.waiting():
             await self.control.wait(self.poll_interval)
@@ -630,6 +709,10 @@ class ProjectionRunner:
                 position=self._position,
             )
         self._set_state("degraded")
+        if isinstance(exc, DeadConnection):
+            # A silent partition: the pool's other connections are as dead as this one, and
+            # nothing on them says so. Replace them all rather than wait a deadline for each.
+            await self.pool.drain()
         await self._wait_backoff(backoff(self._transient_failures, exc))
 
     async def _on_failure(self, exc: Exception, batch: Batch | None) -> None:
@@ -800,6 +883,10 @@ class ProjectionRunner:
         letter and move the checkpoint just past it. An operator's skip passes a pause."""
         attempts = int(error.get("attempts") or self._failures)
         async with self.pool.connection() as conn, self._transaction(conn, pipelined=False):
+            # First, as in _commit_batch: a moved checkpoint stops this before the handler runs.
+            await self._compare_and_set(
+                conn, event.commit_position, len(ahead), even_if_paused=by == "operator"
+            )
             if ahead:  # events of the failed batch before the stuck one
                 await run_handler(
                     self.projection, ahead, conn, self.policy.handler_timeout, self.clock
@@ -807,9 +894,6 @@ class ProjectionRunner:
             await conn.execute(
                 self.queries["insert_dead_letter"],
                 dead_letter_params(self.name, event, error, trace, attempts),
-            )
-            await self._compare_and_set(
-                conn, event.commit_position, len(ahead), even_if_paused=by == "operator"
             )
         self._moved_to(event.commit_position, len(ahead))
         self._failures = 0
@@ -832,7 +916,7 @@ class ProjectionRunner:
             return
         self.status.state = state
         quiet = (
-            state in ("retrying", "degraded", "failed", "stopped")
+            state in ("retrying", "degraded", "failed", "refused", "stopped")
             or old == "starting"
             or (old in ("retrying", "degraded") and state == "running")
         )
@@ -879,15 +963,46 @@ class ProjectionRunner:
             request.error = RunnerBusy(f"projection {self.name!r} is stopping")
             request.done.set()
 
-    async def rebuild(self, *, timeout: float) -> dict[str, Any]:
+    async def rebuild(self, *, timeout: float, allow_undeclared: bool = False) -> dict[str, Any]:
         """Empty the projection's tables and reset its checkpoint in one transaction; the runner
-        then catches up from the first event. A paused projection is resumed."""
-        return await self.call(self._rebuild_now, timeout=timeout)
+        then catches up from the first event. A paused projection is resumed. Refused
+        (`UndeclaredWrites`) when the handler was seen writing a table it does not declare,
+        unless `allow_undeclared`: the operator has dealt with those tables."""
 
-    async def _rebuild_now(self) -> dict[str, Any]:
+        async def now() -> dict[str, Any]:
+            return await self._rebuild_now(allow_undeclared)
+
+        return await self.call(now, timeout=timeout)
+
+    async def _check_declared_writes(
+        self, conn: AsyncConnection[Any], allow_undeclared: bool
+    ) -> None:
+        """Refuse to rebuild over tables the rebuild would not empty; when confirmed, start the
+        record of written tables over (the rebuild shows them again)."""
+        if allow_undeclared:
+            await conn.execute(self.queries["forget_tables_written"], {"name": self.name})
+            return
+        cur = await conn.execute(
+            self.queries["undeclared_tables_written"],
+            {"name": self.name, "tables": list(self.projection.tables)},
+        )
+        undeclared = [f"{schema}.{table}" for schema, table in await cur.fetchall()]
+        if undeclared:
+            raise UndeclaredWrites(
+                f"refusing to rebuild {self.name}: it writes {', '.join(undeclared)}, not among"
+                " its declared tables, which a rebuild does not empty, so every event would be"
+                " applied to it again; declare the table in the projection's `tables`, or empty"
+                " it yourself and confirm with --allow-undeclared"
+            )
+
+    async def _rebuild_now(self, allow_undeclared: bool) -> dict[str, Any]:
         params = {"txid": "0", "position": 0, "types": self.types}
         async with self.pool.connection() as conn, conn.transaction():
+            await self._check_owners(conn)
+            if self.refused:  # TRUNCATE would fire the owner's triggers as projectord
+                raise self.refused
             await conn.execute(f"SET LOCAL lock_timeout = '{REBUILD_LOCK_TIMEOUT}'")
+            await self._check_declared_writes(conn, allow_undeclared)
             if self.projection.tables:
                 tables = ", ".join(quote_ident(t) for t in self.projection.tables)
                 await conn.execute(f"TRUNCATE {tables}")
@@ -898,6 +1013,7 @@ class ProjectionRunner:
             cur = await conn.execute(self.queries["latest_event_of_types"], params)
             row = await cur.fetchone()
         target = (int(row[0]), int(row[1])) if row else None
+        self._writes_recorded_at = None  # the rebuild's first batch shows what it writes
         self._persisted = self._position = (0, 0)
         self._persisted_at = time.monotonic()
         self.paused = self.failed = False
@@ -917,6 +1033,8 @@ class ProjectionRunner:
         return await self.call(self._skip_now, timeout=timeout)
 
     async def _skip_now(self) -> dict[str, Any]:
+        if self.refused:  # the events before the stuck one would be applied into those tables
+            raise self.refused
         if self._persisted is None or (self.stuck is None and not self.failed):
             raise NothingToSkip(f"projection {self.name!r} is not stuck on an event")
         async with self.pool.connection() as conn:

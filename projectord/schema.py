@@ -19,6 +19,10 @@ from projectord.queries import Queries, quote_ident, sql_dir
 INIT_LOCK_KEY = 0x70726F6A  # "proj": serialises concurrent `init` runs on one database
 
 
+class InitError(Exception):
+    """`init` cannot do its work with this role's privileges; one line saying what to grant."""
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -43,9 +47,11 @@ async def initialise(
 ) -> list[str]:
     """Bring the database up to date in one transaction; return what was created."""
     done: list[str] = []
+    queries = Queries(schema)
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (INIT_LOCK_KEY,))
-        for name in dict.fromkeys((schema, read_model_schema)):
+        missing = await check_privileges(conn, queries, schema, read_model_schema, projections)
+        for name in missing:  # IF NOT EXISTS would still need CREATE on the database
             await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(name)}")
         await conn.execute(f"SET LOCAL search_path TO {quote_ident(schema)}")
         await conn.execute(
@@ -66,10 +72,47 @@ async def initialise(
             done.append(f"migration {migration.version:04d}_{migration.name}")
         await conn.execute("SET LOCAL search_path TO DEFAULT")
         done += await create_projection_tables(conn, read_model_schema, projections)
-        queries = Queries(schema)
         for projection in projections:
             await conn.execute(queries["ensure_position"], {"name": projection.name})
     return done
+
+
+async def check_privileges(
+    conn: AsyncConnection[Any],
+    queries: Queries,
+    schema: str,
+    read_model_schema: str,
+    projections: Sequence[Projection],
+) -> list[str]:
+    """The schemas to create. Raise InitError, naming the schema and the GRANT, when this role
+    cannot create what `init` must create: projectord's schema (or its tables), or missing tables
+    in the read-model schema. The read-model schema needs CREATE only while a table is missing."""
+    cur = await conn.execute(queries["schema_access"], {"schemas": [schema, read_model_schema]})
+    access = {name: (exists, may_create) for name, exists, may_create in await cur.fetchall()}
+    cur = await conn.execute(queries["current_identity"])
+    row = await cur.fetchone()
+    assert row is not None
+    role, database = quote_ident(row[0]), quote_ident(row[1])
+    tables = [name for projection in projections for name in projection.tables]
+    cur = await conn.execute(
+        queries["missing_tables"], {"schema": read_model_schema, "tables": tables}
+    )
+    needs_create = {schema: True, read_model_schema: bool(await cur.fetchall())}
+    for name in dict.fromkeys((schema, read_model_schema)):
+        exists, may_create = access[name]
+        if may_create or (exists and not needs_create[name]):
+            continue
+        ident = quote_ident(name)
+        if not exists:
+            raise InitError(
+                f"cannot create schema {name}: role {role} lacks CREATE on database {database};"
+                f" create it for the role first: CREATE SCHEMA {ident} AUTHORIZATION {role}"
+            )
+        raise InitError(
+            f"cannot create tables in schema {name}: role {role} lacks CREATE on it;"
+            f" GRANT CREATE ON SCHEMA {ident} TO {role} (or let {role} own the schema)"
+        )
+    return [name for name in dict.fromkeys((schema, read_model_schema)) if not access[name][0]]
 
 
 async def create_projection_tables(

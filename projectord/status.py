@@ -57,10 +57,14 @@ class StatusReporter:
 
     async def snapshot(self, names: Sequence[str] | None = None) -> dict[str, Any]:
         chosen = [self.runners[n] for n in names] if names else list(self.runners.values())
-        database: dict[str, Any] = {"reachable": True, "error": None}
+        database: dict[str, Any] = {
+            "reachable": True,
+            "error": None,
+            "notification_queue_usage": None,
+        }
         rows: dict[str, dict[str, Any]] = {}
         try:
-            rows = await self._read_database(chosen)
+            rows, database["notification_queue_usage"] = await self._read_database(chosen)
         except (TimeoutError, PoolTimeout):
             database = {"reachable": False, "error": f"no connection within {DB_TIMEOUT:g}s"}
         except Exception as exc:
@@ -77,13 +81,17 @@ class StatusReporter:
             "projections": [self._report(runner, rows.get(runner.name)) for runner in chosen],
         }
 
-    async def _read_database(self, runners: Sequence[ProjectionRunner]) -> dict[str, Any]:
-        async with self.db_limiter:
-            with anyio.fail_after(DB_TIMEOUT):
-                async with self.pool.connection(timeout=DB_TIMEOUT) as conn:
-                    found = await self._read_positions(conn)
-                    await self._read_lags(conn, runners, found)
-        return found
+    async def _read_database(
+        self, runners: Sequence[ProjectionRunner]
+    ) -> tuple[dict[str, Any], float | None]:
+        """Each projection's row and lag, and the notification queue's usage."""
+        # The deadline covers the wait for the limiter too: requests queued behind one that
+        # waits on a dead connection must answer as promptly as it does.
+        with anyio.fail_after(DB_TIMEOUT):
+            async with self.db_limiter, self.pool.connection(timeout=DB_TIMEOUT) as conn:
+                found = await self._read_positions(conn)
+                usage = await self._read_lags(conn, runners, found)
+        return found, usage
 
     async def _read_positions(self, conn: AsyncConnection[Any]) -> dict[str, dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
@@ -105,12 +113,14 @@ class StatusReporter:
         conn: AsyncConnection[Any],
         runners: Sequence[ProjectionRunner],
         found: dict[str, dict[str, Any]],
-    ) -> None:
+    ) -> float | None:
         """Each projection's lag beyond its stored checkpoint, all in one round trip (pipeline
         mode): the monitor asks every few seconds, and in an idle daemon a round trip per
-        projection was a wake-up each, which cost more of its CPU than anything else."""
+        projection was a wake-up each, which cost more of its CPU than anything else. Returns
+        the notification queue's usage, asked in the same round trip."""
         asked = []
         async with conn.pipeline():
+            usage = await conn.execute(self.queries["notification_queue_usage"])
             for runner in runners:
                 row = found.setdefault(runner.name, {"checkpoint": (0, 0)})
                 txid, position = row["checkpoint"]
@@ -120,6 +130,8 @@ class StatusReporter:
             lag = await cur.fetchone()
             assert lag is not None
             row["lag"], row["lag_seconds"] = int(lag[0]), lag[1]
+        used = await usage.fetchone()
+        return float(used[0]) if used else None
 
     def _report(self, runner: ProjectionRunner, row: dict[str, Any] | None) -> dict[str, Any]:
         row = row or {}
@@ -174,7 +186,7 @@ def _iso(timestamp: float) -> str:
 def summary_line(snapshot: dict[str, Any]) -> str:
     """One line for systemd's STATUS= and the console: '3 projections, 0 failed, max lag 12'."""
     projections = snapshot["projections"]
-    failed = sum(p["state"] in ("failed", "retrying") for p in projections)
+    failed = sum(p["state"] in ("failed", "refused", "retrying") for p in projections)
     paused = sum(p["state"] == "paused" for p in projections)
     lags = [p["lag"] for p in projections if p["lag"] is not None]
     parts = [f"{len(projections)} projections", f"{failed} failed"]

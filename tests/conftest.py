@@ -16,7 +16,11 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from projectord.embedded import EmbeddedPostgres
-from tests.harness import TestDatabase, init_database
+from tests.harness import (
+    TestDatabase,
+    init_database,
+    prepare_for_daemon_role,
+)
 
 TEST_URL_ENV = "PROJECTORD_TEST_DATABASE_URL"
 TEMPLATE = f"projectord_template_{os.getpid()}"
@@ -47,6 +51,7 @@ def template_db(pg_admin_url: str) -> Iterator[str]:
     with psycopg.connect(pg_admin_url, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}"')
         conn.execute(f'CREATE DATABASE "{TEMPLATE}"')
+    prepare_for_daemon_role(make_conninfo(pg_admin_url, dbname=TEMPLATE))
     init_database(make_conninfo(pg_admin_url, dbname=TEMPLATE))
     yield TEMPLATE
     with psycopg.connect(pg_admin_url, autocommit=True) as conn:

@@ -77,3 +77,11 @@ class Untenanted(Projection):
 
 
 no_tenant = [Untenanted]
+
+
+class Savings(Accounts):
+    """A second secured projection with a table of its own, so two projections can declare
+    different readers."""
+
+    name = "savings"
+    tables = {"savings": ACCOUNTS}

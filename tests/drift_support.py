@@ -16,7 +16,7 @@ from projectord.drift import drift_check
 from projectord.projection import Projection
 from projectord.repair import drift_repair
 from tests.drift_projections import READERS_ENV, Accounts
-from tests.harness import TestDatabase
+from tests.harness import TestDatabase, as_daemon_role
 
 TENANT = uuid.UUID("00000000-0000-0000-0000-0000000000a1")
 
@@ -27,11 +27,13 @@ def settings_for(url: str, **overrides: Any) -> Settings:
 
 def check(url: str, projections: Sequence[Projection], **overrides: Any) -> list[tuple]:
     """(kind, table, column, repair) of every drift item."""
+    url = as_daemon_role(url)
     report = anyio.run(drift_check, url, settings_for(url, **overrides), projections)
     return [(d["kind"], d["table"], d["column"], d["repair"]) for d in report["drift"]]
 
 
 def repair(url: str, projections: Sequence[Projection], **options: Any) -> dict[str, Any]:
+    url = as_daemon_role(url)
     run = functools.partial(drift_repair, url, settings_for(url), projections, **options)
     return anyio.run(run)
 

@@ -5,6 +5,8 @@ They misbehave only on events that ask for it, so the production code has no tes
   with `{"flaky": true}` (once per daemon process), then applies it.
 - `Hanging` hangs in `pg_sleep` on an event with `{"hang": true}`; its class attributes override
   the error policy: cancelled after 1 s, two attempts, then dead-lettered (`on_error = "skip"`).
+- `Labels` indexes each event's `label`: one longer than a btree entry may be (about 2.7 kB)
+  fails with SQLSTATE 54000 every time, a deterministic error psycopg calls `OperationalError`.
 - `ledgers()` returns several independent copies of `Ledger`, for several daemons to share.
 """
 
@@ -53,6 +55,21 @@ class Hanging(Projection):
         await conn.execute("INSERT INTO hanging_seen VALUES (%s)", (event.event_id,))
 
 
+class Labels(Projection):
+    name = "labels"
+    event_types = ("Labelled",)
+    tables = {
+        "labels": Table(
+            {"event_id": "uuid PRIMARY KEY", "label": "text NOT NULL"}, indexes=[("label",)]
+        )
+    }
+
+    async def on(self, event: Event, conn: AsyncConnection[Any]) -> None:
+        await conn.execute(
+            "INSERT INTO labels VALUES (%s, %s)", (event.event_id, event.payload["label"])
+        )
+
+
 class BadPolicy(Projection):
     name = "bad_policy"
     event_types = ("Noted",)
@@ -66,6 +83,10 @@ bad_policy = [BadPolicy]
 
 def flaky() -> list[Projection]:
     return [Flaky()]
+
+
+def labels() -> list[Projection]:
+    return [Labels()]
 
 
 def hanging_and_flaky() -> list[Projection]:

@@ -18,26 +18,27 @@ from typing import Any
 
 import anyio
 import psycopg
+import psycopg.sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 
+from projectord.bootstrap import bootstrap
+from projectord.config import load_settings
 from projectord.database import connect
 from projectord.projection import load_projections
-from projectord.schema import initialise
 
 ROOT = Path(__file__).resolve().parent.parent
 TENANT = uuid.UUID("00000000-0000-0000-0000-00000000000a")
 
 
 def init_database(dsn: str, projections: Sequence[str] = ()) -> list[str]:
+    """`projectord init` in-process, with the default schemas, as the test daemon's role."""
+    settings = load_settings(None, database_url=dsn)
+
     async def run() -> list[str]:
-        conn = await connect(dsn, autocommit=True)
+        conn = await connect(as_daemon_role(dsn), autocommit=True)
         async with conn:
-            return await initialise(
-                conn,
-                schema="projectord",
-                read_model_schema="public",
-                projections=load_projections(projections),
-            )
+            return await bootstrap(conn, settings, load_projections(projections))
 
     return anyio.run(run)
 
@@ -156,6 +157,45 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
         time.sleep(interval)
 
 
+DAEMON_ROLE_ENV = "PROJECTORD_TEST_DAEMON_ROLE"
+LEAST_PRIVILEGE = "NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE LOGIN"
+
+
+def daemon_role() -> str | None:
+    """The role the tests run projectord as, when PROJECTORD_TEST_DAEMON_ROLE names one: a
+    least-privilege role (see `prepare_for_daemon_role`) instead of the test server's superuser."""
+    return os.environ.get(DAEMON_ROLE_ENV) or None
+
+
+def as_daemon_role(url: str) -> str:
+    """`url` as the test daemon's role, when one is configured and `url` is the superuser's (a
+    URL of a test's own role is left alone)."""
+    role = daemon_role()
+    if role is None or conninfo_to_dict(url).get("user") == role:
+        return url
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+    return make_conninfo(url, user=role) if row and row[0] else url
+
+
+def prepare_for_daemon_role(admin_url: str) -> None:
+    """Give a fresh database what the documented least-privilege setup gives projectord's role
+    (docs/security-roles.md): the role, created once per cluster; projectord's schema owned by it;
+    CREATE on the read-model schema `public`. Nothing else: no superuser, no BYPASSRLS, no
+    database ownership. A no-op without PROJECTORD_TEST_DAEMON_ROLE."""
+    role = daemon_role()
+    if role is None:
+        return
+    ident = psycopg.sql.Identifier(role)
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(hashtext('projectord test daemon role'))")
+        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is None:
+            conn.execute(psycopg.sql.SQL("CREATE ROLE {} " + LEAST_PRIVILEGE).format(ident))
+        conn.execute("SELECT pg_advisory_unlock(hashtext('projectord test daemon role'))")
+        conn.execute(psycopg.sql.SQL("CREATE SCHEMA projectord AUTHORIZATION {}").format(ident))
+        conn.execute(psycopg.sql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(ident))
+
+
 class DaemonProcess:
     """`projectord run` as a real process, with its JSON log lines collected in a file."""
 
@@ -178,6 +218,7 @@ class DaemonProcess:
             "PROJECTORD_LOG_FORMAT": "json",
             **(extra_env or {}),
         }
+        env["PROJECTORD_DATABASE_URL"] = as_daemon_role(env["PROJECTORD_DATABASE_URL"])
         self._log_file = self.log_path.open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "projectord", "run", *args],
@@ -234,9 +275,12 @@ class DaemonProcess:
 def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60, input: str | None = None
 ) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    if "PROJECTORD_DATABASE_URL" in env:
+        env["PROJECTORD_DATABASE_URL"] = as_daemon_role(env["PROJECTORD_DATABASE_URL"])
     return subprocess.run(
         [sys.executable, "-m", "projectord", *args],
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,

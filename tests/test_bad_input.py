@@ -30,6 +30,9 @@ def one_line(stderr: str) -> str:
         ("on_error = 'explode'\n", "on_error"),
         ("max_attempts = 0\n", "max_attempts"),
         ("this is = not toml [\n", "not valid TOML"),
+        # psycopg's parse errors quote the string around the fault, here the password.
+        ('database_url = "host=h password hunter2"\n', "database_url: cannot be parsed"),
+        ('database_url = "host=h password=\'hunter2"\n', "database_url: cannot be parsed"),
     ],
 )
 def test_invalid_config_is_one_line_and_exit_2(tmp_path: Path, toml: str, expected: str) -> None:
@@ -40,6 +43,7 @@ def test_invalid_config_is_one_line_and_exit_2(tmp_path: Path, toml: str, expect
     assert result.returncode == 2
     line = one_line(result.stderr)
     assert expected in line
+    assert "hunter2" not in result.stderr + result.stdout
     assert not state.exists(), "something was started despite the invalid configuration"
 
 

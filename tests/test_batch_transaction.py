@@ -44,6 +44,20 @@ class CopiedCredits(Projection):
                 await copy.write_row((event.global_position, event.payload["amount"]))
 
 
+class InsertedCredits(Projection):
+    """A handler that is not idempotent: applying an event twice fails on the primary key."""
+
+    name = "inserted_credits"
+    event_types = ("Credited",)
+    tables = {"inserted_credits": Table({"position": "bigint PRIMARY KEY", "amount": "int"})}
+
+    async def handle(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
+        await conn.execute(
+            "INSERT INTO inserted_credits SELECT * FROM unnest(%s::bigint[], %s::int[])",
+            ([e.global_position for e in events], [e.payload["amount"] for e in events]),
+        )
+
+
 class FailsOnSecondStatement(Ledger):
     """Writes the ledger, then runs a statement that fails: the first write must not commit."""
 
@@ -96,6 +110,32 @@ def test_a_moved_checkpoint_rolls_back_the_pipelined_batch(db: TestDatabase) -> 
     assert db.scalar("SELECT count(*) FROM ledger") == 0
     assert db.scalar("SELECT count(*) FROM applied_log") == 0
     assert stored(db, "ledger", "global_position") == 1
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_a_stale_runner_sees_its_checkpoint_moved_before_its_handler_fails(
+    db: TestDatabase, pipeline: bool
+) -> None:
+    """A runner whose batch committed although it saw an error (the answer to COMMIT lost with
+    its connection) retries from its old checkpoint. The compare-and-set must stop that retry
+    before the handler runs: found by the soak benchmark, where the retry's duplicate key was
+    taken for a poison event and stopped the projection for good."""
+    with db.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE inserted_credits (position bigint PRIMARY KEY, amount int)")
+    credits(db, 5)
+    projection = InsertedCredits()
+    projection.pipeline = pipeline
+
+    async def body(stale: ProjectionRunner, pool: AsyncConnectionPool) -> None:
+        await stale._load_checkpoint()
+        current = ProjectionRunner(projection, pool, QUERIES, batch_size=100, poll_interval=60)
+        await current._load_checkpoint()
+        await current.step()  # the batch commits; `stale` still holds the checkpoint before it
+        with pytest.raises(CheckpointMoved):
+            await stale.step()
+
+    with_runner(db, projection, body)
+    assert db.scalar("SELECT count(*) FROM inserted_credits") == 5
 
 
 def test_a_failing_statement_commits_nothing_of_its_batch(db: TestDatabase) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from projectord.config import ConfigError, load_settings
-from projectord.database import redact
+from projectord.database import describe_error, redact
 
 
 def test_priority_of_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -49,6 +49,12 @@ def test_password_never_shown(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(config)
     assert "database_url" in str(caught.value)
+
+
+def test_an_error_about_an_unparsable_url_withholds_its_text() -> None:
+    """The URL cannot be parsed, so its password cannot be found: say nothing of the text."""
+    text = describe_error(ValueError("near 'password hunter2'"), "host=h password hunter2")
+    assert "hunter2" not in text and "ValueError" in text
 
 
 def test_shipped_example_config_is_valid() -> None:

@@ -82,7 +82,10 @@ def test_the_socket_directory_is_private_and_auth_is_peer(server: EmbeddedPostgr
         for line in (server.data_dir / "pg_hba.conf").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    assert rules == [["local", "all", "all", "peer", "map=projectord"]]
+    assert rules == [
+        ["local", "all", "all", "peer", "map=projectord"],
+        ["local", "replication", "all", "peer", "map=projectord"],
+    ]
     mapped = {
         line.split()[1]
         for line in (server.data_dir / "pg_ident.conf").read_text().splitlines()
@@ -116,7 +119,7 @@ def test_auth_checks_who_connects_even_through_an_open_directory(
     if not AS_ROOT:
         with psycopg.connect(server.url) as conn:
             hba = conn.execute("SELECT auth_method, user_name FROM pg_hba_file_rules").fetchall()
-        assert hba == [("peer", ["all"])]
+        assert hba == [("peer", ["all"]), ("peer", ["all"])]
         return
     directory.chmod(0o711)
     socket.chmod(0o777)

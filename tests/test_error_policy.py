@@ -6,6 +6,7 @@ with `on_error = "skip"`, dead-lettered without an operator."""
 from __future__ import annotations
 
 import json
+import secrets
 import uuid
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ def test_poison_is_isolated_skipped_and_retried_after_a_fix(
         assert "cannot handle event" in error["message"] and "ValueError" in error["traceback"]
         assert len(picky_seen(db)) == 3 and stuck["lag"] == 6
         health = cli(state_dir, "health")
-        assert health.returncode == 1 and health.stdout.startswith("failing")
+        assert health.returncode == 2 and health.stdout.startswith("failing")
         assert first[0] in health.stdout
         failed = [e for e in daemon.log_events() if e["event"] == "projection.failed"]
         assert [e["event_id"] for e in failed] == [first[0]]
@@ -220,3 +221,31 @@ def test_handler_timeout_cancels_and_on_error_skip_dead_letters(
         )
         hanging = projection(state_dir, "hanging")
         assert hanging["state"] == "running" and hanging["caught_up"]
+
+
+def test_a_deterministic_operational_error_is_skipped_not_retried_forever(
+    db: TestDatabase, state_dir: Path
+) -> None:
+    """An index row too large (SQLSTATE 54000, an `OperationalError` to psycopg) fails the same
+    way every time: it counts toward max_attempts, is isolated and, with on_error = "skip",
+    dead-lettered; the 100 good events around it are applied."""
+    specs = "tests.fault_projections:labels"
+    db.init(specs)
+    env = {"PROJECTORD_ON_ERROR": "skip", "PROJECTORD_MAX_ATTEMPTS": "2"}
+    with db.connect(autocommit=True) as conn:
+        for n in range(101):
+            label = secrets.token_hex(4_000) if n == 50 else f"label {n}"  # incompressible
+            append_sql(conn, "Labelled", {"label": label})
+    poison = db.scalar(
+        "SELECT event_id FROM projectord.events WHERE length(payload->>'label') > 1000"
+    )
+    with DaemonProcess(db.url, specs, state_dir, extra_env=env):
+        wait_until(lambda: db.scalar("SELECT count(*) FROM projectord.dead_letters") == 1, 60)
+        wait_until(lambda: projection(state_dir, "labels")["caught_up"], 30)
+        assert projection(state_dir, "labels")["state"] == "running"
+        health = cli_json(state_dir, "health")
+        assert health["status"] == "ok", health
+    assert db.scalar("SELECT count(*) FROM labels") == 100
+    assert db.rows("SELECT event_id, error_type, attempts FROM projectord.dead_letters") == [
+        (poison, "ProgramLimitExceeded", 2)
+    ]

@@ -90,7 +90,7 @@ def test_every_command_with_exit_statuses_and_shapes(db: TestDatabase, state_dir
         assert "cannot handle event" in failing["last_error"]["message"]
         assert failing["lag"] == 2 and not failing["caught_up"]
         health = cli(state_dir, "health")
-        assert health.returncode == 1
+        assert health.returncode == 2  # failing (1 is degraded)
         assert health.stdout.startswith("failing") and poison_id in health.stdout
         reasons = cli_json(state_dir, "health")["reasons"]
         assert [r["code"] for r in reasons] == ["projection_failing"]

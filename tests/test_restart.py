@@ -20,6 +20,7 @@ from tests.harness import (
     TestDatabase,
     Writers,
     init_database,
+    prepare_for_daemon_role,
     wait_until,
 )
 from tests.ops_support import cli
@@ -36,6 +37,7 @@ def own_server(tmp_path: Path) -> Iterator[tuple[EmbeddedPostgres, TestDatabase]
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE DATABASE restart_test")
     database = TestDatabase(make_conninfo(url, dbname="restart_test"), "restart_test")
+    prepare_for_daemon_role(database.url)
     init_database(database.url, [LEDGER])
     try:
         yield server, database

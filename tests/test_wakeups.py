@@ -5,7 +5,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.harness import DaemonProcess, TestDatabase, append_sql, wait_until
+from tests.harness import (
+    TENANT,
+    DaemonProcess,
+    TestDatabase,
+    append_sql,
+    run_cli,
+    wait_until,
+)
 
 LEDGER = "tests.projections:ledger_only"
 
@@ -77,3 +84,30 @@ def test_held_back_events_apply_promptly_when_the_old_transaction_ends(
         holder.commit()
         took = wait_until(lambda: applied(db) == 2, timeout=5, interval=0.005)
         assert took < 0.8, f"held-back event applied {took:.3f}s after the horizon moved"
+
+
+def test_a_63_character_schema_appends_and_wakes_while_the_listener_is_armed(
+    db: TestDatabase, state_dir: Path
+) -> None:
+    """`projectord_` plus a schema of more than 52 bytes exceeds the 63-byte channel limit: the
+    trigger's pg_notify raised in every append while the listener was armed (its idle state)."""
+    schema = "s" * 63
+    env = {"PROJECTORD_SCHEMA": schema, "PROJECTORD_PROJECTIONS": LEDGER}
+    assert run_cli("init", "--database-url", db.url, env=env).returncode == 0
+    armed = (
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND mode = 'ShareLock' AND objid = 0"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    daemon_env = {"PROJECTORD_SCHEMA": schema, "PROJECTORD_POLL_INTERVAL": "600"}
+    with DaemonProcess(db.url, LEDGER, state_dir, extra_env=daemon_env):
+        wait_until(lambda: db.scalar(armed) == 1, timeout=10)
+        with db.connect() as conn:
+            conn.execute(
+                f'INSERT INTO "{schema}".events (tenant_id, aggregate_id, version, type, payload)'
+                """ VALUES (%s, gen_random_uuid(), 1, 'Credited', '{"account": 1, "amount": 5}')""",
+                (TENANT,),
+            )
+        # Woken by the notification: the poll is 10 minutes away.
+        wait_until(lambda: applied(db) == 1, timeout=10)
+    assert db.scalar("SELECT total FROM ledger WHERE account = 1") == 5

@@ -27,8 +27,17 @@ WHERE n.nspname = %(schema)s AND c.relname = %(table)s AND a.grantee <> c.relown
 ORDER BY 1, 2;
 
 -- name: table_owners
--- Which of these tables exist in the schema, and who owns them.
-SELECT c.relname, pg_get_userbyid(c.relowner)
+-- Which of these tables exist in the schema, and whether the current role (projectord's) owns
+-- them: a table another role owns passes neither its owner nor its grants to its replacement.
+SELECT c.relname, c.relowner = (SELECT oid FROM pg_roles WHERE rolname = current_user)
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s::text[]) AND c.relkind IN ('r', 'p');
+
+-- name: adopt_shadow_dead_letters
+-- The swap: events the shadow dead-lettered (on_error = "skip") are the projection's now.
+UPDATE {schema}.dead_letters SET projection = %(name)s WHERE projection = %(shadow)s;
+
+-- name: delete_shadow_dead_letters
+-- A rebuild that is abandoned: its shadow's dead letters go with its tables.
+DELETE FROM {schema}.dead_letters WHERE projection = %(shadow)s;

@@ -6,16 +6,30 @@ SELECT rolname FROM pg_roles WHERE rolname = ANY(%(roles)s::text[]);
 SELECT rolname, rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user;
 
 -- name: rls_tables_blocking_writes
--- Tables whose row-level security applies to the current role: enabled, and either forced or
--- owned by a role whose privileges the current role does not have (owners are exempt unless
--- forced). Empty for superusers and BYPASSRLS roles.
+-- Tables whose row-level security stops the current role's writes: its own tables (owners are
+-- exempt unless forced) with row-level security enabled and forced, and no permissive
+-- `FOR ALL USING (true) WITH CHECK (true)` write policy of projectord's for a role whose
+-- privileges the current role has. Empty for superusers and BYPASSRLS roles. A table another role
+-- owns is not listed: its projection is refused on its own (foreign_owned_tables), and the other
+-- projections run.
 SELECT c.relname
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s::text[]) AND c.relrowsecurity
-  AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE'))
+  AND c.relforcerowsecurity
+  AND c.relowner = (SELECT oid FROM pg_roles WHERE rolname = current_user)
   AND NOT EXISTS (
       SELECT 1 FROM pg_roles WHERE rolname = current_user AND (rolsuper OR rolbypassrls)
+  )
+  AND NOT EXISTS (
+      SELECT 1 FROM pg_policy p
+      WHERE p.polrelid = c.oid AND p.polname = %(policy)s AND p.polcmd = '*' AND p.polpermissive
+        AND pg_get_expr(p.polqual, p.polrelid) = 'true'
+        AND pg_get_expr(p.polwithcheck, p.polrelid) = 'true'
+        AND EXISTS (
+            SELECT 1 FROM unnest(p.polroles) AS r(oid)
+            WHERE r.oid = 0 OR pg_has_role(r.oid, 'USAGE')
+        )
   )
 ORDER BY 1;
 
