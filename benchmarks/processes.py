@@ -28,6 +28,16 @@ APPEND_SCRIPT = (
     f" VALUES ('{TENANT}', gen_random_uuid(), 1, 'Pinged',"
     " jsonb_build_object('clock', extract(epoch FROM clock_timestamp())));\n"
 )
+# The same event as the next version of the client's own aggregate, so the store's ordering check
+# (sql/migrations/0010_append_order.sql) finds a previous version, as most appends do. One
+# aggregate per client: the clients never collide.
+NEXT_VERSION_SCRIPT = (
+    "INSERT INTO projectord.events (tenant_id, aggregate_id, version, type, payload)"
+    f" SELECT '{TENANT}', a.id,"
+    " coalesce((SELECT max(e.version) FROM projectord.events e WHERE e.aggregate_id = a.id), 0)"
+    " + 1, 'Pinged', jsonb_build_object('clock', extract(epoch FROM clock_timestamp()))"
+    " FROM (SELECT md5('writer' || :client_id)::uuid AS id) a;\n"
+)
 
 
 @contextmanager
@@ -82,12 +92,18 @@ def pgbench_path() -> str:
 
 
 def append_with_pgbench(
-    url: str, *, clients: int, seconds: float, state_dir: Path, rate: int | None = None
+    url: str,
+    *,
+    clients: int,
+    seconds: float,
+    state_dir: Path,
+    rate: int | None = None,
+    append_script: str = APPEND_SCRIPT,
 ) -> float:
     """Single-event transactions from `clients` connections for `seconds`, at `rate` per second
     in all (a Poisson schedule) or as fast as they go; returns the transactions per second."""
     script = state_dir / "append.sql"
-    script.write_text(APPEND_SCRIPT)
+    script.write_text(append_script)
     command = [pgbench_path(), "-n", "-c", str(clients), "-j", str(min(clients, 2))]
     if rate:
         command += ["-R", str(rate)]

@@ -5,11 +5,16 @@ a projection of those events. Modes, in interleaved rounds:
 - `none`: the events trigger disabled (the daemon only polls): the writers' ceiling.
 - `always`: a trigger that notifies in every appending transaction (projectord's first design).
 - `projectord`: the installed trigger, which notifies only while a listener sleeps.
+- `unordered`: as `projectord`, without the store's ordering trigger (`events_ordered`, which
+  sets `transaction_id` and checks each aggregate's version order): what that trigger costs.
+- `overwrite`: as `projectord`, with an ordering trigger that only sets `transaction_id`: what
+  the version-order check costs beyond it.
 Each NOTIFY takes a cluster-wide lock at commit and holds it through the commit's flush, so
 notifying in every transaction serialises the writers' commits.
 
     python -m benchmarks.write_cost                    # 6 rounds of 8 s per mode
     python -m benchmarks.write_cost --smoke            # CI: short
+    python -m benchmarks.write_cost --next-version     # each append extends an existing aggregate
 """
 
 from __future__ import annotations
@@ -28,11 +33,16 @@ from benchmarks.bench_db import (
     server,
     server_description,
 )
-from benchmarks.processes import append_with_pgbench, daemon
+from benchmarks.processes import (
+    APPEND_SCRIPT,
+    NEXT_VERSION_SCRIPT,
+    append_with_pgbench,
+    daemon,
+)
 from benchmarks.projections import Pings
 from projectord.runner import BUSY_READ_PAUSE
 
-MODES = ("none", "always", "projectord")
+MODES = ("none", "always", "projectord", "unordered", "overwrite")
 POLL = str(BUSY_READ_PAUSE)
 ALWAYS_NOTIFY = """
 CREATE OR REPLACE FUNCTION projectord.notify_events_appended() RETURNS trigger
@@ -46,10 +56,31 @@ $$
 INSTALLED = """
 SELECT pg_get_functiondef('projectord.notify_events_appended()'::regprocedure)
 """
+INSTALLED_ORDER = """
+SELECT pg_get_functiondef('projectord.order_appended_event()'::regprocedure)
+"""
+OVERWRITE_ONLY = """
+CREATE OR REPLACE FUNCTION projectord.order_appended_event() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.transaction_id := pg_current_xact_id();
+    RETURN NEW;
+END;
+$$
+"""
 
 
-def set_mode(url: str, mode: str, installed: str) -> None:
+def set_order_mode(conn: psycopg.Connection[object], mode: str, installed_order: str) -> None:
+    """The store's ordering trigger as installed, disabled (`unordered`) or reduced to setting
+    `transaction_id` (`overwrite`)."""
+    conn.execute(OVERWRITE_ONLY if mode == "overwrite" else installed_order)
+    action = "DISABLE" if mode == "unordered" else "ENABLE"
+    conn.execute(f"ALTER TABLE projectord.events {action} TRIGGER events_ordered")
+
+
+def set_mode(url: str, mode: str, installed: str, installed_order: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
+        set_order_mode(conn, mode, installed_order)
         if mode == "none":
             conn.execute("ALTER TABLE projectord.events DISABLE TRIGGER events_appended")
             return
@@ -62,6 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument(
+        "--next-version",
+        action="store_true",
+        help="append the next version of each client's own aggregate, not a new aggregate",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.seconds, args.rounds = min(args.seconds, 2), 1
@@ -80,8 +116,18 @@ def main(argv: list[str] | None = None) -> None:
         )
         with psycopg.connect(url, autocommit=True) as conn:
             row = conn.execute(INSTALLED).fetchone()
-            assert row is not None
-            installed = row[0]
+            order_row = conn.execute(INSTALLED_ORDER).fetchone()
+            assert row is not None and order_row is not None
+            installed, installed_order = row[0], order_row[0]
+        script = NEXT_VERSION_SCRIPT if args.next_version else APPEND_SCRIPT
+        print(
+            "appends: "
+            + (
+                "the next version of an existing aggregate"
+                if args.next_version
+                else "version 1 of a new aggregate"
+            )
+        )
         rates: dict[str, list[float]] = {mode: [] for mode in MODES}
         # The daemon reads about every 20 ms in every mode: with the trigger disabled its
         # listener polls that often, and with busy writers (no wake-ups) a runner pauses as long
@@ -89,18 +135,23 @@ def main(argv: list[str] | None = None) -> None:
         # only by the trigger, not by how often the daemon works next to the writers.
         with daemon(url, "benchmarks.projections:pings", state_dir, poll_interval=POLL):
             for round_ in range(args.rounds):
-                order = MODES[round_ % 3 :] + MODES[: round_ % 3]
+                turn = round_ % len(MODES)
+                order = MODES[turn:] + MODES[:turn]
                 line = []
                 for mode in order:
-                    set_mode(url, mode, installed)
+                    set_mode(url, mode, installed, installed_order)
                     time.sleep(0.5)  # let the daemon catch up between rounds
                     tps = append_with_pgbench(
-                        url, clients=args.clients, seconds=args.seconds, state_dir=state_dir
+                        url,
+                        clients=args.clients,
+                        seconds=args.seconds,
+                        state_dir=state_dir,
+                        append_script=script,
                     )
                     rates[mode].append(tps)
                     line.append(f"{mode} {tps:,.0f}")
                 print(f"round {round_ + 1}: " + " | ".join(line) + " appends/s", flush=True)
-            set_mode(url, "projectord", installed)
+            set_mode(url, "projectord", installed, installed_order)
     print(f"\nsummary: median of {args.rounds} interleaved rounds")
     for mode in MODES:
         ratios = [r / base for r, base in zip(rates[mode], rates["none"], strict=True)]
@@ -112,6 +163,13 @@ def main(argv: list[str] | None = None) -> None:
     cost = 1 - median(ratios)
     verdict = "met" if cost <= 0.10 else "NOT met"
     print(f"  wake-up cost with projectord's trigger: {cost:.0%} (target <= 10%): {verdict}")
+    for label, mode, reference in (
+        ("the ordering trigger (transaction_id + version-order check)", "projectord", "unordered"),
+        ("setting transaction_id alone", "overwrite", "unordered"),
+        ("the version-order check beyond it", "projectord", "overwrite"),
+    ):
+        pairs = zip(rates[mode], rates[reference], strict=True)
+        print(f"  cost of {label}: {1 - median([r / b for r, b in pairs]):.1%}")
 
 
 if __name__ == "__main__":

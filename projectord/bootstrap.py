@@ -33,6 +33,7 @@ async def bootstrap(
             schema=settings.schema,
             read_model_schema=settings.read_model_schema,
             projections=projections,
+            lock_timeout=settings.init_lock_timeout,
         )
         done += await secure_tables(conn, settings, projections)
     return done

@@ -240,7 +240,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             try:
                 await daemon.run()
             except StartupError as exc:
-                raise CommandError(str(exc)) from None
+                raise CommandError(str(exc), exc.status) from None
 
     anyio.run(run)
     return EXIT_OK

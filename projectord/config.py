@@ -57,10 +57,12 @@ with warnings.catch_warnings():
         control_max_clients: int = Field(default=32, ge=1, le=1024)
         health_max_lag: int = Field(default=10_000, ge=0)
         health_max_lag_seconds: float = Field(default=300.0, gt=0)
-        health_horizon_seconds: float = Field(default=30.0, gt=0)
+        health_horizon_seconds: float = Field(default=5.0, gt=0)
         stall_timeout: float = Field(default=120.0, gt=0)
         metrics_address: str | None = None
         health_outage_seconds: float = Field(default=60.0, gt=0)
+        # How long `init` (also run at the daemon's start) waits for any one lock (seconds).
+        init_lock_timeout: float = Field(default=30.0, gt=0, le=3600)
         health_notify_queue_usage: float = Field(default=0.1, ge=0, le=1)
         # Faults and scale-out (README, "Errors and dead letters", "Running several instances").
         on_error: Literal["pause", "skip"] = "pause"

@@ -30,6 +30,7 @@ from projectord.control import ControlServer, ControlSocketError
 from projectord.database import connect, describe_error, make_pool, redact
 from projectord.drift_control import DriftCommands
 from projectord.error_policy import ErrorPolicy
+from projectord.foreign_ids import ForeignTransactionIds
 from projectord.gc_tuning import tune_for_batches
 from projectord.health import HealthCheck, Thresholds
 from projectord.listener import NotificationListener
@@ -53,7 +54,17 @@ log = get_logger("projectord.daemon")
 
 
 class StartupError(Exception):
-    """The daemon cannot start (database unreachable, schema cannot be created); one line."""
+    """The daemon cannot start (database unreachable, schema cannot be created); one line, and
+    the exit status that says so."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# `projectord run` exits with this when the store holds transaction ids from another cluster: a
+# restart cannot help, so systemd is told not to try (RestartPreventExitStatus in the unit).
+EXIT_FOREIGN_TRANSACTION_IDS = 4
 
 
 # After the drain timeout has cancelled the batches in flight, how long to wait for them to give
@@ -168,6 +179,10 @@ class Daemon:
         async with conn:
             try:
                 created = await bootstrap(conn, self.settings, self.projections)
+            except ForeignTransactionIds as exc:
+                raise StartupError(
+                    f"refusing to run: {exc}", EXIT_FOREIGN_TRANSACTION_IDS
+                ) from None
             except Exception as exc:
                 raise StartupError(
                     f"cannot create projectord's tables: {describe_error(exc, self.dsn)}"

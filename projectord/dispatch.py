@@ -7,9 +7,11 @@ records the outcome. The events and the `consumed` status commit together, so a 
 decided once: a second dispatch of the id waits for the row lock and reads the stored outcome.
 
 Optimistic concurrency: the UNIQUE (aggregate_id, version) constraint makes the second of two
-writers of one aggregate fail (`ConcurrencyError`, nothing written). The dispatcher then reloads
-the aggregate (READ COMMITTED: the reload sees the winner's events) and decides again, up to
-`max_attempts` times, then fails the command with a clear error. A dispatcher that dies between
+writers of one aggregate fail (`ConcurrencyError`, nothing written), and the store refuses (40001)
+an append from a transaction older than the one that wrote the aggregate's latest version
+(docs/ordering.md). Either way the dispatcher rolls back and decides again in a fresh transaction
+(which reloads the aggregate with the winner's events and has a newer id), up to `max_attempts`
+times, then fails the command with a clear error. A dispatcher that dies between
 the two transactions leaves the command `pending`; dispatching the same id again completes it.
 """
 
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import anyio
+import psycopg
 from psycopg import AsyncConnection
 
 from projectord.aggregate import (
@@ -96,6 +99,26 @@ class Dispatcher:
         if not conn.autocommit:
             raise ValueError("dispatch needs an autocommit connection (it runs its transactions)")
         await self.commands.store(conn, command)
+        for attempt in range(1, self.max_attempts + 1):
+            outcome = await self._attempt(conn, command, attempt)
+            if outcome is not None:
+                return outcome
+            log.info("command.conflict", command_id=str(command.id), attempt=attempt)
+            await anyio.sleep(conflict_backoff(attempt))
+        raise AssertionError("unreachable: the last attempt returns an outcome")
+
+    async def _attempt(
+        self, conn: AsyncConnection[Any], command: Command, attempt: int
+    ) -> Command | None:
+        """One deciding transaction: lock, decide, append, record. Returns the command as stored
+        (a duplicate as found), or None when another writer got in first: then retry.
+
+        The retry needs a *fresh* transaction, not a savepoint: this one took its id when it
+        locked the command row, and the winner may have taken a newer one. The next version
+        appended with this older id would come before the winner's in commit order, which the
+        store refuses (40001). The last attempt records the failure in the transaction it has.
+        """
+        decided: Command | None = None
         async with conn.transaction():
             await conn.execute(self._queries["read_committed"])
             stored = await self.commands.lock(conn, command.id)
@@ -104,10 +127,16 @@ class Dispatcher:
             if stored.status is not CommandStatus.PENDING:
                 log.info("command.duplicate", command_id=str(command.id), status=stored.status)
                 return stored
-            outcome = await self._decide(conn, stored)
-            await self.commands.finish(conn, outcome)
-        self._log_outcome(outcome)
-        return outcome
+            try:
+                decided = await self._decide(conn, stored, attempt)
+            except (ConcurrencyError, psycopg.errors.SerializationFailure) as exc:
+                if attempt < self.max_attempts:
+                    raise psycopg.Rollback() from None  # leaves the block, rolled back
+                decided = failed(stored, f"gave up after {attempt} attempt(s): {conflict(exc)}")
+            await self.commands.finish(conn, decided)
+        if decided is not None:
+            self._log_outcome(decided)
+        return decided
 
     async def dispatch_and_wait(
         self,
@@ -135,8 +164,9 @@ class Dispatcher:
             outcome.status = CommandStatus.PROCESSED
         return outcome
 
-    async def _decide(self, conn: AsyncConnection[Any], command: Command) -> Command:
-        """Route, validate, then load, decide and append until no other writer got in between."""
+    async def _decide(self, conn: AsyncConnection[Any], command: Command, attempt: int) -> Command:
+        """Route, validate, load, decide and append. Another writer that got in first raises
+        `ConcurrencyError` (same version) or `SerializationFailure` (newer transaction)."""
         handler = self.registry.route(command.type)
         if handler is None:
             known = ", ".join(self.registry.command_types) or "none configured"
@@ -146,23 +176,14 @@ class Dispatcher:
         except InvalidPayload as exc:
             return failed(command, str(exc))
         command.aggregate_id = payload.target_id
-        for attempt in range(1, self.max_attempts + 1):
-            command.attempts = attempt
-            try:
-                version, changes = await self._decide_once(conn, handler, command, payload)
-            except CommandRejected as exc:
-                return failed(command, str(exc))
-            new_events = self._new_events(handler, command, version, changes)
-            try:
-                positions = await self.events.append(conn, new_events)
-            except ConcurrencyError as exc:
-                if attempt == self.max_attempts:
-                    return failed(command, f"gave up after {attempt} attempt(s): {exc}")
-                log.info("command.conflict", command_id=str(command.id), attempt=attempt)
-                await anyio.sleep(conflict_backoff(attempt))
-                continue
-            return await self._consumed(conn, handler, command, new_events, positions)
-        raise AssertionError("unreachable: the last attempt returns")
+        command.attempts = attempt
+        try:
+            version, changes = await self._decide_once(conn, handler, command, payload)
+        except CommandRejected as exc:
+            return failed(command, str(exc))
+        new_events = self._new_events(handler, command, version, changes)
+        positions = await self.events.append(conn, new_events)
+        return await self._consumed(conn, handler, command, new_events, positions)
 
     async def _decide_once(
         self,
@@ -281,6 +302,13 @@ def event_positions(command: Command, projections: Sequence[Projection]) -> dict
         if mine:
             targets[projection.name] = (txid, max(mine))
     return targets
+
+
+def conflict(exc: Exception) -> str:
+    """What the losing writer is told: the store's one-line message, without its hint."""
+    if isinstance(exc, psycopg.Error) and exc.diag.message_primary:
+        return exc.diag.message_primary
+    return str(exc)
 
 
 def conflict_backoff(attempt: int) -> float:

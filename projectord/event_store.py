@@ -15,9 +15,17 @@ from typing import Any
 import orjson
 import psycopg
 from psycopg import AsyncConnection
+from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
+from projectord.logs import get_logger
 from projectord.queries import Queries
+
+log = get_logger("projectord.event_store")
+
+# An append refused for order is retried in a fresh transaction, which is newer than the one that
+# wrote the aggregate's latest version, so one retry succeeds unless yet another writer gets in.
+ORDER_RETRIES = 5
 
 
 class ConcurrencyError(Exception):
@@ -162,7 +170,9 @@ class EventStore:
 
     Appends run in the caller's transaction, so a command handler can append and record its outcome
     atomically. The UNIQUE (aggregate_id, version) constraint is the concurrency check: two writers
-    appending the same version cannot both commit.
+    appending the same version cannot both commit. The store's trigger keeps each aggregate's
+    versions in commit order (sql/migrations/0010_append_order.sql): it refuses with SQLSTATE 40001
+    an append from a transaction older than the one that wrote the aggregate's latest version.
     """
 
     def __init__(self, schema: str = "projectord") -> None:
@@ -170,9 +180,29 @@ class EventStore:
         self._queries = Queries(schema)
 
     async def append(self, conn: AsyncConnection[Any], events: Sequence[NewEvent]) -> list[int]:
-        """Append atomically; a version clash raises `ConcurrencyError` and writes nothing."""
+        """Append atomically; a version clash raises `ConcurrencyError` and writes nothing.
+
+        On a connection outside any transaction the append is its own transaction, and one the
+        store refuses for order (40001) is retried at once in a fresh transaction, which gets a
+        newer id. Inside the caller's transaction it cannot be: the savepoint is rolled back and
+        `psycopg.errors.SerializationFailure` propagates, for the caller to retry its whole
+        transaction (as `Dispatcher` does).
+        """
         if not events:
             return []
+        own_transaction = conn.info.transaction_status == TransactionStatus.IDLE
+        for attempt in range(1, ORDER_RETRIES + 1):
+            try:
+                return await self._append_once(conn, events)
+            except psycopg.errors.SerializationFailure:
+                if not own_transaction or attempt == ORDER_RETRIES:
+                    raise
+                log.info("append.order_retry", attempt=attempt)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _append_once(
+        self, conn: AsyncConnection[Any], events: Sequence[NewEvent]
+    ) -> list[int]:
         params = {
             "event_ids": [e.event_id for e in events],
             "tenant_ids": [e.tenant_id for e in events],

@@ -5,10 +5,10 @@ owns (state `refused`, projectord/foreign_owner.py), the database has not answer
 for `health_outage_seconds`, or a loop of the daemon is wedged (it would stop the systemd watchdog
 too). degraded: the database does not answer (yet: the daemon reconnects by itself, so a restart or
 a failover is degraded, not failing), the listener is down (the runners still poll), a projection
-retries after a handler error, is paused, rebuilding or lagging beyond the thresholds, or an
-open transaction has held the xmin horizon back longer than `health_horizon_seconds` — then the
-reason names that transaction (pid, xid, age, state, start of its query), because that is who the
-operator must talk to.
+retries after a handler error, is paused, rebuilding or lagging beyond the thresholds, or a
+transaction (in any database of the cluster) has held the xmin horizon longer than
+`health_horizon_seconds` — then the reason names that transaction (pid, xid, role, database,
+and where visible its state, age and query), because that is who the operator must talk to.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ class HealthCheck:
         self.heartbeats = heartbeats
         self.thresholds = thresholds
         self._unreachable_since: float | None = None  # monotonic; while the database is away
+        # (xid, monotonic time first seen) of the transaction holding the horizon
+        self._horizon_seen: tuple[str, float] | None = None
 
     async def check(self) -> dict[str, Any]:
         return await self.evaluate(await self.reporter.snapshot())
@@ -59,6 +61,7 @@ class HealthCheck:
         reasons += self._queue_reasons(snapshot)
         if snapshot["database"]["reachable"]:
             reasons += await self._horizon_reasons()
+            reasons += await self._wakeup_reasons()
         worst = max((SEVERITY[r["severity"]] for r in reasons), default=0)
         status = next(name for name, level in SEVERITY.items() if level == worst)
         return {"status": status, "reasons": reasons, "instance": snapshot["instance"]}
@@ -214,49 +217,112 @@ class HealthCheck:
         return []
 
     async def _horizon_reasons(self) -> list[dict[str, Any]]:
+        """`horizon_held` once a transaction has held the xmin horizon past the threshold.
+
+        Asked of the database on every check, whether or not events wait behind it yet: any event
+        committed after that transaction started will wait for it. (It used to be inferred from
+        the runners, which see it only once an event committed behind it, and counted from then:
+        idle, or with a threshold of 30 s, health said ok while every projection was held.)"""
         now = time.monotonic()
-        held = [
-            (runner.name, now - runner.status.held_back_since)
+        waiting = {
+            runner.name: now - runner.status.held_back_since
             for runner in self.reporter.runners.values()
             if runner.status.held_back_since is not None
-            and now - runner.status.held_back_since > self.thresholds.horizon_seconds
-        ]
-        if not held:
-            return []
-        seconds = max(s for _, s in held)
-        names = sorted(name for name, _ in held)
+        }
         try:
-            holder = await self._horizon_holder()
-        except Exception as exc:  # the reason still stands without its name
-            holder = {"kind": "unknown", "error": str(exc)}
-        if holder is None or holder["kind"] == "unknown":
-            who = "an open transaction (not visible to this role: grant it pg_read_all_stats)"
-        elif holder["kind"] == "prepared":
-            who = f"prepared transaction xid {holder['xid']} ({holder['query']})"
-        else:
-            query = " ".join((holder["query"] or "").split())[:120]
-            who = (
-                f"pid {holder['pid']} (xid {holder['xid']}, {holder['state']}, "
-                f"user {holder['usename']}, since {holder['xact_start']}): {query}"
-            )
+            holder = await self._horizon_holder(now)
+        except Exception as exc:  # the runners' view still stands, without a name
+            holder = {"kind": "unknown", "error": str(exc), "seconds": None}
+        seconds = max([*waiting.values(), (holder or {}).get("seconds") or 0.0])
+        if seconds <= self.thresholds.horizon_seconds:
+            return []
+        names = sorted(waiting)
+        held = (
+            f"has held {', '.join(names)} back for {seconds:.0f}s: events committed after it "
+            "started wait until it ends"
+            if names
+            else f"has held the xmin horizon for {seconds:.0f}s: events committed after it "
+            "started will wait until it ends"
+        )
         return [
             reason(
                 "degraded",
                 "horizon_held",
-                f"{who} has held {', '.join(names)} back for {seconds:.0f}s: "
-                "events committed after it started wait until it ends",
+                f"{_describe_holder(holder)} {held}",
                 projections=names,
                 seconds=round(seconds, 1),
                 holder=holder,
             )
         ]
 
-    async def _horizon_holder(self) -> dict[str, Any] | None:
+    async def _horizon_holder(self, now: float) -> dict[str, Any] | None:
+        """The transaction holding the horizon, with `seconds`: its age where the database shows
+        it, else (another role's session, without pg_read_all_stats) at least as long as this
+        daemon has seen it hold the horizon, since `_horizon_seen`."""
+        found = await self._rows("horizon_holder")
+        if not found:
+            self._horizon_seen = None
+            return None
+        holder = found[0]
+        if self._horizon_seen is None or self._horizon_seen[0] != holder["xid"]:
+            self._horizon_seen = (holder["xid"], now)
+        holder["seconds"] = max(holder["seconds"] or 0.0, now - self._horizon_seen[1])
+        return holder
+
+    async def _wakeup_reasons(self) -> list[dict[str, Any]]:
+        """`wakeups_obstructed` while sessions of another role hold the wake-up stripes on
+        purpose. The stripes' key cannot be secret (the trigger's source and the held stripes
+        are readable by every role), so a stranger can take them: held exclusively, arming times
+        out and the runners poll (events arrive within about 250 ms); held in share mode, every
+        append notifies (the writers' throughput halves). Nothing is lost either way, but the
+        operator should know who does it (docs/security-locks.md)."""
+        try:
+            channel = self.reporter.listener.channel
+            found = await self._rows("wakeup_strangers", {"channel": channel})
+        except Exception:  # a failed check is the database's problem, reported elsewhere
+            return []
+        return [
+            reason(
+                "degraded",
+                "wakeups_obstructed",
+                f"pid {s['pid']} (user {s['usename']}, database {s['datname']}, application "
+                f"{s['application_name']!r}) holds {s['exclusive'] + s['shared']} of the wake-up "
+                "locks: "
+                + (
+                    "arming fails, projections poll (up to about 250 ms behind)"
+                    if s["exclusive"]
+                    else "every append notifies, which slows the writers"
+                ),
+                session=s,
+            )
+            for s in found
+        ]
+
+    async def _rows(self, query: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """A named query on a pooled connection, bounded like the status reads."""
         reporter = self.reporter
         async with reporter.db_limiter:
             with anyio.fail_after(DB_TIMEOUT):
                 async with reporter.pool.connection(timeout=DB_TIMEOUT) as conn:
-                    cur = await conn.execute(reporter.queries["horizon_holder"])
-                    row = await cur.fetchone()
+                    cur = await conn.execute(reporter.queries[query], params)
+                    rows = await cur.fetchall()
                     columns = [c.name for c in cur.description or ()]
-        return dict(zip(columns, row, strict=True)) if row else None
+        return [dict(zip(columns, row, strict=True)) for row in rows]
+
+
+def _describe_holder(holder: dict[str, Any] | None) -> str:
+    """Who holds the horizon, in the words an operator needs to find them."""
+    if holder is None or holder["kind"] == "unknown":
+        return "an open transaction (not found: the check failed)"
+    if holder["kind"] == "prepared":
+        return f"prepared transaction xid {holder['xid']} ({holder['query']})"
+    who = (
+        f"pid {holder['pid']} (xid {holder['xid']}, user {holder['usename']}, "
+        f"database {holder['datname']}, application {holder['application_name']!r}"
+    )
+    if not holder["visible"]:
+        return (
+            f"{who}; its state and query are not visible to this role: grant it pg_read_all_stats)"
+        )
+    query = " ".join((holder["query"] or "").split())[:120]
+    return f"{who}, {holder['state']}, since {holder['xact_start']}): {query}"

@@ -67,7 +67,7 @@ MAX_IDENTIFIER_BYTES = 63
 
 
 def channel_name(schema: str) -> str:
-    """The channel the events trigger notifies (sql/migrations/0012_channel_fits_identifier_limit).
+    """The channel the events trigger notifies (sql/migrations/0011_channel_fits_identifier_limit).
 
     A channel is an identifier, at most 63 bytes: a schema too long for `projectord_<schema>`
     gets the md5 of its name instead, so appends never fail on the channel's length.

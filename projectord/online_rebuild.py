@@ -17,7 +17,7 @@ The shadow runs under the projection's own error policy, pipeline setting and th
 defaults, like the live runner. Its handler's unqualified table names resolve to the shadow tables
 through `search_path`; a schema-qualified name would escape into a live table, so every shadow batch
 ends with a guard: the tables its transaction holds a write lock on (`tables_written()`,
-sql/migrations/0015_tables_written.sql). A write outside the shadow schema rolls the batch back and
+sql/migrations/0013_tables_written.sql). A write outside the shadow schema rolls the batch back and
 aborts the rebuild, naming the table: the live data is never touched by a shadow run.
 
 The live runner's next compare-and-set then fails (its checkpoint moved under it), so it rolls its
@@ -48,6 +48,7 @@ from projectord.database import connect, make_pool
 from projectord.error_policy import ErrorPolicy
 from projectord.event_store import Event
 from projectord.logs import get_logger
+from projectord.ownership import take_keyed_lock
 from projectord.projection import Projection
 from projectord.queries import Queries
 from projectord.runner import ProjectionRunner
@@ -201,9 +202,10 @@ class _OnlineRebuild:
 
     async def _take_lock(self, control: AsyncConnection[Any]) -> None:
         key = f"{self.settings.schema}.{self.schema}.{self.projection.name}"
-        cur = await control.execute(self.queries["try_rebuild_lock"], {"key": key})
+        cur = await control.execute(self.queries["rebuild_lock_key"], {"key": key})
         row = await cur.fetchone()
-        if not (row and row[0]):
+        assert row is not None  # RETURNING of an upsert
+        if await take_keyed_lock(control, self.queries, "rebuild", key, int(row[0])) is None:
             raise RebuildError(f"an online rebuild of {self.projection.name!r} is already running")
 
     async def _build_shadow(self, control: AsyncConnection[Any]) -> None:

@@ -8,6 +8,13 @@ takes free ones. Session locks die with their session, so when an instance is ki
 loses its connection, its projections are free at once and the others take them on their next
 turn. The checkpoint's compare-and-set stays the second guard: a runner that lost its lock
 cannot commit a batch after the new owner moved the checkpoint.
+
+Advisory locks need no privilege, so their keys are random and kept in `<schema>.lock_keys`, which
+only the daemon's role can read (migration 0014): a role that can merely connect cannot take a
+projection's lock before a daemon does. A held key shows in pg_locks, though, and a stranger who
+saw it may take it once it is free (at a rebalance or a restart). A daemon that finds a key held
+only by strangers draws a new one, and every daemon uses that from its next turn; fellow daemons
+are counted only among sessions of the daemon's role (docs/security-locks.md).
 """
 
 from __future__ import annotations
@@ -30,7 +37,10 @@ from projectord.queries import Queries
 
 log = get_logger("projectord.ownership")
 
-INSTANCE_LOCK = "projectord-instance"
+PROJECTION = "projection"  # lock_keys.purpose of a projection's lock (name: the projection's)
+INSTANCE = "instance"  # lock_keys.purpose of the shared "this instance is alive" lock (name: "")
+
+Keys = dict[tuple[str, str], int]
 
 
 class Ownership:
@@ -58,6 +68,8 @@ class Ownership:
         self._released = released
         self._lost = lost
         self.owned: list[str] = []  # in the order taken: the last taken are given up first
+        self._held: dict[str, int] = {}  # owned projection -> the key it is locked with
+        self._instance_key: int | None = None  # the instance key this session holds
         self.instances = 0
         self.connected = False
         self.balanced = anyio.Event()  # set once the first rebalance has taken this one's share
@@ -76,9 +88,7 @@ class Ownership:
                     # holding this instance's locks: end it (and any other dead session) first.
                     async with deadline(conn, "terminating dead sessions"):
                         await reap(conn)
-                    await self._query(
-                        conn, "try_lock_instance", {"schema": self.schema, "key": INSTANCE_LOCK}
-                    )
+                    await self._join(conn)
                     self.connected = True
                     if failures:
                         log.info("ownership.reconnected", instance=self.instance)
@@ -112,28 +122,51 @@ class Ownership:
             with anyio.move_on_after(self.interval):
                 await anyio.wait_readable(conn.fileno())
 
+    async def _join(self, conn: AsyncConnection[Any]) -> None:
+        """Make sure every lock this daemon may take has a key, then say this instance is alive."""
+        await self._query(conn, "ensure_lock_keys", {"purpose": INSTANCE, "names": [""]})
+        await self._query(conn, "ensure_lock_keys", {"purpose": PROJECTION, "names": self.names})
+        self._instance_key = None
+        await self._hold_instance(conn, await self._keys(conn))
+
+    async def _keys(self, conn: AsyncConnection[Any]) -> Keys:
+        """The current keys, read every turn: another daemon may have drawn a new one."""
+        async with deadline(conn, "ownership's lock_keys"):
+            cur = await conn.execute(
+                self.queries["lock_keys"], {"purposes": [INSTANCE, PROJECTION]}
+            )
+            rows = await cur.fetchall()
+        return {(purpose, name): int(key) for purpose, name, key in rows}
+
+    async def _hold_instance(self, conn: AsyncConnection[Any], keys: Keys) -> None:
+        """Hold the current instance key in share mode (moving off an old one)."""
+        key = keys[(INSTANCE, "")]
+        if key == self._instance_key:
+            return
+        row = await self._query(conn, "try_lock_instance", {"key": key})
+        if not (row and row[0]):
+            await self._rekey(conn, INSTANCE, "", key)  # a stranger holds it exclusively
+            return  # the next turn holds the new key
+        if self._instance_key is not None:
+            await self._query(conn, "release_instance", {"key": self._instance_key})
+        self._instance_key = key
+
     async def rebalance(self, conn: AsyncConnection[Any]) -> None:
-        row = await self._query(
-            conn, "count_instances", {"schema": self.schema, "key": INSTANCE_LOCK}
-        )
+        keys = await self._keys(conn)
+        await self._hold_instance(conn, keys)
+        row = await self._query(conn, "count_instances", {"key": keys[(INSTANCE, "")]})
         self.instances = max(int(row[0]) if row else 1, 1)
         share = math.ceil(len(self.names) / self.instances)
+        # A projection held under a key that is no longer its own (a daemon drew a new one) is
+        # given up; it is taken again under the new key.
+        for name in [n for n in self.owned if self._held[n] != keys[(PROJECTION, n)]]:
+            await self._give_up(conn, name)
         while len(self.owned) > share:
-            name = self.owned[-1]
-            await self._released(name)  # drain its runner first
-            # Logged before the unlock: another instance may take it the moment it is free.
-            log.info(
-                "ownership.released",
-                projection=name,
-                instance=self.instance,
-                instances=self.instances,
-            )
-            await self._query(conn, "release_projection", {"schema": self.schema, "key": name})
-            self.owned.pop()
+            await self._give_up(conn, self.owned[-1])
         for name in self._preference:
             if len(self.owned) >= share:
                 break
-            if name not in self.owned and await self._take(conn, name):
+            if name not in self.owned and await self._take(conn, name, keys):
                 self.owned.append(name)
                 await self._query(conn, "record_owner", {"name": name, "owner": self.instance})
                 log.info(
@@ -144,9 +177,31 @@ class Ownership:
                 )
                 await self._acquired(name)
 
-    async def _take(self, conn: AsyncConnection[Any], key: str) -> bool:
-        row = await self._query(conn, "try_lock_projection", {"schema": self.schema, "key": key})
-        return bool(row and row[0])
+    async def _give_up(self, conn: AsyncConnection[Any], name: str) -> None:
+        await self._released(name)  # drain its runner first
+        # Logged before the unlock: another instance may take it the moment it is free.
+        log.info(
+            "ownership.released", projection=name, instance=self.instance, instances=self.instances
+        )
+        await self._query(conn, "release_projection", {"key": self._held.pop(name)})
+        self.owned.remove(name)
+
+    async def _take(self, conn: AsyncConnection[Any], name: str, keys: Keys) -> bool:
+        """Lock a projection; if a stranger holds its key, draw a new key and lock that."""
+        async with deadline(conn, "ownership's try_lock"):
+            held = await take_keyed_lock(
+                conn, self.queries, PROJECTION, name, keys[(PROJECTION, name)]
+            )
+        if held is None:
+            return False
+        self._held[name] = keys[(PROJECTION, name)] = held
+        return True
+
+    async def _rekey(
+        self, conn: AsyncConnection[Any], purpose: str, name: str, key: int
+    ) -> int | None:
+        async with deadline(conn, "ownership's rekey_lock"):
+            return await rekey(conn, self.queries, purpose, name, key)
 
     async def _query(
         self, conn: AsyncConnection[Any], name: str, params: dict[str, Any]
@@ -158,10 +213,49 @@ class Ownership:
             return await cur.fetchone() if cur.description else None
 
     async def _lose_all(self) -> None:
+        self._held.clear()
+        self._instance_key = None
         if self.owned:
             lost, self.owned = self.owned, []
             await self._lost(lost)  # their runners stop first: nothing commits after the line
             log.warning("ownership.lost", projections=lost, instance=self.instance)
+
+
+async def take_keyed_lock(
+    conn: AsyncConnection[Any], queries: Queries, purpose: str, name: str, key: int
+) -> int | None:
+    """Take the session lock `key` of lock_keys' (purpose, name) without waiting; if only
+    strangers hold it, draw a new key and take that. The key now held, or None."""
+    if await _try(conn, queries, "try_lock", key):
+        return key
+    new = await rekey(conn, queries, purpose, name, key)
+    if new is None or not await _try(conn, queries, "try_lock", new):
+        return None
+    return new
+
+
+async def _try(conn: AsyncConnection[Any], queries: Queries, query: str, key: int) -> bool:
+    cur = await conn.execute(queries[query], {"key": key})
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
+async def rekey(
+    conn: AsyncConnection[Any], queries: Queries, purpose: str, name: str, key: int
+) -> int | None:
+    """A new key for a lock held only by strangers; None when a daemon holds it (or it is free
+    again, or another daemon drew the new key first)."""
+    cur = await conn.execute(queries["rekey_lock"], {"purpose": purpose, "name": name, "key": key})
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    log.warning(
+        "ownership.rekeyed",
+        lock=purpose,
+        name=name or None,
+        reason="its key was held only by sessions of roles other than the daemon's",
+    )
+    return int(row[0])
 
 
 def _digest(text: str) -> str:

@@ -473,26 +473,26 @@ class ProjectionRunner:
     async def _commit_batch(
         self, conn: AsyncConnection[Any], events: list[Event], new: Checkpoint, *, pipelined: bool
     ) -> None:
-        """The checkpoint's compare-and-set, the handler's statements and COMMIT, in one
-        transaction bounded by the handler timeout. Pipelined, they travel together: one round
-        trip for a set-based handler (the compare-and-set fails with an error, not a row count,
-        so nothing after it runs when it fails).
+        """A check of the checkpoint, the handler's statements, the checkpoint's compare-and-set
+        and COMMIT, in one transaction bounded by the handler timeout. Pipelined, they travel
+        together: one round trip for a set-based handler (the check and the compare-and-set fail
+        with an error, not a row count, so nothing after them runs when they fail).
 
-        The compare-and-set comes first. A runner whose last COMMIT landed although its answer
-        was lost retries that batch from the checkpoint before it: the moved row must stop the
-        retry before the handler runs, or a handler that is not idempotent fails on its own rows
-        and the retry is taken for a poison event. It also takes the positions row's lock for the
-        whole batch, so a pause or a second writer of the projection waits for the batch, or the
-        batch for them."""
+        The check comes first. A runner whose last COMMIT landed although its answer was lost
+        retries that batch from the checkpoint before it: the moved row must stop the retry
+        before the handler runs, or a handler that is not idempotent fails on its own rows and
+        the retry is taken for a poison event. The check takes no lock, so a pause answers at
+        once and stops the batch at its compare-and-set."""
 
         observe = self._writes_sample_due()
 
         async def work() -> None:
             async with self._transaction(conn, pipelined=pipelined):
-                await self._compare_and_set(conn, new, len(events))
+                await self._compare_and_set(conn, new, 0, query="check_checkpoint")
                 await self.projection.handle(events, conn)
                 if observe:
                     await conn.execute(self.queries["record_tables_written"], {"name": self.name})
+                await self._compare_and_set(conn, new, len(events))
             if observe:
                 self._writes_recorded_at = time.monotonic()
 
@@ -584,13 +584,20 @@ class ProjectionRunner:
             self.status.checkpoint = new
 
     async def _compare_and_set(
-        self, conn: AsyncConnection[Any], new: Checkpoint, n: int, *, even_if_paused: bool = False
+        self,
+        conn: AsyncConnection[Any],
+        new: Checkpoint,
+        n: int,
+        *,
+        even_if_paused: bool = False,
+        query: str = "advance_checkpoint",
     ) -> None:
-        """Move the stored checkpoint from `_persisted` to `new`; where the row does not match,
-        the statement fails (SQLSTATE PJ001), which `_transaction` turns into CheckpointMoved."""
+        """Move the stored checkpoint from `_persisted` to `new` (or, with `check_checkpoint`,
+        only check that it is still at `_persisted`); where the row does not match, the statement
+        fails (SQLSTATE PJ001), which `_transaction` turns into CheckpointMoved."""
         assert self._persisted is not None
         await conn.execute(
-            self.queries["advance_checkpoint"],
+            self.queries[query],
             {
                 "name": self.name,
                 "new_txid": str(new[0]),
@@ -885,8 +892,9 @@ class ProjectionRunner:
         async with self.pool.connection() as conn, self._transaction(conn, pipelined=False):
             # First, as in _commit_batch: a moved checkpoint stops this before the handler runs.
             await self._compare_and_set(
-                conn, event.commit_position, len(ahead), even_if_paused=by == "operator"
-            )
+                conn, event.commit_position, 0, even_if_paused=by == "operator",
+                query="check_checkpoint",
+            )  # fmt: skip
             if ahead:  # events of the failed batch before the stuck one
                 await run_handler(
                     self.projection, ahead, conn, self.policy.handler_timeout, self.clock
@@ -894,6 +902,9 @@ class ProjectionRunner:
             await conn.execute(
                 self.queries["insert_dead_letter"],
                 dead_letter_params(self.name, event, error, trace, attempts),
+            )
+            await self._compare_and_set(
+                conn, event.commit_position, len(ahead), even_if_paused=by == "operator"
             )
         self._moved_to(event.commit_position, len(ahead))
         self._failures = 0

@@ -1,8 +1,12 @@
 """`projectord init`: create or upgrade projectord's own tables and the projections' missing tables.
 
 Migrations are the numbered files in `sql/migrations/`, each applied once and recorded in
-`<schema>.schema_migrations`; the whole run holds an advisory lock, so daemons starting together do
-not race each other. Running it twice changes nothing.
+`<schema>.schema_migrations`. The whole run holds `schema_migrations` locked (ACCESS EXCLUSIVE), so
+daemons starting together do not race each other. That is the init lock: a table lock, because
+taking it needs privileges on projectord's own table, where an advisory lock (what it was before
+migration 0014) can be taken first by any role that can connect, and start-up then hung. Every
+lock wait of the run is bounded by `lock_timeout`: a wait that runs out fails with one line naming
+what it waited for. Running it twice changes nothing.
 """
 
 from __future__ import annotations
@@ -11,12 +15,30 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection
 
+from projectord.foreign_ids import check_transaction_ids
 from projectord.projection import Projection
 from projectord.queries import Queries, quote_ident, sql_dir
 
-INIT_LOCK_KEY = 0x70726F6A  # "proj": serialises concurrent `init` runs on one database
+# How long `init` waits for any one lock (seconds): the init lock, a table a migration alters, a
+# positions row. Past it, init fails saying what it waited for, instead of hanging.
+INIT_LOCK_TIMEOUT = 30.0
+# A first `init` racing another on an empty database fails on the catalog's unique index (both
+# create the schema); it runs again and finds the other's work.
+INIT_ATTEMPTS = 3
+
+
+class LockWaitTimeout(Exception):
+    """A lock wait that ran out: the message names what was waited for, and for how long."""
+
+
+class _Step:
+    """What the run is doing now, for the message if a lock wait runs out."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
 
 
 class InitError(Exception):
@@ -44,12 +66,42 @@ async def initialise(
     schema: str,
     read_model_schema: str,
     projections: Sequence[Projection] = (),
+    lock_timeout: float = INIT_LOCK_TIMEOUT,
 ) -> list[str]:
-    """Bring the database up to date in one transaction; return what was created."""
+    """Bring the database up to date in one transaction; return what was created.
+
+    Raises `LockWaitTimeout` when a lock is not granted within `lock_timeout` seconds, and
+    `ForeignTransactionIds` (changing nothing) when the store holds transaction ids from another
+    cluster: the daemon must not run on it (projectord/foreign_ids.py)."""
+    for attempt in range(1, INIT_ATTEMPTS + 1):
+        step = _Step(f"the init lock ({schema}.schema_migrations)")
+        try:
+            return await _initialise_once(
+                conn, step, schema, read_model_schema, projections, lock_timeout
+            )
+        except psycopg.errors.LockNotAvailable:
+            raise LockWaitTimeout(
+                f"gave up after waiting {lock_timeout:g}s for a lock on {step.what}: another "
+                "session holds it (pg_locks and pg_stat_activity name it)"
+            ) from None
+        except psycopg.errors.UniqueViolation:
+            if attempt == INIT_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _initialise_once(
+    conn: AsyncConnection[Any],
+    step: _Step,
+    schema: str,
+    read_model_schema: str,
+    projections: Sequence[Projection],
+    lock_timeout: float,
+) -> list[str]:
     done: list[str] = []
     queries = Queries(schema)
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (INIT_LOCK_KEY,))
+        await conn.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'")
         missing = await check_privileges(conn, queries, schema, read_model_schema, projections)
         for name in missing:  # IF NOT EXISTS would still need CREATE on the database
             await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(name)}")
@@ -59,11 +111,15 @@ async def initialise(
             " version integer PRIMARY KEY, name text NOT NULL,"
             " applied_at timestamptz NOT NULL DEFAULT now())"
         )
+        # ACCESS EXCLUSIVE also conflicts with the read of an `init` from before migration 0014
+        # (it took an advisory lock, then read this table): old and new runs serialise too.
+        await conn.execute("LOCK TABLE schema_migrations IN ACCESS EXCLUSIVE MODE")
         cur = await conn.execute("SELECT version FROM schema_migrations")
         applied = {row[0] for row in await cur.fetchall()}
         for migration in migrations():
             if migration.version in applied:
                 continue
+            step.what = f"the objects of migration {migration.version:04d}_{migration.name}"
             await conn.execute(migration.sql.encode())
             await conn.execute(
                 "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
@@ -71,8 +127,11 @@ async def initialise(
             )
             done.append(f"migration {migration.version:04d}_{migration.name}")
         await conn.execute("SET LOCAL search_path TO DEFAULT")
+        await check_transaction_ids(conn, queries)
+        step.what = f"the read-model schema {read_model_schema}"
         done += await create_projection_tables(conn, read_model_schema, projections)
         for projection in projections:
+            step.what = f"the positions row of {projection.name}"
             await conn.execute(queries["ensure_position"], {"name": projection.name})
     return done
 

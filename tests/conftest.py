@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from tests.harness import (
     TestDatabase,
     init_database,
     prepare_for_daemon_role,
+    temporary_database,
 )
 
 TEST_URL_ENV = "PROJECTORD_TEST_DATABASE_URL"
@@ -60,15 +60,8 @@ def template_db(pg_admin_url: str) -> Iterator[str]:
 
 @pytest.fixture
 def db(pg_admin_url: str, template_db: str) -> Iterator[TestDatabase]:
-    name = f"pd_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    database = TestDatabase(make_conninfo(pg_admin_url, dbname=name), name)
-    try:
-        yield database
-    finally:
-        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with temporary_database(pg_admin_url, "pd_test", template_db) as name:
+        yield TestDatabase(make_conninfo(pg_admin_url, dbname=name), name)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -11,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,30 @@ from projectord.projection import load_projections
 
 ROOT = Path(__file__).resolve().parent.parent
 TENANT = uuid.UUID("00000000-0000-0000-0000-00000000000a")
+
+
+# The sessions holding a projection's ownership lock (its key is in lock_keys, migration 0014).
+PROJECTION_LOCK_HOLDERS = (
+    "SELECT l.pid FROM pg_locks l"
+    " JOIN projectord.lock_keys k ON k.purpose = 'projection' AND k.name = %s"
+    " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND l.classid = ((k.key >> 32) & 4294967295)::oid AND l.objid = (k.key & 4294967295)::oid"
+)
+
+
+@contextlib.contextmanager
+def temporary_database(admin_url: str, prefix: str, template: str | None = None) -> Iterator[str]:
+    """A new database with a unique name (cloned from `template` if given), dropped after use."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    clone = f' TEMPLATE "{template}"' if template else ""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"{clone}')
+    try:
+        yield name
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def init_database(dsn: str, projections: Sequence[str] = ()) -> list[str]:

@@ -10,7 +10,7 @@ import anyio
 import psycopg
 
 from projectord.ownership import Ownership
-from tests.harness import TestDatabase
+from tests.harness import PROJECTION_LOCK_HOLDERS, TestDatabase
 
 NAMES = [f"p{n}" for n in range(6)]
 
@@ -79,11 +79,7 @@ def test_spread_exclusive_and_taken_over(db: TestDatabase) -> None:
             # Kill instance 1's session from the server side: its locks go with it.
             victim = set(instances[1].ownership.owned)
             with psycopg.connect(db.url, autocommit=True) as conn:
-                pid = conn.execute(
-                    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
-                    " AND objid = hashtext(%s)::oid",
-                    (sorted(victim)[0],),
-                ).fetchone()[0]
+                pid = conn.execute(PROJECTION_LOCK_HOLDERS, (sorted(victim)[0],)).fetchone()[0]
                 conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
             scopes[0].cancel()  # and the instance stays dead
             instances[1].running.clear()
@@ -117,8 +113,7 @@ def test_a_session_ended_by_the_server_is_noticed_at_once(db: TestDatabase) -> N
             await anyio.sleep(0.2)  # waiting for its next turn
             with psycopg.connect(db.url, autocommit=True) as conn:
                 conn.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_locks"
-                    " WHERE locktype = 'advisory' AND granted AND objid = hashtext(%s)::oid",
+                    f"SELECT pg_terminate_backend(pid) FROM ({PROJECTION_LOCK_HOLDERS}) h",
                     (NAMES[0],),
                 )
             ended = time.monotonic()

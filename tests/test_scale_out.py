@@ -18,7 +18,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from tests.fault_projections import LEDGER_COPIES
-from tests.harness import DaemonProcess, TestDatabase, Writers, append_sql, wait_until
+from tests.harness import (
+    PROJECTION_LOCK_HOLDERS,
+    DaemonProcess,
+    TestDatabase,
+    Writers,
+    append_sql,
+    wait_until,
+)
 from tests.ops_support import ask
 
 SPECS = "tests.fault_projections:ledgers"
@@ -291,8 +298,7 @@ def test_takeover_within_10s_after_kill_9_and_after_a_lost_connection(
         wait_until(lambda: sorted(_counts(owners(db)).values()) == [3, 3], timeout=15)
         victim = next(name for name, owner in owners(db).items() if owner == second)
         terminated = db.scalar(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory'"
-            " AND granted AND objid = hashtext(%s)::oid",
+            f"SELECT count(pg_terminate_backend(pid)) FROM ({PROJECTION_LOCK_HOLDERS}) h",
             (victim,),
         )
         assert terminated == 1

@@ -61,7 +61,11 @@ def test_every_projection_gets_its_own_lag(db: TestDatabase) -> None:
             await pool.close()
 
     report = anyio.run(snapshot)
-    assert report["database"] == {"reachable": True, "error": None}
+    assert report["database"] == {
+        "reachable": True,
+        "error": None,
+        "notification_queue_usage": 0.0,
+    }
     lags = {p["name"]: (p["lag"], p["caught_up"]) for p in report["projections"]}
     assert lags == {
         "alpha": (2, False),

@@ -27,3 +27,24 @@ WHERE locktype = 'advisory' AND granted AND mode = 'ShareLock' AND objsubid = 2
   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND classid = hashtext(%(channel)s)::oid
   AND objid = 0;
+
+-- name: wakeup_strangers
+-- Sessions of other roles than the daemon's holding the channel's wake-up stripes with no xid of
+-- their own: not appends deciding whether to notify (they hold a stripe only inside a transaction
+-- that has written, so with an xid), but someone holding them on purpose. Held exclusively, they
+-- make arming time out (the runners poll); in share mode, every append notifies. An xid-holding
+-- session is reported as `horizon_held` instead. pg_locks and these columns of pg_stat_activity
+-- are readable by every role (docs/security-locks.md).
+SELECT l.pid, a.usename::text, a.datname::text, a.application_name,
+       count(*) FILTER (WHERE l.mode = 'ExclusiveLock') AS exclusive,
+       count(*) FILTER (WHERE l.mode = 'ShareLock') AS shared
+FROM pg_locks l
+JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.classid = hashtext(%(channel)s)::oid
+  AND NOT pg_has_role(a.usesysid, current_user, 'MEMBER')
+  AND NOT EXISTS (SELECT 1 FROM pg_locks x
+                  WHERE x.pid = l.pid AND x.locktype = 'transactionid' AND x.granted)
+GROUP BY l.pid, a.usename, a.datname, a.application_name
+ORDER BY l.pid;

@@ -40,24 +40,36 @@ WHERE (transaction_id, global_position) > (%(txid)s::xid8, %(position)s::bigint)
   AND type = ANY(%(types)s::text[]);
 
 -- name: horizon_holder
--- The open transaction that holds the xmin horizon back: the oldest one with an xid, in any
--- database of the cluster (an xid from any database holds every snapshot's xmin). Prepared
--- transactions count too. Session details need pg_read_all_stats (or superuser) for sessions of
--- other roles; without it they come back NULL.
-SELECT kind, pid, xid, xid_age, state, xact_start, query_start, query, usename,
-       application_name, datname
-FROM (
-    SELECT 'session' AS kind, a.pid, a.backend_xid::text AS xid,
-           age(a.backend_xid) AS xid_age, a.state, a.xact_start, a.query_start,
-           left(a.query, 300) AS query, a.usename::text, a.application_name,
-           a.datname::text
-    FROM pg_stat_activity a
-    WHERE a.backend_xid IS NOT NULL AND a.pid <> pg_backend_pid()
+-- The transaction the xmin horizon waits for: the oldest one still holding an xid, in any database
+-- of the cluster (an xid from any database holds every snapshot's xmin), i.e. the snapshot's xmin
+-- when it is below its xmax; no row when no transaction holds an xid. Its session is found through
+-- pg_locks (every transaction holds a lock on its own xid; pg_locks is readable by every role and
+-- shows every database), so pid, role, database and application are known whoever runs this.
+-- State, transaction start and query come from pg_stat_activity, which shows them for other
+-- roles' sessions only to pg_read_all_stats (or superuser): otherwise they are NULL (the query
+-- too, not '<insufficient privilege>') and `visible` is false. A prepared transaction has no
+-- session; pg_prepared_xacts names it.
+-- `seconds` is the transaction's age where known (NULL otherwise).
+WITH snapshot AS (SELECT pg_current_snapshot() AS s)
+SELECT h.kind, h.pid, h.xid, age(h.xid::xid) AS xid_age, h.state, h.xact_start, h.query_start,
+       h.query, h.usename, h.application_name, h.datname, h.visible,
+       extract(epoch FROM now() - h.xact_start)::float8 AS seconds
+FROM snapshot
+CROSS JOIN LATERAL (
+    SELECT 'session' AS kind, l.pid, l.transactionid::text AS xid, a.state, a.xact_start,
+           a.query_start, CASE WHEN a.state IS NOT NULL THEN left(a.query, 300) END AS query,
+           a.usename::text,
+           a.application_name, a.datname::text, a.state IS NOT NULL AS visible
+    FROM pg_locks l
+    LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+    WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted
+      AND l.transactionid = xid(pg_snapshot_xmin(snapshot.s))
     UNION ALL
-    SELECT 'prepared', NULL, p.transaction::text, age(p.transaction), 'prepared',
-           p.prepared, NULL, 'PREPARE TRANSACTION ' || quote_literal(p.gid), p.owner::text,
-           NULL, p.database::text
+    SELECT 'prepared', NULL, p.transaction::text, 'prepared', p.prepared, NULL,
+           'PREPARE TRANSACTION ' || quote_literal(p.gid), p.owner::text, NULL,
+           p.database::text, true
     FROM pg_prepared_xacts p
-) holders
-ORDER BY xid_age DESC
-LIMIT 1;
+    WHERE p.transaction = xid(pg_snapshot_xmin(snapshot.s))
+    LIMIT 1
+) h
+WHERE pg_snapshot_xmin(snapshot.s) < pg_snapshot_xmax(snapshot.s);

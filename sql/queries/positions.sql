@@ -10,6 +10,22 @@ SELECT name, transaction_id::text, global_position, state, applied_total, last_e
        owner
 FROM {schema}.projection_positions ORDER BY name;
 
+-- name: check_checkpoint
+-- The compare-and-set's condition, read without a lock, at the start of a batch's transaction:
+-- a runner whose last COMMIT landed although its answer was lost retries that batch from the
+-- checkpoint before it, and must stop before its handler meets its own rows (a duplicate key
+-- would be taken for a poison event). Raises PJ001 like advance_checkpoint. Taking no lock, it
+-- lets a pause answer at once; advance_checkpoint, at the end, still decides.
+SELECT CASE WHEN EXISTS (
+           SELECT FROM {schema}.projection_positions
+           WHERE name = %(name)s
+             AND transaction_id = %(old_txid)s::xid8
+             AND global_position = %(old_position)s
+             AND (state = 'running' OR %(even_if_paused)s)
+             AND owner IS NOT DISTINCT FROM %(owner)s)
+       THEN true
+       ELSE {schema}.checkpoint_moved(%(name)s) END;
+
 -- name: advance_checkpoint
 -- Compare-and-set: moves the checkpoint only from the value this runner last read, so a second
 -- writer of the same projection (or a reset by an operator) makes the batch roll back.

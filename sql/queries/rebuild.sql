@@ -1,6 +1,9 @@
--- name: try_rebuild_lock
--- One online rebuild per projection at a time; a session lock, released when its connection ends.
-SELECT pg_try_advisory_lock(hashtext('projectord.online_rebuild'), hashtext(%(key)s));
+-- name: rebuild_lock_key
+-- One online rebuild per projection at a time: a session lock, released when its connection ends,
+-- on a random key only the daemon's role can read (sql/migrations/0014_lock_keys.sql).
+INSERT INTO {schema}.lock_keys AS k (purpose, name) VALUES ('rebuild', %(key)s)
+ON CONFLICT (purpose, name) DO UPDATE SET key = k.key
+RETURNING key;
 
 -- name: delete_position
 DELETE FROM {schema}.projection_positions WHERE name = %(name)s;
