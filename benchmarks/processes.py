@@ -12,13 +12,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from projectord.embedded import EmbeddedPostgres
+from projectord.embedded import postgres_bin_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 TENANT = "00000000-0000-0000-0000-00000000000b"
@@ -87,7 +86,7 @@ def pgbench_path() -> str:
     if found:
         return found
     try:
-        return str(EmbeddedPostgres(Path(tempfile.gettempdir()) / "unused").bin_dir / "pgbench")
+        return str(postgres_bin_dir() / "pgbench")
     except Exception as exc:
         raise SystemExit(f"pgbench not found ({exc}); install the `embedded` extra") from None
 

@@ -23,7 +23,12 @@ from projectord.database import connect, describe_error, redact
 from projectord.dead_letters_cli import add_dead_letter_commands
 from projectord.dispatch_cli import add_dispatch_command
 from projectord.drift_cli import add_drift_commands
-from projectord.embedded import EmbeddedPostgres, EmbeddedUnavailable
+from projectord.embedded import (
+    EMBEDDED_URL,
+    EmbeddedError,
+    EmbeddedUnavailable,
+    embedded_database,
+)
 from projectord.foreign_owner import ForeignOwnerError, refused_projections
 from projectord.logs import configure_logging
 from projectord.operator_cli import add_operator_commands
@@ -46,7 +51,14 @@ def _settings_parent() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("configuration")
     group.add_argument("--config", type=Path, help="TOML configuration file")
-    group.add_argument("--database-url", help="libpq URL or DSN (default: embedded Postgres)")
+    group.add_argument(
+        "--database-url", help='libpq URL or DSN, or "embedded" for a private embedded Postgres'
+    )
+    group.add_argument(
+        "--embedded",
+        action="store_true",
+        help='use a private embedded Postgres in state_dir (database_url = "embedded")',
+    )
     group.add_argument("--projections", help="comma-separated module:attr list")
     group.add_argument("--aggregates", help="comma-separated module:attr list (command side)")
     group.add_argument("--schema", help="schema of projectord's own tables")
@@ -77,6 +89,10 @@ SETTING_FLAGS = (
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides = {key: getattr(args, key, None) for key in SETTING_FLAGS}
+    if getattr(args, "embedded", False):
+        if overrides["database_url"] not in (None, EMBEDDED_URL):
+            raise ConfigError("database_url: --embedded and --database-url are both given")
+        overrides["database_url"] = EMBEDDED_URL
     return load_settings(args.config, **overrides)
 
 
@@ -97,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     wait = add("wait", cmd_wait, "block until projections applied every event committed before")
     wait.add_argument("names", nargs="*", metavar="NAME")
     wait.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
-    demo = add("demo", cmd_demo, "the main job end to end on the embedded Postgres")
+    demo = add("demo", cmd_demo, "the main job end to end (on an embedded Postgres by default)")
     demo.add_argument("--duration", type=float, default=20.0, help="seconds of writing (20)")
     demo.add_argument("--writers", type=int, default=8, help="concurrent writers (8)")
     add_operator_commands(add)
@@ -118,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ProjectionError, EmbeddedUnavailable) as exc:
         print(f"projectord: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except EmbeddedError as exc:
+        print(f"projectord: cannot start the embedded Postgres: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except CommandError as exc:
         print(f"projectord: {exc}", file=sys.stderr)
         return exc.status
@@ -132,24 +151,32 @@ def load(args: argparse.Namespace) -> tuple[Settings, list[Projection]]:
     return settings, load_projections(settings.projections)
 
 
+MISSING_DATABASE_URL = (
+    "database_url is not set: set it to a libpq URL (PROJECTORD_DATABASE_URL, --database-url or "
+    'the config file), or to "embedded" (--embedded) for a private embedded Postgres in state_dir'
+)
+
+
+def require_database_url(settings: Settings) -> str:
+    """The configured `database_url`. An unset one is a configuration error rather than a cue to
+    start a server: a line missing from an env file must not quietly give a daemon its own empty
+    database."""
+    if not settings.database_dsn:
+        raise CommandError(MISSING_DATABASE_URL, EXIT_USAGE)
+    return settings.database_dsn
+
+
 @asynccontextmanager
 async def database(settings: Settings) -> AsyncIterator[str]:
-    """The DSN to use: `database_url`, or an embedded Postgres in `state_dir` that this process
-    starts (and stops again on exit) unless one already runs there."""
-    if settings.database_dsn:
-        yield settings.database_dsn
+    """The DSN to use: `database_url`, or with `database_url = "embedded"` the embedded Postgres
+    in `state_dir`, which this process starts (and stops again on exit) unless one already runs
+    there."""
+    url = require_database_url(settings)
+    if url != EMBEDDED_URL:
+        yield url
         return
-    server = EmbeddedPostgres(settings.state_dir / "pgdata")
-    try:
-        dsn = await anyio.to_thread.run_sync(server.start)
-    except Exception as exc:
-        raise CommandError(f"cannot start the embedded Postgres: {exc}") from None
-    try:
+    async with embedded_database(settings.state_dir) as dsn:
         yield dsn
-    finally:
-        if server.started_here:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(server.stop)
 
 
 async def open_connection(dsn: str) -> AsyncConnection[Any]:
@@ -191,6 +218,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from projectord.systemd import SystemdNotifier
 
     settings, projections = load(args)
+    require_database_url(settings)
+    if not projections:
+        raise CommandError(
+            "no projections configured: set projections (PROJECTORD_PROJECTIONS, --projections "
+            "or the config file) to the read models this daemon keeps",
+            EXIT_USAGE,
+        )
     # Taken from the environment before an embedded Postgres starts, so it does not inherit it.
     notifier = SystemdNotifier.from_environment()
 

@@ -32,7 +32,7 @@ from projectord.commands import Command
 from projectord.config import Settings
 from projectord.database import connect
 from projectord.dispatch import Dispatcher
-from projectord.embedded import EmbeddedPostgres
+from projectord.embedded import EMBEDDED_URL, embedded_database
 from projectord.event_store import EventStore, NewEvent
 from projectord.logs import configure_logging
 from projectord.projection import Projection
@@ -63,18 +63,12 @@ def run_demo(settings: Settings, *, duration: float, writers: int) -> int:
 
 
 async def _demo(settings: Settings, duration: float, writers: int) -> int:
-    server: EmbeddedPostgres | None = None
+    """On `database_url` when one is set, else (the Quickstart) on the embedded Postgres."""
     admin_dsn = settings.database_dsn
-    if admin_dsn is None:
-        server = EmbeddedPostgres(settings.state_dir / "pgdata")
-        print(f"starting the embedded Postgres in {server.data_dir} ...", flush=True)
-        admin_dsn = await anyio.to_thread.run_sync(server.start)
-    try:
-        dsn = await _fresh_database(admin_dsn)
-        return await _run(settings, dsn, duration, writers)
-    finally:
-        if server is not None and server.started_here:
-            await anyio.to_thread.run_sync(server.stop)
+    if admin_dsn and admin_dsn != EMBEDDED_URL:
+        return await _run(settings, await _fresh_database(admin_dsn), duration, writers)
+    async with embedded_database(settings.state_dir, announce=True) as admin_dsn:
+        return await _run(settings, await _fresh_database(admin_dsn), duration, writers)
 
 
 async def _fresh_database(admin_dsn: str) -> str:

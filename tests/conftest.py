@@ -5,6 +5,8 @@ helpers to run the real daemon as a process."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,18 +27,22 @@ TEMPLATE = f"projectord_template_{os.getpid()}"
 
 
 @pytest.fixture(scope="session")
-def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_admin_url() -> Iterator[str]:
     """A superuser URL of the server the tests use."""
     url = os.environ.get(TEST_URL_ENV)
     if url:
         yield url
         return
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "pgdata", durable=False)
-    server.start()
+    # Outside pytest's numbered temporary directories: a concurrent pytest session of the same
+    # OS user may prune those, and with them this server's data and socket.
+    home = Path(tempfile.mkdtemp(prefix="projectord-test-pg-"))
+    server = EmbeddedPostgres(home / "pgdata", durable=False)
     try:
+        server.start()
         yield server.url
     finally:
         server.destroy()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

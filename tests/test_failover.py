@@ -29,8 +29,7 @@ FOLLOW_WITHIN = 30.0  # seconds, issue 17
 def replica_of(primary: EmbeddedPostgres, data_dir: Path) -> EmbeddedPostgres:
     """A streaming replica of `primary`, started: a base backup with its standby settings."""
     replica = EmbeddedPostgres(data_dir, durable=False)
-    data_dir.mkdir(mode=0o700, parents=True)
-    replica._chown(data_dir)  # pg_basebackup runs as the server's user
+    replica.claim(data_dir)  # pg_basebackup runs as the server's user
     primary._run(
         "pg_basebackup",
         "-D",

@@ -17,6 +17,8 @@ import pytest
 
 from tests.harness import TENANT, TestDatabase, run_cli
 
+LEDGER = "tests.projections:ledger_only"  # `run` needs a projection to start at all
+
 FAR_AHEAD = 10**12  # an id this test server will never reach
 
 
@@ -94,7 +96,7 @@ def test_init_and_run_refuse_transaction_ids_from_another_cluster(
     assert "ahead of this server's next transaction id" in lines[0]
     assert "docs/ordering.md" in lines[0]
 
-    run = run_cli("run", env=env_for(db, state_dir), timeout=60)
+    run = run_cli("run", "--projections", LEDGER, env=env_for(db, state_dir), timeout=60)
     assert run.returncode == 4, run
     refusal = [line for line in run.stderr.splitlines() if "refusing to run" in line]
     assert len(refusal) == 1 and str(FAR_AHEAD) in refusal[0], run.stderr
