@@ -120,8 +120,14 @@ async def runner_catch_up(
     pool: AsyncConnectionPool, projection: Projection, batch_size: int, expected: int
 ) -> None:
     """projectord's own runner loop, from a reset checkpoint until it has applied `expected`."""
+    # With its read-model schema, as the daemon runs it: each batch then checks its tables.
     runner = ProjectionRunner(
-        projection, pool, Queries(SCHEMA), batch_size=batch_size, poll_interval=60.0
+        projection,
+        pool,
+        Queries(SCHEMA),
+        batch_size=batch_size,
+        poll_interval=60.0,
+        read_model_schema="public",
     )
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(runner.run)

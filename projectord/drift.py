@@ -12,11 +12,12 @@ the column it concerns, what was expected and found, and how it can be repaired:
   events): an online rebuild into shadow tables, swapped in when caught up;
 - `drop`: something extra (a column, a policy) that only an explicit flag removes;
 - `manual`: something only an operator can do (create a role, deal with a table another role
-  owns).
+  owns or a trigger or rule someone attached, give the read-model schema a trusted owner).
 
 A check runs no code that the database's other users wrote: tables another role owns are only
-reported (`foreign_owner`), never read, and stored values are cast to probe a type change only
-between built-in types, compared with built-in operators.
+reported (`foreign_owner`), never read; triggers and rules on declared tables (`foreign_trigger`,
+`foreign_rule`) are reported from the catalog and left in place; stored values are cast to probe a
+type change only between built-in types, compared with built-in operators.
 
 `drift_check` is the entry point for the command line and the control socket.
 """
@@ -41,7 +42,7 @@ from projectord.catalog import (
 )
 from projectord.config import Settings
 from projectord.database import connect
-from projectord.foreign_owner import ForeignTable, foreign_owned
+from projectord.foreign_owner import ForeignCode, ForeignTable, foreign_code, foreign_owned
 from projectord.projection import Projection
 from projectord.queries import Queries
 from projectord.security import (
@@ -102,6 +103,9 @@ class Kind(StrEnum):
     ROLE_MISSING = "role_missing"
     FOREIGN_OWNER = "foreign_owner"
     EXTRA_GRANT = "extra_grant"
+    FOREIGN_TRIGGER = "foreign_trigger"
+    FOREIGN_RULE = "foreign_rule"
+    SCHEMA_OWNER = "schema_owner"
 
 
 class Repair(StrEnum):
@@ -196,6 +200,10 @@ async def inspect(
         await conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)))
         readers = await existing_roles(conn, queries, declared_readers)
         foreign = {t.table: t for t in await foreign_owned(conn, queries, schema, tables)}
+        code: dict[str, list[ForeignCode]] = {}
+        for found in await foreign_code(conn, queries, schema, tables):
+            code.setdefault(found.table, []).append(found)
+        schema_owner = await _schema_owner(conn, queries, schema)
         # Actual shapes first: once temporary tables exist they shadow same-named sequences in
         # the deparsed defaults of the real tables.
         actual = await read_shapes(conn, queries, schema, tables)
@@ -207,11 +215,30 @@ async def inspect(
             return policy_statements(ident, settings.schema, projection, own)
 
         expected = await declared_shapes(conn, queries, projections, secure)
-        comparer = _Comparer(conn, queries, schema, readers, foreign)
-        items: list[Drift] = []
+        comparer = _Comparer(conn, queries, schema, readers, foreign, code)
+        items: list[Drift] = [schema_owner] if schema_owner else []
         for projection in projections:
             items += await comparer.projection(projection, expected, actual)
     return Inspection(schema, items, expected, actual, {p.name: p for p in projections}, readers)
+
+
+async def _schema_owner(conn: AsyncConnection[Any], queries: Queries, schema: str) -> Drift | None:
+    """The read-model schema owned by a role that is neither projectord's nor a superuser: that
+    role can drop any read-model table and put its own in place. The daemon then refuses the
+    projection (its batches check their tables), but the owner can also read and change every
+    table in the schema, so it must be trusted; only an administrator can change it."""
+    cur = await conn.execute(queries["read_model_schema_owner"], {"schema": schema})
+    row = await cur.fetchone()
+    if row is None or row[1]:
+        return None
+    owner, _, role = row
+    return Drift(
+        None, None, None, Kind.SCHEMA_OWNER, f"owner {role}", f"owner {owner}", Repair.MANUAL,
+        f"schema {display_name(schema)}: its owner can replace every read-model table; an"
+        f" administrator runs ALTER SCHEMA … OWNER TO {display_name(role)}, or gives"
+        " projectord a schema of its own",
+        owner,
+    )  # fmt: skip
 
 
 def uses_sequence(default: str | None) -> bool:
@@ -228,6 +255,7 @@ class _Comparer:
     schema: str
     readers: set[str]
     foreign: dict[str, ForeignTable]  # tables another role owns: reported, never probed
+    code: dict[str, list[ForeignCode]]  # triggers and rules on declared tables, by table
     _has_rows: dict[str, bool] = field(default_factory=dict)
 
     async def projection(
@@ -244,6 +272,10 @@ class _Comparer:
             if table not in actual:
                 items.append(await self._missing_table(projection, table))
                 continue
+            found = self.code.get(table, [])
+            items += [self._foreign_code(projection, code) for code in found]
+            if any(code.kind == "rule" for code in found):
+                continue  # a rule may rewrite the probes' reads: compared no further
             items += await self._table(projection, expected[table], actual[table])
         items += await self._extra_grants(projection, actual)
         if projection.read_access:
@@ -303,6 +335,21 @@ class _Comparer:
             actual=f"owner {table.owner}", subject=table.owner,
             reason="projectord does not write into it (its triggers would run as projectord):"
             " inspect it, then drop it or ALTER TABLE … OWNER TO projectord's role",
+        )  # fmt: skip
+
+    def _foreign_code(self, projection: Projection, code: ForeignCode) -> Drift:
+        """A trigger or rule: a projection declares none, so it is someone's code that runs as
+        projectord on every batch (revoking the TRIGGER privilege does not remove a trigger).
+        Left for an operator, who decides whose it is: dropping another's code is not repair's
+        to do. The daemon refuses the projection meanwhile."""
+        kind = Kind.FOREIGN_TRIGGER if code.kind == "trigger" else Kind.FOREIGN_RULE
+        actual = f"{code.kind} {code.name}"
+        if code.function is not None:
+            actual += f" (function {code.function}, owned by {code.function_owner})"
+        return _ItemMaker(projection.name, code.table)(
+            kind, Repair.MANUAL, expected="none", actual=actual, subject=code.name,
+            reason="projectord does not write into it (the code would run as projectord):"
+            f" inspect it, then {code.drop_sql(self.schema)}",
         )  # fmt: skip
 
     async def _missing_table(self, projection: Projection, table: str) -> Drift:

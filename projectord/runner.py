@@ -34,7 +34,13 @@ from projectord.dead_letters import dead_letter_params, format_traceback
 from projectord.error_policy import ErrorPolicy, backoff, is_transient
 from projectord.event_store import Event
 from projectord.fetcher import DEFAULT_BATCH_MAX_BYTES, Batch, Fetcher, ReadAhead
-from projectord.foreign_owner import ForeignOwnerError, foreign_owned, refusal
+from projectord.foreign_owner import (
+    ForeignOwnerError,
+    foreign_code,
+    foreign_owned,
+    refusal,
+    refused_by_guard,
+)
 from projectord.handler_timeout import HandlerClock, handler_of, run_handler
 from projectord.heartbeat import Heartbeat
 from projectord.listener import NotificationListener
@@ -366,19 +372,21 @@ class ProjectionRunner:
 
     async def _check_owners(self, conn: AsyncConnection[Any]) -> None:
         """Refuse to run while a table of the projection is owned by another role: its triggers
-        would run as projectord on every batch. Re-checked each time the positions row is read
-        (every poll interval while refused), so the projection starts once an operator fixed it."""
+        would run as projectord on every batch; so would a trigger or rule on one it owns.
+        Re-checked each time the positions row is read (every poll interval while refused), so
+        the projection starts once an operator fixed it; each batch checks again (`_guard`)."""
         if self.read_model_schema is None or not self.projection.tables:
             return
-        foreign = await foreign_owned(
-            conn, self.queries, self.read_model_schema, list(self.projection.tables)
-        )
-        refused = refusal(self.name, self.read_model_schema, foreign) if foreign else None
+        schema, tables = self.read_model_schema, list(self.projection.tables)
+        foreign = await foreign_owned(conn, self.queries, schema, tables)
+        code = await foreign_code(conn, self.queries, schema, tables)
+        refused = refusal(self.name, schema, foreign, code) if foreign or code else None
         if refused is not None and str(refused) != str(self.refused):
             self._log.error(
                 "projection.refused_foreign_owner",
                 error=str(refused),
                 tables={t.table: t.owner for t in foreign},
+                code=[f"{c.table}: {c.kind} {c.name}" for c in code],
             )
             self.status.last_error = self._error_record(refused, 0, None)
         elif refused is None and self.refused is not None:
@@ -496,6 +504,7 @@ class ProjectionRunner:
         async def work() -> None:
             async with self._transaction(conn, pipelined=pipelined):
                 await self._compare_and_set(conn, new, 0, query="check_checkpoint")
+                await self._guard(conn)
                 await self.projection.handle(events, conn)
                 if observe:
                     await conn.execute(self.queries["record_tables_written"], {"name": self.name})
@@ -505,6 +514,19 @@ class ProjectionRunner:
 
         what = handler_of(self.projection, events)
         await self.clock.bound(work, conn, self.policy.handler_timeout, what)
+
+    async def _guard(self, conn: AsyncConnection[Any]) -> None:
+        """Lock the projection's tables as its writes would, and check in the same statement that
+        they are still projectord's, with no trigger or rule: the check at checkpoint reads does
+        not stop a table swapped in between two batches by whoever owns the schema. One
+        statement more in the batch's pipeline, no round trip; a failure (PJ002) aborts the
+        transaction before the handler runs, and `_on_error` refuses the projection."""
+        if self.read_model_schema is None or not self.projection.tables:
+            return
+        await conn.execute(
+            self.queries["guard_tables"],
+            {"schema": self.read_model_schema, "tables": list(self.projection.tables)},
+        )
 
     def _writes_sample_due(self) -> bool:
         recorded = self._writes_recorded_at
@@ -701,13 +723,33 @@ class ProjectionRunner:
 
     async def _on_error(self, exc: Exception, batch: Batch | None) -> None:
         """A turn failed: wait as the error policy says. Once a batch's handler has failed
-        `max_attempts` times, the next turn isolates its poison event instead of waiting."""
+        `max_attempts` times, the next turn isolates its poison event instead of waiting. A
+        batch its table check refused is no handler failure: the projection is refused."""
+        guard = refused_by_guard(exc)
+        if guard is not None:
+            await self._refuse_batch(guard)
+            return
         if is_transient(exc):
             await self._on_transient(exc)
             return
         await self._on_failure(exc, batch)
         if batch is None or self._failures < self.policy.max_attempts:
             await self._wait_backoff(backoff(self._failures, exc))
+
+    async def _refuse_batch(self, message: str) -> None:
+        """A batch's table check failed (rolled back, nothing applied): read the catalog for
+        the full picture, as at a checkpoint read, then wait as `refused`; every poll interval
+        the check runs again, so the projection starts once an operator fixed the tables."""
+        try:
+            async with self.pool.connection(timeout=5) as conn, deadline(conn, "a table check"):
+                await self._check_owners(conn)
+        except Exception as exc:  # the batch's own message says enough
+            self._log.debug("projection.table_check_failed", error=str(exc))
+        if self.refused is None:
+            self.refused = ForeignOwnerError(f"projection {self.name!r}: {message}")
+            self.status.last_error = self._error_record(self.refused, 0, None)
+            self._log.error("projection.refused_foreign_owner", error=str(self.refused))
+        await self._wait_paused()
 
     async def _on_transient(self, exc: Exception) -> None:
         """The database is away, or refused for concurrency: retry soon, for as long as it
@@ -795,6 +837,7 @@ class ProjectionRunner:
             try:
                 async with self.pool.connection(timeout=5) as conn:
                     async with conn.transaction(force_rollback=True):
+                        await self._guard(conn)  # rolled back, but her trigger would still run
                         for event in batch.events:
                             if time.monotonic() > give_up:
                                 break
@@ -853,7 +896,7 @@ class ProjectionRunner:
             except CheckpointMoved:
                 raise
             except Exception as exc:
-                if is_transient(exc):
+                if is_transient(exc) or refused_by_guard(exc):
                     raise
                 if size == 1:
                     return pending[0], exc
@@ -904,6 +947,7 @@ class ProjectionRunner:
                 query="check_checkpoint",
             )  # fmt: skip
             if ahead:  # events of the failed batch before the stuck one
+                await self._guard(conn)
                 await run_handler(
                     self.projection, ahead, conn, self.policy.handler_timeout, self.clock
                 )
