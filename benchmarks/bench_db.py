@@ -179,8 +179,8 @@ def server_description(url: str) -> str:
             " current_setting('synchronous_commit'), inet_server_addr() IS NULL"
         ).fetchone()
     assert row is not None
-    transport = "unix socket" if row[3] else "TCP"
-    return f"PostgreSQL {row[0]} over a {transport}, fsync={row[1]}, synchronous_commit={row[2]}"
+    transport = "a unix socket" if row[3] else "TCP"
+    return f"PostgreSQL {row[0]} over {transport}, fsync={row[1]}, synchronous_commit={row[2]}"
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
