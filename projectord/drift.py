@@ -45,6 +45,7 @@ from projectord.database import connect
 from projectord.foreign_owner import ForeignCode, ForeignTable, foreign_code, foreign_owned
 from projectord.projection import Projection
 from projectord.queries import Queries
+from projectord.schema import declaration_search_path
 from projectord.security import (
     POLICIES,
     check_declaration,
@@ -64,11 +65,19 @@ def display_name(name: str) -> str:
 def printable(text: str) -> str:
     """One line, whatever the catalog held: control and line-breaking characters are escaped, so
     a column named `x\nDROP TABLE t; --` cannot start a line of its own (in a dry run's
-    comment, a line of its own would be SQL)."""
-    return "".join(
-        ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii")
-        for ch in text
-    )
+    comment, a line of its own would be SQL). A backslash prints as `\\\\`, so the escape of a
+    newline cannot be confused with a name that spells it."""
+    return "".join(_printable_char(ch) for ch in text)
+
+
+def _printable_char(ch: str) -> str:
+    """A backslash is doubled: otherwise a name holding the two characters `\\n` would print
+    exactly like one holding a real newline, and escaping would be ambiguous."""
+    if ch == "\\":
+        return "\\\\"
+    if ch.isprintable() or ch == " ":
+        return ch
+    return ch.encode("unicode_escape").decode("ascii")
 
 
 def sql_identifier(name: str) -> sql.Composable:
@@ -197,7 +206,7 @@ async def inspect(
     tables = [name for projection in projections for name in projection.tables]
     declared_readers = {role for p in projections for role in p.read_access}
     async with conn.transaction(force_rollback=True):
-        await conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)))
+        await conn.execute(declaration_search_path(schema))
         readers = await existing_roles(conn, queries, declared_readers)
         foreign = {t.table: t for t in await foreign_owned(conn, queries, schema, tables)}
         code: dict[str, list[ForeignCode]] = {}
