@@ -90,6 +90,9 @@ def sql_identifier(name: str) -> sql.Composable:
     return sql.SQL('U&"' + escaped.replace('"', '""') + '"')
 
 
+GRANT_OPTION = " WITH GRANT OPTION"  # suffix of an extra_grant's privilege: only the option
+
+
 class DriftError(Exception):
     """Drift cannot be checked (a declaration that cannot be enforced); one line."""
 
@@ -294,16 +297,20 @@ class _Comparer:
     async def _extra_grants(
         self, projection: Projection, actual: dict[str, TableShape]
     ) -> list[Drift]:
-        """Privileges beyond SELECT that others hold: writes, TRUNCATE (not subject to
-        row-level security), TRIGGER (their code, run as projectord), REFERENCES."""
+        """Privileges that others hold and should not: beyond SELECT, writes, TRUNCATE (not
+        subject to row-level security), TRIGGER (their code, run as projectord), REFERENCES; on a
+        secured table, SELECT of anyone outside `read_access` (PUBLIC too: a permissive policy
+        would let them read); any grant option (the grantee could pass the privilege on)."""
         tables = [t for t in projection.tables if t in actual and t not in self.foreign]
         cur = await self.conn.execute(
-            self.queries["extra_grants"], {"schema": self.schema, "tables": tables}
-        )
+            self.queries["extra_grants"],
+            {"schema": self.schema, "tables": tables, "secured": bool(projection.read_access),
+             "readers": list(projection.read_access)},
+        )  # fmt: skip
         return [
             _ItemMaker(projection.name, table)(
                 Kind.EXTRA_GRANT, Repair.IN_PLACE, column=column, actual=privilege, subject=role,
-                reason=f"held by {display_name(role)}: only projectord writes a read model",
+                reason=f"held by {display_name(role)}: {_why_extra(privilege)}",
             )
             for table, role, privilege, column in await cur.fetchall()
         ]  # fmt: skip
@@ -546,9 +553,17 @@ def _security(item: _ItemMaker, want: TableShape, have: TableShape) -> list[Drif
     for name in POLICIES:
         items += _policy(item, name, want.policies.get(name), have.policies.get(name))
     for name in sorted(set(have.policies) - set(POLICIES)):
-        items.append(item(Kind.EXTRA_POLICY, Repair.DROP, subject=name,
-                          actual=f"{name}: {have.policies[name].describe()}",
-                          reason="another policy changes what read_access implies"))  # fmt: skip
+        # A permissive policy is OR-ed with projectord's read policy: it widens who reads what,
+        # so repair drops it as it revokes an extra grant. A restrictive one only narrows.
+        permissive = have.policies[name].permissive
+        reason = (
+            "a permissive policy widens what read_access implies"
+            if permissive
+            else "another policy changes what read_access implies"
+        )
+        repair = Repair.IN_PLACE if permissive else Repair.DROP
+        actual = f"{name}: {have.policies[name].describe()}"
+        items.append(item(Kind.EXTRA_POLICY, repair, subject=name, actual=actual, reason=reason))
     return items
 
 
@@ -565,6 +580,14 @@ def _policy(
                      expected=wanted.describe() if wanted else None,
                      actual=found.describe())]  # fmt: skip
     return []
+
+
+def _why_extra(privilege: str) -> str:
+    if privilege == "SELECT":
+        return "not a read_access role"
+    if privilege.endswith(GRANT_OPTION):
+        return "a grant option lets it pass SELECT on"
+    return "only projectord writes a read model"
 
 
 def _repair(reason: str) -> Repair:

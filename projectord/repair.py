@@ -19,7 +19,16 @@ from psycopg import AsyncConnection, sql
 from projectord.catalog import TableShape
 from projectord.config import Settings
 from projectord.database import connect
-from projectord.drift import Drift, Inspection, Kind, Repair, inspect, printable, sql_identifier
+from projectord.drift import (
+    GRANT_OPTION,
+    Drift,
+    Inspection,
+    Kind,
+    Repair,
+    inspect,
+    printable,
+    sql_identifier,
+)
 from projectord.logs import get_logger
 from projectord.online_rebuild import rebuild_online
 from projectord.projection import Projection
@@ -278,11 +287,17 @@ def _revoke(table: sql.Composable, item: Drift) -> sql.Composed:
     """REVOKE an extra privilege (on the table or one column). CASCADE: also what the grantee
     passed on with a grant option."""
     privilege = item.actual or ""
+    option_only = privilege.endswith(GRANT_OPTION)  # a reader keeps SELECT, loses the option
+    privilege = privilege.removesuffix(GRANT_OPTION)
     if privilege not in PRIVILEGES:
         raise RepairError(f"unknown privilege {privilege[:40]!r}")
     role = item.subject or ""
     grantee = sql.SQL("PUBLIC") if role == "public" else sql_identifier(role)
     columns = sql.SQL(" ({})").format(sql_identifier(item.column)) if item.column else sql.SQL("")
-    return sql.SQL("REVOKE {}{} ON {} FROM {} CASCADE").format(
-        sql.SQL(privilege), columns, table, grantee
+    return sql.SQL("REVOKE {}{}{} ON {} FROM {} CASCADE").format(
+        sql.SQL("GRANT OPTION FOR " if option_only else ""),
+        sql.SQL(privilege),
+        columns,
+        table,
+        grantee,
     )

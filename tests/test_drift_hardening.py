@@ -13,12 +13,19 @@ import pytest
 from psycopg import AsyncConnection, sql
 
 from projectord import Event
-from projectord.drift import Drift, Kind, Repair, printable
+from projectord.drift import Drift, Kind, Repair, drift_check, printable
 from projectord.projection import Projection, Table
 from projectord.repair import drift_repair
-from tests.drift_support import check, cli_env, repair, secured_accounts, settings_for
+from tests.drift_support import (
+    add_account,
+    check,
+    cli_env,
+    repair,
+    secured_accounts,
+    settings_for,
+)
 from tests.harness import TestDatabase, as_daemon_role, daemon_role, run_cli
-from tests.role_support import TemporaryRoles, temporary_roles
+from tests.role_support import TemporaryRoles, read_as, temporary_roles
 
 
 @pytest.fixture
@@ -49,6 +56,54 @@ def test_a_backslash_prints_doubled_so_no_name_spells_an_escape() -> None:
     assert lines[0].startswith('public.t."x\\\\nDROP": extra column')
     assert lines[1].startswith('public.t."x\\nDROP": extra column')
     assert "\n" not in lines[0] + lines[1]
+
+
+# -- 5. SELECT grants and permissive policies that widen access ---------------------------------
+
+
+def test_select_grants_outside_read_access_and_grant_options_are_revoked(
+    db: TestDatabase, roles: TemporaryRoles
+) -> None:
+    reader, mallory = roles.create("reader"), roles.create("mallory")
+    projections = secured_accounts(db.url, reader)
+    with db.connect(autocommit=True) as conn:
+        conn.execute("GRANT SELECT ON accounts TO PUBLIC")
+        conn.execute(f'GRANT SELECT ON accounts TO "{mallory}" WITH GRANT OPTION')
+        conn.execute(f'GRANT SELECT (owner) ON accounts TO "{mallory}"')
+        conn.execute(f'GRANT SELECT ON accounts TO "{reader}" WITH GRANT OPTION')
+    report = anyio.run(drift_check, as_daemon_role(db.url), settings_for(db.url), projections)
+    found = {(d["subject"], d["column"], d["actual"], d["repair"]) for d in report["drift"]}
+    assert found == {
+        ("public", None, "SELECT", "in_place"),
+        (mallory, None, "SELECT", "in_place"),
+        (mallory, "owner", "SELECT", "in_place"),
+        (reader, None, "SELECT WITH GRANT OPTION", "in_place"),
+    }
+    repair(db.url, projections, apply=True)  # no --drop-extra: these widen access
+    assert check(db.url, projections) == []
+    privilege = "SELECT has_table_privilege(%s, 'accounts', %s)"
+    assert db.scalar(privilege, (reader, "SELECT"))
+    assert not db.scalar(privilege, (reader, "SELECT WITH GRANT OPTION"))
+    assert not db.scalar(privilege, (mallory, "SELECT"))
+    assert not db.scalar("SELECT has_column_privilege(%s, 'accounts', 'owner', 'SELECT')",
+                         (mallory,))  # fmt: skip
+    assert not db.scalar("SELECT has_table_privilege('public', 'accounts', 'SELECT')")
+
+
+def test_an_extra_permissive_policy_is_dropped_by_a_plain_repair(
+    db: TestDatabase, roles: TemporaryRoles
+) -> None:
+    reader = roles.create("reader")
+    projections = secured_accounts(db.url, reader)
+    add_account(db)
+    with db.connect(autocommit=True) as conn:
+        conn.execute("CREATE POLICY p ON accounts FOR SELECT TO PUBLIC USING (true)")
+    count = "SELECT count(*) FROM accounts"
+    assert read_as(db.url, reader, None, count) == [(1,)]  # no claims, and yet a row
+    assert check(db.url, projections) == [("extra_policy", "accounts", None, "in_place")]
+    repair(db.url, projections, apply=True)
+    assert check(db.url, projections) == []
+    assert read_as(db.url, reader, None, count) == [(0,)]
 
 
 # -- 6. revokes before drops ---------------------------------------------------------------------

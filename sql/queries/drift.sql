@@ -26,23 +26,44 @@ SELECT %(source)s::oid = %(target)s::oid OR EXISTS (
        );
 
 -- name: extra_grants
--- Privileges other than SELECT that a role other than the owner holds on these tables, or on one
--- of their columns: (table, grantee or 'public', privilege, column or NULL). Only projectord
--- writes a read model; TRUNCATE is not subject to row-level security, TRIGGER runs the grantee's
--- code as projectord, REFERENCES lets others block its deletes.
-SELECT DISTINCT c.relname,
-       CASE WHEN a.grantee = 0 THEN 'public' ELSE pg_get_userbyid(a.grantee) END,
-       a.privilege_type, o.attname
-FROM pg_class c
-JOIN pg_namespace n ON n.oid = c.relnamespace
+-- Privileges that a role other than the owner holds on these tables, or on one of their columns,
+-- and should not: (table, grantee or 'public', privilege, column or NULL). Only projectord writes
+-- a read model, so every privilege other than SELECT (TRUNCATE is not subject to row-level
+-- security, TRIGGER runs the grantee's code as projectord, REFERENCES lets others block its
+-- deletes). On a secured table (%(secured)s), SELECT too, unless the grantee is one of the
+-- projection's `read_access` roles: PUBLIC or another role would read through any permissive
+-- policy. And any grant option, on any table ('SELECT WITH GRANT OPTION' for a reader that keeps
+-- its SELECT): it lets the grantee pass the privilege on. Every operand is exact-typed
+-- (aclitem columns are text, oid, bool), so no operator of another schema can be chosen.
+SELECT DISTINCT g.relname, g.grantee, g.privilege, g.attname
+FROM (
+    SELECT c.relname,
+           CASE WHEN a.grantee OPERATOR(pg_catalog.=) 0::oid THEN 'public'::text
+                ELSE pg_catalog.pg_get_userbyid(a.grantee)::text END AS grantee,
+           a.privilege_type, a.is_grantable, o.attname
+    FROM pg_catalog.pg_class c
+    JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+    CROSS JOIN LATERAL (
+        SELECT NULL::text AS attname, c.relacl AS acl
+        UNION ALL
+        SELECT att.attname::text, att.attacl
+        FROM pg_catalog.pg_attribute att
+        WHERE att.attrelid OPERATOR(pg_catalog.=) c.oid AND att.attnum OPERATOR(pg_catalog.>) 0::int2
+          AND NOT att.attisdropped
+    ) o
+    CROSS JOIN LATERAL pg_catalog.aclexplode(o.acl) a
+    WHERE n.nspname OPERATOR(pg_catalog.=) %(schema)s::text
+      AND c.relname OPERATOR(pg_catalog.=) ANY(%(tables)s::text[])
+      AND a.grantee OPERATOR(pg_catalog.<>) c.relowner
+) x
 CROSS JOIN LATERAL (
-    SELECT NULL::text AS attname, c.relacl AS acl
-    UNION ALL
-    SELECT att.attname::text, att.attacl
-    FROM pg_attribute att
-    WHERE att.attrelid = c.oid AND att.attnum > 0 AND NOT att.attisdropped
-) o
-CROSS JOIN LATERAL aclexplode(o.acl) a
-WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s::text[])
-  AND a.grantee <> c.relowner AND a.privilege_type <> 'SELECT'
+    SELECT x.relname, x.grantee, x.attname,
+           CASE WHEN x.privilege_type OPERATOR(pg_catalog.<>) 'SELECT'::text
+                     OR (%(secured)s::bool
+                         AND x.grantee OPERATOR(pg_catalog.<>) ALL(%(readers)s::text[]))
+                THEN x.privilege_type
+                WHEN x.is_grantable THEN 'SELECT WITH GRANT OPTION'::text
+           END AS privilege
+) g
+WHERE g.privilege IS NOT NULL
 ORDER BY 1, 4 NULLS FIRST, 2, 3;
