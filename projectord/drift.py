@@ -46,6 +46,7 @@ from projectord.foreign_owner import ForeignCode, ForeignTable, foreign_code, fo
 from projectord.projection import Projection
 from projectord.queries import Queries
 from projectord.schema import declaration_search_path
+from projectord.schema_trust import UntrustedCreate, untrusted_schema_findings
 from projectord.security import (
     POLICIES,
     check_declaration,
@@ -113,6 +114,8 @@ class Kind(StrEnum):
     EXTRA_POLICY = "extra_policy"
     GRANT_MISSING = "grant_missing"
     ROLE_MISSING = "role_missing"
+    SCHEMA_CREATE = "schema_create"  # a role that should not may create in our schemas
+    FOREIGN_OBJECT = "foreign_object"  # its functions, operators or types there
     FOREIGN_OWNER = "foreign_owner"
     EXTRA_GRANT = "extra_grant"
     FOREIGN_TRIGGER = "foreign_trigger"
@@ -227,10 +230,15 @@ async def inspect(
             return policy_statements(ident, settings.schema, projection, own)
 
         expected = await declared_shapes(conn, queries, projections, secure)
+        # From here on, names resolve in pg_catalog (and our temporary tables) only: the
+        # probes and catalog queries below cannot pick up anything another role created in the
+        # read-model schema or in public, whatever operator or function they name.
+        await conn.execute("SET LOCAL search_path = pg_catalog, pg_temp")
         comparer = _Comparer(conn, queries, schema, readers, foreign, code)
         items: list[Drift] = [schema_owner] if schema_owner else []
         for projection in projections:
             items += await comparer.projection(projection, expected, actual)
+        items += await _schema_trust(conn, queries, (schema, settings.schema))
     return Inspection(schema, items, expected, actual, {p.name: p for p in projections}, readers)
 
 
@@ -580,6 +588,30 @@ def _policy(
                      expected=wanted.describe() if wanted else None,
                      actual=found.describe())]  # fmt: skip
     return []
+
+
+async def _schema_trust(
+    conn: AsyncConnection[Any], queries: Queries, schemas: Sequence[str]
+) -> list[Drift]:
+    """CREATE on the read-model schema or projectord's, held by a role that should not, and what
+    such roles own there: code that runs as projectord when a name resolves to it. Manual: the
+    schema's owner revokes and drops."""
+    items = []
+    for found in await untrusted_schema_findings(conn, queries, schemas):
+        if isinstance(found, UntrustedCreate):
+            items.append(
+                Drift(None, None, None, Kind.SCHEMA_CREATE, "CREATE for its owner only",
+                      found.describe(), Repair.MANUAL, subject=found.role,
+                      reason=f"REVOKE CREATE ON SCHEMA {sql_identifier(found.schema).as_string()}"
+                      f" FROM {'PUBLIC' if found.role == 'public' else display_name(found.role)}")
+            )  # fmt: skip
+        else:
+            items.append(
+                Drift(None, None, None, Kind.FOREIGN_OBJECT, None, found.describe(),
+                      Repair.MANUAL, subject=found.owner,
+                      reason="they run as projectord when a name resolves to them: drop them")
+            )  # fmt: skip
+    return items
 
 
 def _why_extra(privilege: str) -> str:

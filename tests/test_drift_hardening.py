@@ -4,8 +4,10 @@ that widen access, repair ordering, one search path for declared types, escaped 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -15,7 +17,9 @@ from psycopg import AsyncConnection, sql
 from projectord import Event
 from projectord.drift import Drift, Kind, Repair, drift_check, printable
 from projectord.projection import Projection, Table
+from projectord.read_model import upsert_many
 from projectord.repair import drift_repair
+from tests.drift_projections import accounts
 from tests.drift_support import (
     add_account,
     check,
@@ -24,8 +28,20 @@ from tests.drift_support import (
     secured_accounts,
     settings_for,
 )
-from tests.harness import TestDatabase, as_daemon_role, daemon_role, run_cli
+from tests.harness import (
+    DaemonProcess,
+    TestDatabase,
+    as_daemon_role,
+    credits,
+    daemon_role,
+    run_cli,
+    wait_until,
+)
+from tests.ops_support import ask
 from tests.role_support import TemporaryRoles, read_as, temporary_roles
+from tests.test_drift_security import as_mallory, mallory, spied
+
+__all__ = ["mallory"]  # a fixture, used by name
 
 
 @pytest.fixture
@@ -56,6 +72,150 @@ def test_a_backslash_prints_doubled_so_no_name_spells_an_escape() -> None:
     assert lines[0].startswith('public.t."x\\\\nDROP": extra column')
     assert lines[1].startswith('public.t."x\\nDROP": extra column')
     assert "\n" not in lines[0] + lines[1]
+
+
+# -- 3. operators and functions that shadow pg_catalog's ------------------------------------------
+
+# Types that projectord's queries and the catalog compare, combine or aggregate.
+SHADOWED_TYPES = (
+    "smallint", "integer", "bigint", "numeric", "double precision", "text", "name", '"char"',
+    "oid", "regclass", "regnamespace", "regrole", "uuid", "jsonb", "json", "boolean",
+    "timestamptz", "interval", "xid", "xid8", "text[]", "name[]", "oid[]",
+)  # fmt: skip
+COMPARISONS = ("=", "<>", "<", "<=", ">", ">=", "~~", "@>", "<@", "&&")
+ARITHMETIC = ("+", "-", "*", "/", "%", "&", ">>", "<<")
+
+# Mallory's shadows, in the read-model schema (public here): for every pair of types and every
+# operator that pg_catalog lacks with exactly those operand types, her own, which counts on her
+# sequence and runs as whoever calls it. A query that needs an implicit cast to reach the
+# pg_catalog operator gets hers instead. The same for the polymorphic and "any" functions.
+SHADOWS = """
+GRANT USAGE ON SEQUENCE spy TO PUBLIC;
+DO $shadows$
+DECLARE
+    types text[] := %(types)s;
+    l text; r text; op text; ret text; fn text; n int := 0;
+BEGIN
+    FOREACH l IN ARRAY types LOOP
+        FOREACH r IN ARRAY types LOOP
+            n := n + 1;
+            FOR op, ret IN
+                SELECT o, CASE WHEN o = ANY(%(comparisons)s) THEN 'boolean'
+                               WHEN o = '||' THEN 'text' ELSE l END
+                FROM unnest(%(operators)s) AS o
+            LOOP
+                CONTINUE WHEN EXISTS (
+                    SELECT 1 FROM pg_operator
+                    WHERE oprname = op AND oprleft = l::regtype AND oprright = r::regtype
+                      AND oprnamespace = 'pg_catalog'::regnamespace);
+                fn := format('spy_%%s_%%s', n, md5(ret));
+                EXECUTE format('CREATE OR REPLACE FUNCTION public.%%I(%%s, %%s) RETURNS %%s'
+                    ' LANGUAGE plpgsql AS $f$BEGIN PERFORM nextval(%%L); RETURN NULL; END$f$',
+                    fn, l, r, ret, 'public.spy');
+                EXECUTE format('CREATE OPERATOR public.%%s (LEFTARG = %%s, RIGHTARG = %%s,'
+                    ' FUNCTION = public.%%I)', op, l, r, fn);
+            END LOOP;
+        END LOOP;
+    END LOOP;
+END
+$shadows$;
+CREATE FUNCTION spy_any(anyelement) RETURNS int LANGUAGE plpgsql
+    AS $f$BEGIN PERFORM nextval('public.spy'); RETURN 0; END$f$;
+CREATE FUNCTION spy_count(bigint, anyelement) RETURNS bigint LANGUAGE plpgsql
+    AS $f$BEGIN PERFORM nextval('public.spy'); RETURN 0; END$f$;
+CREATE AGGREGATE count(text) (SFUNC = spy_count, STYPE = bigint);
+CREATE AGGREGATE count(integer) (SFUNC = spy_count, STYPE = bigint);
+CREATE AGGREGATE count(boolean) (SFUNC = spy_count, STYPE = bigint);
+CREATE FUNCTION unnest(text[]) RETURNS SETOF text LANGUAGE plpgsql
+    AS $f$BEGIN PERFORM nextval('public.spy'); END$f$;
+CREATE FUNCTION unnest(oid[]) RETURNS SETOF oid LANGUAGE plpgsql
+    AS $f$BEGIN PERFORM nextval('public.spy'); END$f$;
+CREATE FUNCTION unnest(smallint[]) RETURNS SETOF smallint LANGUAGE plpgsql
+    AS $f$BEGIN PERFORM nextval('public.spy'); END$f$;
+CREATE FUNCTION unnest(uuid[]) RETURNS SETOF uuid LANGUAGE plpgsql
+    AS $f$BEGIN PERFORM nextval('public.spy'); END$f$;
+CREATE FUNCTION has_database_privilege(name, text) RETURNS boolean LANGUAGE plpgsql
+    AS $f$BEGIN PERFORM nextval('public.spy'); RETURN true; END$f$;
+"""
+
+
+def arm_shadows(db: TestDatabase, mallory: str) -> None:
+    operators = [*COMPARISONS, *ARITHMETIC, "||"]
+    statements = SHADOWS % {
+        "types": "ARRAY[" + ", ".join(f"'{t}'" for t in SHADOWED_TYPES) + "]",
+        "comparisons": "ARRAY[" + ", ".join(f"'{o}'" for o in COMPARISONS) + "]",
+        "operators": "ARRAY[" + ", ".join(f"'{o}'" for o in operators) + "]",
+    }
+    as_mallory(db, mallory, statements)
+
+
+class Tally(Projection):
+    """Writes through `upsert_many` (json_populate_recordset, a `+` on conflict)."""
+
+    name = "tally"
+    event_types = ("Credited",)
+    tables = {"tally": Table({"id": "uuid PRIMARY KEY", "tenant_id": "uuid NOT NULL",
+                              "total": "bigint NOT NULL DEFAULT 0"})}  # fmt: skip
+
+    async def handle(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
+        tenant = events[0].tenant_id  # one tenant in this test
+        row = {"id": tenant, "tenant_id": tenant, "total": len(events)}
+        await upsert_many(conn, "tally", [row], key=("id",), add=("total",))
+
+
+def accounts_and_tally() -> list[Projection]:
+    return [*accounts(), Tally()]
+
+
+SHADOWED = "tests.test_drift_hardening:accounts_and_tally"
+
+
+def test_operators_and_functions_another_role_created_never_run_as_projectord(
+    db: TestDatabase, mallory: str, roles: TemporaryRoles, state_dir: Path
+) -> None:
+    reader = roles.create("reader")
+    env = cli_env(db.url, SHADOWED, [reader])
+    assert run_cli("init", env=env).returncode == 0
+    arm_shadows(db, mallory)
+    # Armed: the fetch's old expression, run as the daemon runs it, would call her operator.
+    with db.connect(autocommit=True) as conn:
+        before = spied(db)
+        conn.execute("SET search_path TO public")
+        conn.execute("SELECT (extract(epoch FROM now()) * 1000000)::bigint")
+        conn.execute("SELECT 'x' || amname FROM pg_am LIMIT 1")
+        assert spied(db) == before + 2
+
+    before = spied(db)
+    init = run_cli("init", env=env)  # migrations, tables, and the security step's drift check
+    assert init.returncode == 0, init.stderr
+    checked = run_cli("drift", "check", "--json", env=env)
+    assert checked.returncode == 1, checked.stderr
+    kinds = {(d["kind"], d["subject"]) for d in json.loads(checked.stdout)["drift"]}
+    assert kinds == {("schema_create", mallory), ("foreign_object", mallory)}
+    repaired = run_cli("drift", "repair", "--apply", env=env)
+    assert repaired.returncode == 0, repaired.stderr
+    with DaemonProcess(db.url, SHADOWED, state_dir, extra_env=env):
+        credits(db, 20)
+        wait_until(lambda: db.scalar("SELECT count(*) FROM accounts") == 20, 30)
+        wait_until(lambda: db.scalar("SELECT total FROM tally") == 20, 30)
+        status = run_cli("status", "--json", env=env | {"PROJECTORD_STATE_DIR": str(state_dir)})
+        assert status.returncode == 0, status.stderr
+        assert {p["state"] for p in json.loads(status.stdout)["projections"]} == {"running"}
+        health = ask(state_dir, "health")
+        assert health["status"] == "degraded"
+        assert {r["code"] for r in health["reasons"]} == {"schema_untrusted"}
+        assert mallory in " ".join(r["message"] for r in health["reasons"])
+        assert ask(state_dir, "drift_check")["count"] == 2
+    assert spied(db) == before
+
+
+def test_create_on_projectords_schema_for_public_is_reported(db: TestDatabase) -> None:
+    with db.connect(autocommit=True) as conn:
+        conn.execute("GRANT CREATE ON SCHEMA projectord TO PUBLIC")
+    report = anyio.run(drift_check, as_daemon_role(db.url), settings_for(db.url), [Tally()])
+    found = [(d["kind"], d["subject"], d["repair"]) for d in report["drift"]]
+    assert ("schema_create", "public", "manual") in found
+    assert "REVOKE CREATE ON SCHEMA" in report["drift"][-1]["reason"]
 
 
 # -- 5. SELECT grants and permissive policies that widen access ---------------------------------

@@ -22,7 +22,7 @@ SELECT %(source)s::oid = %(target)s::oid OR EXISTS (
        NOT EXISTS (
            SELECT 1 FROM pg_type
            WHERE oid IN (%(source)s::oid, %(target)s::oid)
-             AND typnamespace <> 'pg_catalog'::regnamespace
+             AND typnamespace <> 'pg_catalog'::regnamespace::oid
        );
 
 -- name: extra_grants
@@ -67,3 +67,55 @@ CROSS JOIN LATERAL (
 ) g
 WHERE g.privilege IS NOT NULL
 ORDER BY 1, 4 NULLS FIRST, 2, 3;
+
+-- name: schema_create_holders
+-- Roles that may create in these schemas besides their owner, projectord's own role and
+-- superusers: (schema, grantee or 'public'). Whatever they create there (operators, functions,
+-- types, tables) can be picked by a name that projectord or a handler resolves, and then runs as
+-- projectord. PUBLIC's CREATE on `public` (PostgreSQL 14 and older) is one of them.
+SELECT n.nspname::text,
+       CASE WHEN a.grantee OPERATOR(pg_catalog.=) 0::oid THEN 'public'::text
+            ELSE pg_catalog.pg_get_userbyid(a.grantee)::text END
+FROM pg_catalog.pg_namespace n
+CROSS JOIN LATERAL pg_catalog.aclexplode(n.nspacl) a
+WHERE n.nspname OPERATOR(pg_catalog.=) ANY(%(schemas)s::text[])
+  AND a.privilege_type OPERATOR(pg_catalog.=) 'CREATE'::text
+  AND a.grantee OPERATOR(pg_catalog.<>) n.nspowner
+  AND a.grantee OPERATOR(pg_catalog.<>) ALL(
+      SELECT r.oid FROM pg_catalog.pg_roles r
+      WHERE r.rolsuper OR r.rolname OPERATOR(pg_catalog.=) current_user)
+ORDER BY 1, 2;
+
+-- name: foreign_schema_objects
+-- Functions (aggregates, procedures), operators and types in these schemas that a role other
+-- than the schema's owner, projectord's own role or a superuser owns: (schema, owner, functions,
+-- operators, types, a few of their names). Array types made with a type, and the row types of
+-- tables, are counted with what they belong to (a table is not one of these objects).
+SELECT n.nspname::text, pg_catalog.pg_get_userbyid(o.owner)::text,
+       pg_catalog.count(*) FILTER (WHERE o.kind OPERATOR(pg_catalog.=) 'function'::text),
+       pg_catalog.count(*) FILTER (WHERE o.kind OPERATOR(pg_catalog.=) 'operator'::text),
+       pg_catalog.count(*) FILTER (WHERE o.kind OPERATOR(pg_catalog.=) 'type'::text),
+       (pg_catalog.array_agg(o.name ORDER BY o.name))[1:3]
+FROM pg_catalog.pg_namespace n
+CROSS JOIN LATERAL (
+    SELECT 'function'::text AS kind, p.oid::regprocedure::text AS name, p.proowner AS owner
+    FROM pg_catalog.pg_proc p WHERE p.pronamespace OPERATOR(pg_catalog.=) n.oid
+    UNION ALL
+    SELECT 'operator'::text, op.oid::regoperator::text, op.oprowner
+    FROM pg_catalog.pg_operator op WHERE op.oprnamespace OPERATOR(pg_catalog.=) n.oid
+    UNION ALL
+    SELECT 'type'::text, t.oid::regtype::text, t.typowner
+    FROM pg_catalog.pg_type t
+    LEFT JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.typrelid
+    WHERE t.typnamespace OPERATOR(pg_catalog.=) n.oid
+      AND (c.oid IS NULL OR c.relkind OPERATOR(pg_catalog.=) 'c'::"char")
+      AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_type e
+                      WHERE e.typarray OPERATOR(pg_catalog.=) t.oid)
+) o
+WHERE n.nspname OPERATOR(pg_catalog.=) ANY(%(schemas)s::text[])
+  AND o.owner OPERATOR(pg_catalog.<>) n.nspowner
+  AND o.owner OPERATOR(pg_catalog.<>) ALL(
+      SELECT r.oid FROM pg_catalog.pg_roles r
+      WHERE r.rolsuper OR r.rolname OPERATOR(pg_catalog.=) current_user)
+GROUP BY n.nspname, o.owner
+ORDER BY 1, 2;
