@@ -12,7 +12,8 @@ the column it concerns, what was expected and found, and how it can be repaired:
   events): an online rebuild into shadow tables, swapped in when caught up;
 - `drop`: something extra (a column, a policy) that only an explicit flag removes;
 - `manual`: something only an operator can do (create a role, deal with a table another role
-  owns or a trigger or rule someone attached, give the read-model schema a trusted owner).
+  owns or a trigger or rule someone attached, give the read-model schema a trusted owner,
+  revoke CREATE another role holds on our schemas and drop what it created there).
 
 A check runs no code that the database's other users wrote: tables another role owns are only
 reported (`foreign_owner`), never read; triggers and rules on declared tables (`foreign_trigger`,

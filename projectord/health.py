@@ -8,7 +8,9 @@ a failover is degraded, not failing), the listener is down (the runners still po
 retries after a handler error, is paused, rebuilding or lagging beyond the thresholds, or a
 transaction (in any database of the cluster) has held the xmin horizon longer than
 `health_horizon_seconds` — then the reason names that transaction (pid, xid, role, database,
-and where visible its state, age and query), because that is who the operator must talk to.
+and where visible its state, age and query), because that is who the operator must talk to —
+or another role may create in, or owns code in, the read-model schema or projectord's
+(`schema_untrusted`, projectord/schema_trust.py).
 """
 
 from __future__ import annotations

@@ -221,16 +221,30 @@ def test_create_on_projectords_schema_for_public_is_reported(db: TestDatabase) -
 # -- 5. SELECT grants and permissive policies that widen access ---------------------------------
 
 
+def damaged_accounts(
+    db: TestDatabase, roles: TemporaryRoles, *statements: str
+) -> tuple[list[Projection], str, str]:
+    """The secured accounts table of a new reader role, then `statements` run on it by the
+    administrator, with `{reader}` and `{other}` (a second new role) filled in."""
+    reader, other = roles.create("reader"), roles.create("other")
+    projections = secured_accounts(db.url, reader)
+    names = {"reader": sql.Identifier(reader), "other": sql.Identifier(other)}
+    with db.connect(autocommit=True) as conn:
+        for statement in statements:
+            conn.execute(sql.SQL(statement).format(**names))
+    return projections, reader, other
+
+
 def test_select_grants_outside_read_access_and_grant_options_are_revoked(
     db: TestDatabase, roles: TemporaryRoles
 ) -> None:
-    reader, mallory = roles.create("reader"), roles.create("mallory")
-    projections = secured_accounts(db.url, reader)
-    with db.connect(autocommit=True) as conn:
-        conn.execute("GRANT SELECT ON accounts TO PUBLIC")
-        conn.execute(f'GRANT SELECT ON accounts TO "{mallory}" WITH GRANT OPTION')
-        conn.execute(f'GRANT SELECT (owner) ON accounts TO "{mallory}"')
-        conn.execute(f'GRANT SELECT ON accounts TO "{reader}" WITH GRANT OPTION')
+    projections, reader, mallory = damaged_accounts(
+        db, roles,
+        "GRANT SELECT ON accounts TO PUBLIC",
+        "GRANT SELECT ON accounts TO {other} WITH GRANT OPTION",
+        "GRANT SELECT (owner) ON accounts TO {other}",
+        "GRANT SELECT ON accounts TO {reader} WITH GRANT OPTION",
+    )  # fmt: skip
     report = anyio.run(drift_check, as_daemon_role(db.url), settings_for(db.url), projections)
     found = {(d["subject"], d["column"], d["actual"], d["repair"]) for d in report["drift"]}
     assert found == {
@@ -272,11 +286,12 @@ def test_an_extra_permissive_policy_is_dropped_by_a_plain_repair(
 def test_dropping_an_extra_column_with_a_column_grant_applies(
     db: TestDatabase, roles: TemporaryRoles
 ) -> None:
-    reader, other = roles.create("reader"), roles.create("other")
-    projections = secured_accounts(db.url, reader)
-    with db.connect(autocommit=True) as conn:
-        conn.execute("ALTER TABLE accounts ADD COLUMN x int")
-        conn.execute(f'GRANT UPDATE (x) ON accounts TO "{other}"')
+    projections, _, _ = damaged_accounts(
+        db,
+        roles,
+        "ALTER TABLE accounts ADD COLUMN x int",
+        "GRANT UPDATE (x) ON accounts TO {other}",
+    )
     assert ("extra_grant", "accounts", "x", "in_place") in check(db.url, projections)
     repair(db.url, projections, apply=True, drop_extra=True)
     assert check(db.url, projections) == []
