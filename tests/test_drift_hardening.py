@@ -31,6 +31,7 @@ from tests.drift_support import (
 from tests.harness import (
     DaemonProcess,
     TestDatabase,
+    append_sql,
     as_daemon_role,
     credits,
     daemon_role,
@@ -126,6 +127,7 @@ CREATE FUNCTION spy_count(bigint, anyelement) RETURNS bigint LANGUAGE plpgsql
 CREATE AGGREGATE count(text) (SFUNC = spy_count, STYPE = bigint);
 CREATE AGGREGATE count(integer) (SFUNC = spy_count, STYPE = bigint);
 CREATE AGGREGATE count(boolean) (SFUNC = spy_count, STYPE = bigint);
+CREATE AGGREGATE lead(bigint) (SFUNC = spy_count, STYPE = bigint);  -- also a window function
 CREATE FUNCTION unnest(text[]) RETURNS SETOF text LANGUAGE plpgsql
     AS $f$BEGIN PERFORM nextval('public.spy'); END$f$;
 CREATE FUNCTION unnest(oid[]) RETURNS SETOF oid LANGUAGE plpgsql
@@ -196,8 +198,10 @@ def test_operators_and_functions_another_role_created_never_run_as_projectord(
     assert repaired.returncode == 0, repaired.stderr
     with DaemonProcess(db.url, SHADOWED, state_dir, extra_env=env):
         credits(db, 20)
-        wait_until(lambda: db.scalar("SELECT count(*) FROM accounts") == 20, 30)
-        wait_until(lambda: db.scalar("SELECT total FROM tally") == 20, 30)
+        with db.connect(autocommit=True) as conn:  # too big for the cheap read: by bytes
+            append_sql(conn, "Credited", {"amount": 1, "pad": "x" * 2_000_000})
+        wait_until(lambda: db.scalar("SELECT count(*) FROM accounts") == 21, 30)
+        wait_until(lambda: db.scalar("SELECT total FROM tally") == 21, 30)
         status = run_cli("status", "--json", env=env | {"PROJECTORD_STATE_DIR": str(state_dir)})
         assert status.returncode == 0, status.stderr
         assert {p["state"] for p in json.loads(status.stdout)["projections"]} == {"running"}

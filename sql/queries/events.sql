@@ -80,12 +80,12 @@ LEFT JOIN LATERAL (
         SELECT r.*, sum(octet_length(r.payload_json) + octet_length(r.metadata_json)) OVER w
                    AS running,
                row_number() OVER w AS n,
-               lead(r.global_position) OVER w IS NOT NULL AS more
+               pg_catalog.lead(r.global_position) OVER w IS NOT NULL AS more
         FROM (
             SELECT ev.transaction_id, ev.global_position, ev.event_id, ev.tenant_id,
                    ev.aggregate_id, ev.aggregate_type, ev.version, ev.type,
                    ev.payload::text AS payload_json, ev.metadata::text AS metadata_json,
-                   (extract(epoch FROM ev.recorded_at) * 1000000)::bigint AS recorded_us,
+                   (extract(epoch FROM ev.recorded_at) * 1000000::numeric)::bigint AS recorded_us,
                    ev.transaction_id::text::bigint AS txid
             FROM {schema}.events ev
             WHERE (ev.transaction_id, ev.global_position) > (%(txid)s::xid8, %(position)s::bigint)
