@@ -148,7 +148,12 @@ class Daemon:
             instance=self.instance,
             local=self.supervisor.local,
         )
-        self.health = HealthCheck(self.reporter, heartbeats, thresholds(settings))
+        self.health = HealthCheck(
+            self.reporter,
+            heartbeats,
+            thresholds(settings),
+            schemas=(settings.read_model_schema, settings.schema),
+        )
         self.commands = Operations(self.runners, self.reporter, self.health).commands()
         self.commands |= DriftCommands(self.dsn, settings, self.projections).commands()
         self.control = ControlServer(

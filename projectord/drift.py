@@ -12,7 +12,8 @@ the column it concerns, what was expected and found, and how it can be repaired:
   events): an online rebuild into shadow tables, swapped in when caught up;
 - `drop`: something extra (a column, a policy) that only an explicit flag removes;
 - `manual`: something only an operator can do (create a role, deal with a table another role
-  owns or a trigger or rule someone attached, give the read-model schema a trusted owner).
+  owns or a trigger or rule someone attached, give the read-model schema a trusted owner,
+  revoke CREATE another role holds on our schemas and drop what it created there).
 
 A check runs no code that the database's other users wrote: tables another role owns are only
 reported (`foreign_owner`), never read; triggers and rules on declared tables (`foreign_trigger`,
@@ -45,6 +46,8 @@ from projectord.database import connect
 from projectord.foreign_owner import ForeignCode, ForeignTable, foreign_code, foreign_owned
 from projectord.projection import Projection
 from projectord.queries import Queries
+from projectord.schema import declaration_search_path
+from projectord.schema_trust import UntrustedCreate, untrusted_schema_findings
 from projectord.security import (
     POLICIES,
     check_declaration,
@@ -64,11 +67,19 @@ def display_name(name: str) -> str:
 def printable(text: str) -> str:
     """One line, whatever the catalog held: control and line-breaking characters are escaped, so
     a column named `x\nDROP TABLE t; --` cannot start a line of its own (in a dry run's
-    comment, a line of its own would be SQL)."""
-    return "".join(
-        ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii")
-        for ch in text
-    )
+    comment, a line of its own would be SQL). A backslash prints as `\\\\`, so the escape of a
+    newline cannot be confused with a name that spells it."""
+    return "".join(_printable_char(ch) for ch in text)
+
+
+def _printable_char(ch: str) -> str:
+    """A backslash is doubled: otherwise a name holding the two characters `\\n` would print
+    exactly like one holding a real newline, and escaping would be ambiguous."""
+    if ch == "\\":
+        return "\\\\"
+    if ch.isprintable() or ch == " ":
+        return ch
+    return ch.encode("unicode_escape").decode("ascii")
 
 
 def sql_identifier(name: str) -> sql.Composable:
@@ -79,6 +90,9 @@ def sql_identifier(name: str) -> sql.Composable:
         return sql.Identifier(name)
     escaped = "".join(ch if ch.isprintable() and ch != "\\" else f"\\+{ord(ch):06X}" for ch in name)
     return sql.SQL('U&"' + escaped.replace('"', '""') + '"')
+
+
+GRANT_OPTION = " WITH GRANT OPTION"  # suffix of an extra_grant's privilege: only the option
 
 
 class DriftError(Exception):
@@ -101,6 +115,8 @@ class Kind(StrEnum):
     EXTRA_POLICY = "extra_policy"
     GRANT_MISSING = "grant_missing"
     ROLE_MISSING = "role_missing"
+    SCHEMA_CREATE = "schema_create"  # a role that should not may create in our schemas
+    FOREIGN_OBJECT = "foreign_object"  # its functions, operators or types there
     FOREIGN_OWNER = "foreign_owner"
     EXTRA_GRANT = "extra_grant"
     FOREIGN_TRIGGER = "foreign_trigger"
@@ -197,7 +213,7 @@ async def inspect(
     tables = [name for projection in projections for name in projection.tables]
     declared_readers = {role for p in projections for role in p.read_access}
     async with conn.transaction(force_rollback=True):
-        await conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)))
+        await conn.execute(declaration_search_path(schema))
         readers = await existing_roles(conn, queries, declared_readers)
         foreign = {t.table: t for t in await foreign_owned(conn, queries, schema, tables)}
         code: dict[str, list[ForeignCode]] = {}
@@ -215,10 +231,15 @@ async def inspect(
             return policy_statements(ident, settings.schema, projection, own)
 
         expected = await declared_shapes(conn, queries, projections, secure)
+        # From here on, names resolve in pg_catalog (and our temporary tables) only: the
+        # probes and catalog queries below cannot pick up anything another role created in the
+        # read-model schema or in public, whatever operator or function they name.
+        await conn.execute("SET LOCAL search_path = pg_catalog, pg_temp")
         comparer = _Comparer(conn, queries, schema, readers, foreign, code)
         items: list[Drift] = [schema_owner] if schema_owner else []
         for projection in projections:
             items += await comparer.projection(projection, expected, actual)
+        items += await _schema_trust(conn, queries, (schema, settings.schema))
     return Inspection(schema, items, expected, actual, {p.name: p for p in projections}, readers)
 
 
@@ -285,16 +306,20 @@ class _Comparer:
     async def _extra_grants(
         self, projection: Projection, actual: dict[str, TableShape]
     ) -> list[Drift]:
-        """Privileges beyond SELECT that others hold: writes, TRUNCATE (not subject to
-        row-level security), TRIGGER (their code, run as projectord), REFERENCES."""
+        """Privileges that others hold and should not: beyond SELECT, writes, TRUNCATE (not
+        subject to row-level security), TRIGGER (their code, run as projectord), REFERENCES; on a
+        secured table, SELECT of anyone outside `read_access` (PUBLIC too: a permissive policy
+        would let them read); any grant option (the grantee could pass the privilege on)."""
         tables = [t for t in projection.tables if t in actual and t not in self.foreign]
         cur = await self.conn.execute(
-            self.queries["extra_grants"], {"schema": self.schema, "tables": tables}
-        )
+            self.queries["extra_grants"],
+            {"schema": self.schema, "tables": tables, "secured": bool(projection.read_access),
+             "readers": list(projection.read_access)},
+        )  # fmt: skip
         return [
             _ItemMaker(projection.name, table)(
                 Kind.EXTRA_GRANT, Repair.IN_PLACE, column=column, actual=privilege, subject=role,
-                reason=f"held by {display_name(role)}: only projectord writes a read model",
+                reason=f"held by {display_name(role)}: {_why_extra(privilege)}",
             )
             for table, role, privilege, column in await cur.fetchall()
         ]  # fmt: skip
@@ -537,9 +562,17 @@ def _security(item: _ItemMaker, want: TableShape, have: TableShape) -> list[Drif
     for name in POLICIES:
         items += _policy(item, name, want.policies.get(name), have.policies.get(name))
     for name in sorted(set(have.policies) - set(POLICIES)):
-        items.append(item(Kind.EXTRA_POLICY, Repair.DROP, subject=name,
-                          actual=f"{name}: {have.policies[name].describe()}",
-                          reason="another policy changes what read_access implies"))  # fmt: skip
+        # A permissive policy is OR-ed with projectord's read policy: it widens who reads what,
+        # so repair drops it as it revokes an extra grant. A restrictive one only narrows.
+        permissive = have.policies[name].permissive
+        reason = (
+            "a permissive policy widens what read_access implies"
+            if permissive
+            else "another policy changes what read_access implies"
+        )
+        repair = Repair.IN_PLACE if permissive else Repair.DROP
+        actual = f"{name}: {have.policies[name].describe()}"
+        items.append(item(Kind.EXTRA_POLICY, repair, subject=name, actual=actual, reason=reason))
     return items
 
 
@@ -556,6 +589,38 @@ def _policy(
                      expected=wanted.describe() if wanted else None,
                      actual=found.describe())]  # fmt: skip
     return []
+
+
+async def _schema_trust(
+    conn: AsyncConnection[Any], queries: Queries, schemas: Sequence[str]
+) -> list[Drift]:
+    """CREATE on the read-model schema or projectord's, held by a role that should not, and what
+    such roles own there: code that runs as projectord when a name resolves to it. Manual: the
+    schema's owner revokes and drops."""
+    items = []
+    for found in await untrusted_schema_findings(conn, queries, schemas):
+        if isinstance(found, UntrustedCreate):
+            items.append(
+                Drift(None, None, None, Kind.SCHEMA_CREATE, "CREATE for its owner only",
+                      found.describe(), Repair.MANUAL, subject=found.role,
+                      reason=f"REVOKE CREATE ON SCHEMA {sql_identifier(found.schema).as_string()}"
+                      f" FROM {'PUBLIC' if found.role == 'public' else display_name(found.role)}")
+            )  # fmt: skip
+        else:
+            items.append(
+                Drift(None, None, None, Kind.FOREIGN_OBJECT, None, found.describe(),
+                      Repair.MANUAL, subject=found.owner,
+                      reason="they run as projectord when a name resolves to them: drop them")
+            )  # fmt: skip
+    return items
+
+
+def _why_extra(privilege: str) -> str:
+    if privilege == "SELECT":
+        return "not a read_access role"
+    if privilege.endswith(GRANT_OPTION):
+        return "a grant option lets it pass SELECT on"
+    return "only projectord writes a read model"
 
 
 def _repair(reason: str) -> Repair:

@@ -8,7 +8,9 @@ a failover is degraded, not failing), the listener is down (the runners still po
 retries after a handler error, is paused, rebuilding or lagging beyond the thresholds, or a
 transaction (in any database of the cluster) has held the xmin horizon longer than
 `health_horizon_seconds` — then the reason names that transaction (pid, xid, role, database,
-and where visible its state, age and query), because that is who the operator must talk to.
+and where visible its state, age and query), because that is who the operator must talk to —
+or another role may create in, or owns code in, the read-model schema or projectord's
+(`schema_untrusted`, projectord/schema_trust.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import anyio
 
 from projectord.heartbeat import Heartbeat
+from projectord.schema_trust import untrusted_schema_findings
 from projectord.status import DB_TIMEOUT, StatusReporter
 
 SEVERITY = {"ok": 0, "degraded": 1, "failing": 2}
@@ -42,9 +45,14 @@ def reason(severity: str, code: str, message: str, **detail: Any) -> dict[str, A
 
 class HealthCheck:
     def __init__(
-        self, reporter: StatusReporter, heartbeats: Sequence[Heartbeat], thresholds: Thresholds
+        self,
+        reporter: StatusReporter,
+        heartbeats: Sequence[Heartbeat],
+        thresholds: Thresholds,
+        schemas: Sequence[str] = (),
     ) -> None:
         self.reporter = reporter
+        self.schemas = tuple(schemas)  # read-model schema and projectord's: who may create there
         self.heartbeats = heartbeats
         self.thresholds = thresholds
         self._unreachable_since: float | None = None  # monotonic; while the database is away
@@ -62,6 +70,7 @@ class HealthCheck:
         if snapshot["database"]["reachable"]:
             reasons += await self._horizon_reasons()
             reasons += await self._wakeup_reasons()
+            reasons += await self._schema_reasons()
         worst = max((SEVERITY[r["severity"]] for r in reasons), default=0)
         status = next(name for name, level in SEVERITY.items() if level == worst)
         return {"status": status, "reasons": reasons, "instance": snapshot["instance"]}
@@ -297,6 +306,28 @@ class HealthCheck:
             )
             for s in found
         ]
+
+    async def _schema_reasons(self) -> list[dict[str, Any]]:
+        """`schema_untrusted` while a role other than the owner (PUBLIC included) may create in
+        the read-model schema or projectord's, or owns functions, operators or types there:
+        names projectord or a handler resolves could run that role's code as projectord."""
+        if not self.schemas:
+            return []
+        reporter = self.reporter
+        try:
+            async with reporter.db_limiter:
+                with anyio.fail_after(DB_TIMEOUT):
+                    async with reporter.pool.connection(timeout=DB_TIMEOUT) as conn:
+                        found = await untrusted_schema_findings(
+                            conn, reporter.queries, self.schemas
+                        )
+        except Exception:  # a failed check is the database's problem, reported elsewhere
+            return []
+        return [
+            reason("degraded", "schema_untrusted", f"{item.describe()}: its code would run as"
+                   " projectord (docs/security-read-models.md)")
+            for item in found
+        ]  # fmt: skip
 
     async def _rows(self, query: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """A named query on a pooled connection, bounded like the status reads."""

@@ -4,6 +4,16 @@ Each file under `sql/queries/` holds several queries, each introduced by a `-- n
 comment lines document them in the file and are not sent to the server.
 `{schema}` in a query is replaced by projectord's own schema, quoted as an identifier; every other
 value travels as a bound parameter, never interpolated.
+
+Queries run with the read-model schema on the search_path (the daemon's pool), where a role with
+CREATE could add operators and functions. Postgres picks an exact-typed operator or function from
+any schema on the path over a pg_catalog one that needs an implicit cast or is polymorphic, so
+every query here is written to leave it no such choice: operands of exactly the types of a
+pg_catalog operator (`1000000::numeric`, `amname::text`, `0::oid`, `regclass::oid`), and
+`pg_catalog.` before polymorphic or "any" functions (`unnest`, `count(x)`,
+`json_populate_recordset`). A multi-array unnest is spelled `ROWS FROM (pg_catalog.unnest(a), …)`:
+the qualified name has no multi-argument form. tests/test_drift_hardening.py arms such operators
+and runs the daemon, init, drift and status under them.
 """
 
 from __future__ import annotations

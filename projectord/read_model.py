@@ -84,7 +84,7 @@ def _upsert_query(
     )
     return sql.SQL(
         "INSERT INTO {name} AS t ({cols})"
-        " SELECT {cols} FROM json_populate_recordset(NULL::{name}, %s::json)"
+        " SELECT {cols} FROM pg_catalog.json_populate_recordset(NULL::{name}, %s::json)"
         " ON CONFLICT ({key}) {action}"
     ).format(
         name=name,

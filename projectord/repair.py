@@ -19,10 +19,20 @@ from psycopg import AsyncConnection, sql
 from projectord.catalog import TableShape
 from projectord.config import Settings
 from projectord.database import connect
-from projectord.drift import Drift, Inspection, Kind, Repair, inspect, printable, sql_identifier
+from projectord.drift import (
+    GRANT_OPTION,
+    Drift,
+    Inspection,
+    Kind,
+    Repair,
+    inspect,
+    printable,
+    sql_identifier,
+)
 from projectord.logs import get_logger
 from projectord.online_rebuild import rebuild_online
 from projectord.projection import Projection
+from projectord.schema import declaration_search_path
 from projectord.security import (
     WRITE_POLICY,
     drop_policy,
@@ -83,7 +93,7 @@ async def drift_repair(
         result = describe_plan(conn, inspection, plan) | {"applied": False}
         if not apply:
             return result
-        await apply_in_place(conn, plan)
+        await apply_in_place(conn, plan, inspection.schema)
     for name in plan.rebuilds:
         await rebuild_online(dsn, settings, inspection.projections[name])
     return result | {"applied": True}
@@ -105,7 +115,7 @@ async def secure_tables(
     for item in inspection.items:
         if item.kind in SECURITY_KINDS and item.repair is Repair.IN_PLACE:
             plan.steps.append((item, builder.statements(item)))
-    await apply_in_place(conn, plan)
+    await apply_in_place(conn, plan, inspection.schema)
     return [_secured(inspection.schema, item) for item, _ in plan.steps]
 
 
@@ -136,6 +146,9 @@ def plan_repair(inspection: Inspection, settings: Settings, *, drop_extra: bool)
             plan.left.append((item, "kept: pass --drop-extra to drop it"))
         else:
             plan.steps.append((item, builder.statements(item)))
+    # Revokes first: a column-level grant's REVOKE names the column, so after the column's DROP
+    # it would fail, and with it the whole transaction. (Stable: the rest keeps its order.)
+    plan.steps.sort(key=lambda step: step[0].kind is not Kind.EXTRA_GRANT)
     return plan
 
 
@@ -161,13 +174,15 @@ def plan_text(result: dict[str, Any], schema: str) -> list[str]:
     return lines or ["-- no drift: nothing to do"]
 
 
-async def apply_in_place(conn: AsyncConnection[Any], plan: RepairPlan) -> None:
-    """Run the in-place statements in one transaction."""
+async def apply_in_place(conn: AsyncConnection[Any], plan: RepairPlan, schema: str) -> None:
+    """Run the in-place statements in one transaction; `schema` is the read-model schema."""
     statements = plan.statements()
     if not statements:
         return
     async with conn.transaction():
         await conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(LOCK_TIMEOUT))
+        # Declared types (a missing table, an added column) resolve as in init and the check.
+        await conn.execute(declaration_search_path(schema))
         for statement in statements:
             await conn.execute(statement)
     log.info("drift.repaired", statements=len(statements))
@@ -272,11 +287,17 @@ def _revoke(table: sql.Composable, item: Drift) -> sql.Composed:
     """REVOKE an extra privilege (on the table or one column). CASCADE: also what the grantee
     passed on with a grant option."""
     privilege = item.actual or ""
+    option_only = privilege.endswith(GRANT_OPTION)  # a reader keeps SELECT, loses the option
+    privilege = privilege.removesuffix(GRANT_OPTION)
     if privilege not in PRIVILEGES:
         raise RepairError(f"unknown privilege {privilege[:40]!r}")
     role = item.subject or ""
     grantee = sql.SQL("PUBLIC") if role == "public" else sql_identifier(role)
     columns = sql.SQL(" ({})").format(sql_identifier(item.column)) if item.column else sql.SQL("")
-    return sql.SQL("REVOKE {}{} ON {} FROM {} CASCADE").format(
-        sql.SQL(privilege), columns, table, grantee
+    return sql.SQL("REVOKE {}{}{} ON {} FROM {} CASCADE").format(
+        sql.SQL("GRANT OPTION FOR " if option_only else ""),
+        sql.SQL(privilege),
+        columns,
+        table,
+        grantee,
     )

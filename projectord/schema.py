@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, sql
 
 from projectord.foreign_ids import check_transaction_ids
 from projectord.projection import Projection
@@ -28,6 +28,19 @@ INIT_LOCK_TIMEOUT = 30.0
 # A first `init` racing another on an empty database fails on the catalog's unique index (both
 # create the schema); it runs again and finds the other's work.
 INIT_ATTEMPTS = 3
+
+
+def declaration_search_path(read_model_schema: str) -> sql.Composed:
+    """`SET LOCAL search_path` for parsing the projections' declared tables: the read-model schema,
+    then `public` (pg_catalog is searched first anyway). `init`, `drift check` and `drift repair`
+    all use this one path, so a declared type resolves the same way in each: before, `init` used
+    the role's default path and drift the read-model schema alone, and a type in `public` made
+    `init` succeed and every drift check fail. `public` is on it because extensions install
+    their types there (citext...); a type anywhere else must be schema-qualified."""
+    schemas = dict.fromkeys((read_model_schema, "public"))
+    return sql.SQL("SET LOCAL search_path TO {}").format(
+        sql.SQL(", ").join(sql.Identifier(name) for name in schemas)
+    )
 
 
 class LockWaitTimeout(Exception):
@@ -126,7 +139,7 @@ async def _initialise_once(
                 (migration.version, migration.name),
             )
             done.append(f"migration {migration.version:04d}_{migration.name}")
-        await conn.execute("SET LOCAL search_path TO DEFAULT")
+        await conn.execute(declaration_search_path(read_model_schema))
         await check_transaction_ids(conn, queries)
         step.what = f"the read-model schema {read_model_schema}"
         done += await create_projection_tables(conn, read_model_schema, projections)

@@ -107,8 +107,12 @@ CASES = {
         "REVOKE SELECT ON accounts FROM {reader}",
         [("grant_missing", None, "in_place")],
     ),
-    "extra policy": (
+    "extra permissive policy": (  # widens access: repaired without --drop-extra
         "CREATE POLICY everyone ON accounts FOR SELECT USING (true)",
+        [("extra_policy", None, "in_place")],
+    ),
+    "extra restrictive policy": (  # only narrows: kept unless dropped explicitly
+        "CREATE POLICY narrower ON accounts AS RESTRICTIVE FOR SELECT USING (balance > 0)",
         [("extra_policy", None, "drop")],
     ),
     "extra column": (

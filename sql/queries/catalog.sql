@@ -25,7 +25,7 @@ SELECT c.relname, c.relrowsecurity, c.relforcerowsecurity, pg_get_userbyid(c.rel
        ARRAY(
            SELECT a.attname
            FROM pg_constraint p
-           CROSS JOIN LATERAL unnest(p.conkey) WITH ORDINALITY AS k(attnum, ord)
+           CROSS JOIN LATERAL pg_catalog.unnest(p.conkey) WITH ORDINALITY AS k(attnum, ord)
            JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
            WHERE p.conrelid = c.oid AND p.contype = 'p'
            ORDER BY k.ord
@@ -37,7 +37,7 @@ WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s::text[]) AND c.relki
 -- name: catalog_indexes
 -- Indexes other than the primary key's, as `USING method (keys) [WHERE …]`: the definition without
 -- the index's name and table, so the same index compares equal wherever it lives.
-SELECT c.relname, i.indisunique, substr(def.text, strpos(def.text, ' USING ' || am.amname || ' (') + 1)
+SELECT c.relname, i.indisunique, substr(def.text, strpos(def.text, ' USING ' || am.amname::text || ' (') + 1)
 FROM pg_index i
 JOIN pg_class c ON c.oid = i.indrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -54,8 +54,8 @@ SELECT c.relname, p.polname,
                      WHEN 'd' THEN 'DELETE' ELSE 'ALL' END,
        p.polpermissive,
        ARRAY(
-           SELECT CASE WHEN r = 0 THEN 'public' ELSE pg_get_userbyid(r) END
-           FROM unnest(p.polroles) AS r ORDER BY 1
+           SELECT CASE WHEN r = 0::oid THEN 'public' ELSE pg_get_userbyid(r) END
+           FROM pg_catalog.unnest(p.polroles) AS r ORDER BY 1
        )::text[],
        pg_get_expr(p.polqual, p.polrelid),
        pg_get_expr(p.polwithcheck, p.polrelid)

@@ -10,6 +10,8 @@
 -- metadata as JSON text and recorded_at as epoch microseconds, decoded only if a handler reads
 -- them; transaction ids as bigint. Converted columns are aliased and the ORDER BY is qualified, so
 -- it sorts by the index's columns, never by a converted output column.
+-- `1000000::numeric`: extract() is numeric, and numeric * integer has no exact operator in
+-- pg_catalog, so an exact-typed one in the read-model schema (the pool's search_path) would win.
 -- `held_back` compares the newest transaction id with the horizon: one probe at the end of the
 -- index whatever the table's size (an EXISTS over `transaction_id >= horizon`, a value the
 -- planner cannot see, may be planned as a sequential scan that reads the whole table).
@@ -41,7 +43,7 @@ LEFT JOIN LATERAL (
     SELECT ev.global_position, ev.event_id, ev.tenant_id, ev.aggregate_id, ev.aggregate_type,
            ev.version, ev.type, ev.payload::text AS payload_json,
            ev.metadata::text AS metadata_json,
-           (extract(epoch FROM ev.recorded_at) * 1000000)::bigint AS recorded_us,
+           (extract(epoch FROM ev.recorded_at) * 1000000::numeric)::bigint AS recorded_us,
            ev.transaction_id::text::bigint AS txid
     FROM {schema}.events ev
     WHERE (ev.transaction_id, ev.global_position) > (%(txid)s::xid8, %(position)s::bigint)
@@ -78,12 +80,12 @@ LEFT JOIN LATERAL (
         SELECT r.*, sum(octet_length(r.payload_json) + octet_length(r.metadata_json)) OVER w
                    AS running,
                row_number() OVER w AS n,
-               lead(r.global_position) OVER w IS NOT NULL AS more
+               pg_catalog.lead(r.global_position) OVER w IS NOT NULL AS more
         FROM (
             SELECT ev.transaction_id, ev.global_position, ev.event_id, ev.tenant_id,
                    ev.aggregate_id, ev.aggregate_type, ev.version, ev.type,
                    ev.payload::text AS payload_json, ev.metadata::text AS metadata_json,
-                   (extract(epoch FROM ev.recorded_at) * 1000000)::bigint AS recorded_us,
+                   (extract(epoch FROM ev.recorded_at) * 1000000::numeric)::bigint AS recorded_us,
                    ev.transaction_id::text::bigint AS txid
             FROM {schema}.events ev
             WHERE (ev.transaction_id, ev.global_position) > (%(txid)s::xid8, %(position)s::bigint)
@@ -104,9 +106,11 @@ INSERT INTO {schema}.events
     (event_id, tenant_id, aggregate_id, aggregate_type, version, type, payload, metadata)
 SELECT u.event_id, u.tenant_id, u.aggregate_id, u.aggregate_type, u.version, u.type, u.payload,
        u.metadata
-FROM unnest(%(event_ids)s::uuid[], %(tenant_ids)s::uuid[], %(aggregate_ids)s::uuid[],
-            %(aggregate_types)s::text[], %(versions)s::int[], %(types)s::text[],
-            %(payloads)s::jsonb[], %(metadata)s::jsonb[])
+FROM ROWS FROM (pg_catalog.unnest(%(event_ids)s::uuid[]), pg_catalog.unnest(%(tenant_ids)s::uuid[]),
+               pg_catalog.unnest(%(aggregate_ids)s::uuid[]),
+               pg_catalog.unnest(%(aggregate_types)s::text[]),
+               pg_catalog.unnest(%(versions)s::int[]), pg_catalog.unnest(%(types)s::text[]),
+               pg_catalog.unnest(%(payloads)s::jsonb[]), pg_catalog.unnest(%(metadata)s::jsonb[]))
      WITH ORDINALITY AS u(event_id, tenant_id, aggregate_id, aggregate_type, version, type,
                           payload, metadata, n)
 ORDER BY u.n

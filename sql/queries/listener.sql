@@ -2,7 +2,7 @@
 -- From now on, appends notify (sql/migrations/0006_notify_only_when_asleep.sql): take every stripe
 -- of the channel's advisory lock in share mode, in order. Returns once every writer that decided
 -- not to notify has ended; the connection's lock_timeout bounds the wait.
-SELECT count(pg_advisory_lock_shared(hashtext(%(channel)s), stripe)::text)
+SELECT pg_catalog.count(pg_advisory_lock_shared(hashtext(%(channel)s), stripe)::text)
 FROM generate_series(0, 63) AS stripe;
 
 -- name: disarm_wakeups
@@ -26,7 +26,7 @@ FROM pg_locks
 WHERE locktype = 'advisory' AND granted AND mode = 'ShareLock' AND objsubid = 2
   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND classid = hashtext(%(channel)s)::oid
-  AND objid = 0;
+  AND objid = 0::oid;
 
 -- name: wakeup_strangers
 -- Sessions of other roles than the daemon's holding the channel's wake-up stripes with no xid of

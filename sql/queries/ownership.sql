@@ -7,7 +7,7 @@
 -- name: ensure_lock_keys
 -- A random key for each of these locks that has none yet.
 INSERT INTO {schema}.lock_keys (purpose, name)
-SELECT %(purpose)s, n FROM unnest(%(names)s::text[]) AS n
+SELECT %(purpose)s, n FROM pg_catalog.unnest(%(names)s::text[]) AS n
 ON CONFLICT (purpose, name) DO NOTHING;
 
 -- name: lock_keys
@@ -29,7 +29,7 @@ SELECT pg_advisory_unlock_shared(%(key)s::bigint);
 -- Live daemons: the sessions holding the shared instance lock whose role is the daemon's (or a
 -- member of it). A stranger who saw the key in pg_locks and took it too does not count (it would
 -- shrink every daemon's share). pg_locks, pg_stat_activity's pid and usesysid are readable by every role.
-SELECT count(DISTINCT l.pid)
+SELECT pg_catalog.count(DISTINCT l.pid)
 FROM pg_locks l
 JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1

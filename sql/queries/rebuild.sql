@@ -22,7 +22,7 @@ RETURNING live.transaction_id::text, live.global_position, live.applied_total;
 
 -- name: table_grants
 -- Privileges others hold on a table (not its owner's), to carry over to the table replacing it.
-SELECT CASE WHEN a.grantee = 0 THEN 'public' ELSE pg_get_userbyid(a.grantee) END, a.privilege_type
+SELECT CASE WHEN a.grantee = 0::oid THEN 'public' ELSE pg_get_userbyid(a.grantee) END, a.privilege_type
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 CROSS JOIN LATERAL aclexplode(c.relacl) AS a

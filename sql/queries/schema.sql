@@ -4,15 +4,15 @@
 -- Checked before any DDL, so `init` fails with one line saying what to grant rather than with
 -- Postgres's "permission denied for schema public" (the default on PostgreSQL 15 and later).
 SELECT s.name, n.oid IS NOT NULL,
-       CASE WHEN n.oid IS NULL THEN has_database_privilege(current_database(), 'CREATE')
+       CASE WHEN n.oid IS NULL THEN has_database_privilege(current_database()::text, 'CREATE')
             ELSE has_schema_privilege(n.oid, 'CREATE') END
-FROM unnest(%(schemas)s::text[]) AS s(name)
+FROM pg_catalog.unnest(%(schemas)s::text[]) AS s(name)
 LEFT JOIN pg_namespace n ON n.nspname = s.name;
 
 -- name: missing_tables
 -- Which of these tables do not exist in the schema.
 SELECT t.name
-FROM unnest(%(tables)s::text[]) AS t(name)
+FROM pg_catalog.unnest(%(tables)s::text[]) AS t(name)
 WHERE NOT EXISTS (
     SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE n.nspname = %(schema)s AND c.relname = t.name

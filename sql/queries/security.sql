@@ -27,8 +27,8 @@ WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s::text[]) AND c.relro
         AND pg_get_expr(p.polqual, p.polrelid) = 'true'
         AND pg_get_expr(p.polwithcheck, p.polrelid) = 'true'
         AND EXISTS (
-            SELECT 1 FROM unnest(p.polroles) AS r(oid)
-            WHERE r.oid = 0 OR pg_has_role(r.oid, 'USAGE')
+            SELECT 1 FROM pg_catalog.unnest(p.polroles) AS r(oid)
+            WHERE r.oid = 0::oid OR pg_has_role(r.oid, 'USAGE')
         )
   )
 ORDER BY 1;

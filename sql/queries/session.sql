@@ -3,8 +3,9 @@
 -- keepalives and user timeout of projectord/database.py, the pool's search_path) in one round
 -- trip, and this session's identity (pid and start time), so that a connection given up as dead
 -- can have its backend terminated later without hitting a new session that reuses the pid.
-SELECT (SELECT count(set_config(s.name, s.value, false))
-        FROM unnest(%(names)s::text[], %(values)s::text[]) AS s(name, value)) AS settings,
+SELECT (SELECT pg_catalog.count(set_config(s.name, s.value, false))
+        FROM ROWS FROM (pg_catalog.unnest(%(names)s::text[]), pg_catalog.unnest(%(values)s::text[]))
+             AS s(name, value)) AS settings,
        pg_backend_pid() AS pid,
        (SELECT a.backend_start FROM pg_stat_activity a WHERE a.pid = pg_backend_pid()) AS started;
 
@@ -12,9 +13,10 @@ SELECT (SELECT count(set_config(s.name, s.value, false))
 -- End the server sessions of connections the daemon gave up as dead (a silent partition leaves
 -- them alive on the server, holding their locks, their transaction's xid and, for a listener, the
 -- notification queue). Matched on pid and start time: a pid reused by a new session is spared.
-SELECT count(pg_terminate_backend(a.pid))
+SELECT pg_catalog.count(pg_terminate_backend(a.pid))
 FROM pg_stat_activity a
-JOIN unnest(%(pids)s::int[], %(starts)s::timestamptz[]) AS z(pid, started)
+JOIN ROWS FROM (pg_catalog.unnest(%(pids)s::int[]), pg_catalog.unnest(%(starts)s::timestamptz[]))
+     AS z(pid, started)
   ON a.pid = z.pid AND a.backend_start = z.started
 WHERE a.pid <> pg_backend_pid();
 

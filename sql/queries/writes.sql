@@ -7,8 +7,8 @@
 INSERT INTO {schema}.projection_writes (projection, table_schema, table_name)
 SELECT %(name)s, w.table_schema, w.table_name
 FROM {schema}.tables_written() AS w
-WHERE w.relation NOT IN (to_regclass('{schema}.projection_writes'),
-                         to_regclass('{schema}.projection_positions'))
+WHERE w.relation NOT IN (to_regclass('{schema}.projection_writes')::oid,
+                         to_regclass('{schema}.projection_positions')::oid)
 ON CONFLICT DO NOTHING;
 
 -- name: undeclared_tables_written
@@ -32,5 +32,5 @@ DELETE FROM {schema}.projection_writes WHERE projection = %(name)s;
 SELECT table_schema || '.' || table_name
 FROM {schema}.tables_written()
 WHERE table_schema <> %(shadow)s
-  AND relation <> to_regclass('{schema}.projection_positions')
+  AND relation <> to_regclass('{schema}.projection_positions')::oid
 ORDER BY 1;
