@@ -146,6 +146,28 @@ async def reap(conn: AsyncConnection[Any]) -> int:
     return int(row[0]) if row else 0
 
 
+async def session_working(conn: AsyncConnection[Any], conninfo: str, seconds: float) -> bool:
+    """Whether `conn`'s server session is running a statement, asked over a new connection to
+    `conninfo`, all within `seconds`. No answer, or a session of unknown identity, is `False`:
+    the question is how a silent partition is told from a server that is merely busy."""
+    identity = _sessions.get(conn)
+    if identity is None:
+        return False
+    try:
+        with anyio.fail_after(seconds):
+            probe = await connect(conninfo, autocommit=True, connect_timeout=max(int(seconds), 2))
+            try:
+                cur = await probe.execute(
+                    _QUERIES["session_working"], {"pid": identity[0], "started": identity[1]}
+                )
+                row = await cur.fetchone()
+            finally:
+                await probe.close()
+    except Exception:  # no answer in time (TimeoutError), no connection: not seen working
+        return False
+    return bool(row and row[0])
+
+
 async def discard(conn: AsyncConnection[Any]) -> None:
     """Close a connection taken for dead and condemn its server session."""
     condemn(conn)

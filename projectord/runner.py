@@ -29,7 +29,8 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from projectord.database import DeadConnection, condemn, deadline, discard
+from projectord.commit_watch import CommitWatch
+from projectord.database import DeadConnection, condemn, deadline
 from projectord.dead_letters import dead_letter_params, format_traceback
 from projectord.error_policy import ErrorPolicy, backoff, is_transient
 from projectord.event_store import Event
@@ -63,8 +64,6 @@ HELD_BACK_POLL = (0.001, 0.25)
 HORIZON_PERSIST_INTERVAL = 60.0
 # What the checkpoint's compare-and-set raises when the row moved (sql/migrations/0008_…).
 CHECKPOINT_MOVED_SQLSTATE = "PJ001"
-# How long a batch whose COMMIT has been sent waits for the answer, even when cancelled (seconds).
-COMMIT_WAIT = 5.0
 # While the listener is disarmed (writers are busy), pause this long between two short batches
 # (seconds): a few more events per batch, far fewer turns of the loop.
 BUSY_READ_PAUSE = 0.02
@@ -247,6 +246,8 @@ class ProjectionRunner:
         self.status = RunnerStatus(projection.name)
         self.heartbeat = Heartbeat(f"runner:{projection.name}")
         self.clock = HandlerClock()  # the handler timeout of every call this runner makes
+        # How long a pipelined batch's answer is awaited: while the server works on it.
+        self.commit_watch = CommitWatch(pool.conninfo if isinstance(pool.conninfo, str) else "")
         self.paused = False  # as last read from the positions row
         self.failed = False  # stopped on a poison event (on_error = "pause"), as last read
         self.standby = False  # the positions row names another owner: commit nothing, wait
@@ -301,7 +302,7 @@ class ProjectionRunner:
 
     async def run(self) -> None:
         try:
-            async with self.clock.watching():
+            async with self.clock.watching(), self.commit_watch.watching():
                 while not self._stopping:
                     self.heartbeat.beat()
                     await self._serve_requests()
@@ -565,8 +566,10 @@ class ProjectionRunner:
         """psycopg's pipeline, except that once the block has queued everything (COMMIT
         included), its outcome is awaited even if this task is cancelled meanwhile: a stopped
         runner (ownership lost, a drain that timed out) must not leave a COMMIT in flight that
-        lands after it stopped. Bounded by COMMIT_WAIT; past it the connection is closed, its
-        outcome unknown (the checkpoint's compare-and-set keeps that safe)."""
+        lands after it stopped. The wait includes the server work of the handler's statements,
+        so it lasts as long as the server is seen working on them (`handler_timeout` bounds
+        that); past that the connection is closed, its outcome unknown (the checkpoint's
+        compare-and-set keeps that safe): projectord/commit_watch.py."""
         pipeline = conn.pipeline()
         await pipeline.__aenter__()
         try:
@@ -574,15 +577,9 @@ class ProjectionRunner:
         except BaseException as exc:
             await pipeline.__aexit__(type(exc), exc, exc.__traceback__)
             raise
-        with anyio.move_on_after(COMMIT_WAIT, shield=True) as waited:
-            await pipeline.__aexit__(None, None, None)
-        if waited.cancelled_caught:
-            # Its session may live on over there, holding the positions row's lock and an xid
-            # that holds back every projection: it is terminated once the server answers.
-            await discard(conn)
-            raise DeadConnection(
-                f"no answer to a batch's COMMIT within {COMMIT_WAIT:g}s; connection discarded"
-            )
+        await self.commit_watch.wait(
+            conn, lambda: pipeline.__aexit__(None, None, None), "a batch's COMMIT"
+        )
 
     @staticmethod
     async def _roll_back(conn: AsyncConnection[Any]) -> None:

@@ -7,11 +7,15 @@ They misbehave only on events that ask for it, so the production code has no tes
   the error policy: cancelled after 1 s, two attempts, then dead-lettered (`on_error = "skip"`).
 - `Labels` indexes each event's `label`: one longer than a btree entry may be (about 2.7 kB)
   fails with SQLSTATE 54000 every time, a deterministic error psycopg calls `OperationalError`.
+- `SlowServerSide` is pipelined (the default) and has seconds of server work after its writes
+  (`{"seconds": S}`): in pipeline mode that work is waited for with the batch's COMMIT.
+  `SlowPastTimeout` is the same with a 2 s handler timeout, two attempts, then dead letters.
 - `ledgers()` returns several independent copies of `Ledger`, for several daemons to share.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -53,6 +57,45 @@ class Hanging(Projection):
         if event.payload.get("hang"):
             await conn.execute("SELECT pg_sleep(60) /* hanging handler */")
         await conn.execute("INSERT INTO hanging_seen VALUES (%s)", (event.event_id,))
+
+
+class SlowServerSide(Projection):
+    name = "slow_server_side"
+    event_types = ("Slow",)
+    tables = {"slow_seen": Table({"event_id": "uuid PRIMARY KEY"}), "applied_log": APPLIED_LOG}
+
+    async def handle(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
+        await conn.execute(
+            "INSERT INTO slow_seen SELECT unnest(%s::uuid[])", ([e.event_id for e in events],)
+        )
+        await log_applied(conn, self.name, events)
+        seconds = max(float(e.payload.get("seconds", 0)) for e in events)
+        if seconds:
+            await conn.execute("SELECT pg_sleep(%s) /* slow server side */", (seconds,))
+
+
+class SlowPastTimeout(SlowServerSide):
+    name = "slow_past_timeout"
+    tables = {"slow_past_seen": Table({"event_id": "uuid PRIMARY KEY"})}
+    on_error = "skip"
+    max_attempts = 2
+    handler_timeout = 2.0
+
+    async def handle(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
+        await conn.execute(
+            "INSERT INTO slow_past_seen SELECT unnest(%s::uuid[])", ([e.event_id for e in events],)
+        )
+        seconds = max(float(e.payload.get("seconds", 0)) for e in events)
+        if seconds:
+            await conn.execute("SELECT pg_sleep(%s) /* slow past timeout */", (seconds,))
+
+
+def slow_server_side() -> list[Projection]:
+    return [SlowServerSide()]
+
+
+def slow_past_timeout() -> list[Projection]:
+    return [SlowPastTimeout()]
 
 
 class Labels(Projection):

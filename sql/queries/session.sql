@@ -24,3 +24,14 @@ WHERE a.pid <> pg_backend_pid();
 -- The fraction of the server's notification queue in use (health: a listener that never reads,
 -- such as a dead client's LISTEN session, pins it until NOTIFY fails).
 SELECT pg_notification_queue_usage();
+
+-- name: session_working
+-- Whether a session (pid and start time) is running a statement, not waiting for its client: a
+-- pipelined batch's answer is awaited for as long as this holds (projectord/commit_watch.py).
+-- `ClientRead`/`ClientWrite` waits mean the server waits for a client that is gone or silent.
+SELECT count(*) > 0
+FROM pg_stat_activity a
+WHERE a.pid = %(pid)s
+  AND a.backend_start = %(started)s
+  AND a.state = 'active'
+  AND a.wait_event_type IS DISTINCT FROM 'Client';
