@@ -108,7 +108,7 @@ class DeadLetterRetry:
             try:
                 return await self._once(letter_id)
             except Exception as exc:
-                if not is_transient(exc) or attempt == RETRY_TRANSIENT_ATTEMPTS:
+                if not is_transient(exc, self.conn) or attempt == RETRY_TRANSIENT_ATTEMPTS:
                     raise
                 await anyio.sleep(backoff(attempt, exc))
         raise AssertionError("unreachable")  # pragma: no cover
@@ -124,7 +124,7 @@ class DeadLetterRetry:
                 async with conn.transaction():  # a savepoint: the failure is recorded below
                     await run_handler(projection, [event], conn, policy.handler_timeout)
             except Exception as exc:
-                if is_transient(exc):
+                if is_transient(exc, conn):
                     raise
                 handler_error = exc
                 await conn.execute(

@@ -26,7 +26,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg
 import psycopg_pool
+from psycopg import AsyncConnection
 
+from projectord.database import DeadConnection
 from projectord.projection import Projection
 
 if TYPE_CHECKING:
@@ -68,22 +70,52 @@ TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57P01", "57P02", "5
 TRANSIENT_CLASSES = frozenset({"08", "53"})
 
 
-def is_transient(exc: BaseException) -> bool:
+class ClientSideError(Exception):
+    """libpq refused a statement on a connection that is still sound ("number of parameters must
+    be between 0 and 65535", say): an error without a SQLSTATE that the same event raises every
+    time. A handler failure, not a lost connection."""
+
+
+def is_transient(exc: BaseException, conn: AsyncConnection[Any] | None = None) -> bool:
     """Errors that say nothing about the handler: the connection or the server's concurrency.
 
     Decided by SQLSTATE against an explicit list, not by psycopg's exception class: psycopg maps
     whole classes to `OperationalError`, among them 54 (an index row too large, stack depth
     exceeded), 55 and 58, which an event causes deterministically and would otherwise be retried
-    forever. An `OperationalError` without a SQLSTATE is the connection failing (closed, broken,
-    no answer): transient. Everything else counts toward `max_attempts`."""
-    if isinstance(exc, psycopg_pool.PoolTimeout):
+    forever. An `OperationalError` without a SQLSTATE comes from libpq: the connection failing
+    (closed, broken, no answer), or a statement libpq refused to send, which is deterministic.
+    Given the connection it was raised on, it is transient only if that connection is closed or
+    broken; without it (the caller no longer has it), transient: the runner turns the others
+    into `ClientSideError` while it still has the connection (`client_side`). A missed deadline
+    (`DeadConnection`) and no free connection (`PoolTimeout`) are transient. Everything else
+    counts toward `max_attempts`."""
+    if isinstance(exc, (psycopg_pool.PoolTimeout, DeadConnection)):
         return True
     if not isinstance(exc, psycopg.Error):
         return False
     sqlstate = exc.sqlstate
     if sqlstate is None:
-        return isinstance(exc, psycopg.OperationalError)
+        if not isinstance(exc, psycopg.OperationalError):
+            return False
+        return conn is None or conn.closed or conn.broken
     return sqlstate in TRANSIENT_SQLSTATES or sqlstate[:2] in TRANSIENT_CLASSES
+
+
+def client_side(exc: BaseException, conn: AsyncConnection[Any]) -> ClientSideError | None:
+    """`exc` as a `ClientSideError` if it is a libpq error without a SQLSTATE raised on `conn`
+    while `conn` stayed sound: open, not broken and out of its transaction again (the rollback
+    after the failure worked, so the server answers). Checked by the caller after that rollback,
+    while it still holds the connection; later checks (`is_transient` without a connection)
+    would take it for a lost connection and retry it for ever."""
+    if (
+        isinstance(exc, psycopg.OperationalError)
+        and exc.sqlstate is None
+        and not isinstance(exc, DeadConnection)
+        and not is_transient(exc, conn)
+        and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    ):
+        return ClientSideError(str(exc))
+    return None
 
 
 def backoff(attempts: int, error: BaseException) -> float:

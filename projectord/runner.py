@@ -32,7 +32,7 @@ from psycopg_pool import AsyncConnectionPool
 from projectord.commit_watch import CommitWatch
 from projectord.database import DeadConnection, condemn, deadline
 from projectord.dead_letters import dead_letter_params, format_traceback
-from projectord.error_policy import ErrorPolicy, backoff, is_transient
+from projectord.error_policy import ErrorPolicy, backoff, client_side, is_transient
 from projectord.event_store import Event
 from projectord.fetcher import DEFAULT_BATCH_MAX_BYTES, Batch, Fetcher, ReadAhead
 from projectord.foreign_owner import (
@@ -462,7 +462,7 @@ class ProjectionRunner:
                 self._pipelined = False
                 self._log.info("projection.pipeline_off", reason=str(exc))
                 await self._commit_batch(conn, batch.events, new, pipelined=False)
-        except BaseException:
+        except BaseException as exc:
             # Cancelled mid-batch (drain timeout): psycopg's own rollback may have been cancelled
             # too. Roll back under a shield; if even that fails, the pool discards the connection
             # and the server rolls back when it closes. Nothing of the batch is ever committed.
@@ -473,6 +473,9 @@ class ProjectionRunner:
                     pass
             if conn.closed:  # its session may live on over there, in its transaction
                 condemn(conn)
+            deterministic = client_side(exc, conn)  # decided now: the connection is at hand
+            if deterministic is not None:
+                raise deterministic from exc
             raise
         duration = time.perf_counter() - started
         self._moved_to(new, len(batch.events))

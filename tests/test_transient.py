@@ -1,14 +1,18 @@
 """Which errors are transient (retried for as long as it takes, never counted against the handler)
 and which count toward `max_attempts`: decided by SQLSTATE, at the boundaries of each class. No
-server needed: psycopg's error classes carry their SQLSTATE."""
+server needed, but for the connection a libpq error without a SQLSTATE was raised on: psycopg's
+error classes carry their SQLSTATE."""
 
 from __future__ import annotations
 
+import anyio
 import psycopg
 import psycopg_pool
 import pytest
 
-from projectord.error_policy import is_transient
+from projectord.database import DeadConnection, connect
+from projectord.error_policy import ClientSideError, client_side, is_transient
+from tests.harness import TestDatabase
 
 TRANSIENT = [
     "08000",  # connection_exception
@@ -65,3 +69,24 @@ def test_errors_outside_the_database_count_toward_max_attempts() -> None:
     assert not is_transient(ValueError("a bug in the handler"))
     assert not is_transient(psycopg.InterfaceError("the handler misused the connection"))
     assert not is_transient(psycopg.NotSupportedError("COPY in pipeline mode"))
+
+
+def test_without_a_sqlstate_only_a_closed_or_broken_connection_is_transient(
+    db: TestDatabase,
+) -> None:
+    """libpq raises `OperationalError` without a SQLSTATE for a statement it refuses to send
+    too; on a connection that is still sound that is the event's doing, not a lost connection."""
+    refused = psycopg.OperationalError("number of parameters must be between 0 and 65535")
+
+    async def check() -> None:
+        conn = await connect(db.url, autocommit=True)
+        assert not is_transient(refused, conn)
+        assert isinstance(client_side(refused, conn), ClientSideError)
+        assert client_side(DeadConnection("no answer"), conn) is None
+        assert is_transient(DeadConnection("no answer"), conn)
+        await conn.close()
+        assert is_transient(refused, conn)
+        assert client_side(refused, conn) is None
+
+    anyio.run(check)
+    assert not is_transient(ClientSideError("number of parameters must be between 0 and 65535"))
