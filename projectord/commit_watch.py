@@ -18,15 +18,14 @@ The wait is shielded from cancellation: a stopped runner (ownership lost, a drai
 must not leave a COMMIT in flight that lands after it stopped. A cancelled runner waits at most
 COMMIT_WAIT more, then gives the connection up.
 
-One watcher task per runner for its whole life, as the handler clock does: a batch answered in
-time costs a few assignments, where a task per batch cost about 130 µs of a live batch.
+One watcher task per runner for its whole life (projectord/watcher.py), as the handler clock has: a
+batch answered in time costs a few assignments, where a task per batch cost about 130 µs.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +33,7 @@ import anyio
 from psycopg import AsyncConnection
 
 from projectord.database import DeadConnection, discard, session_working
+from projectord.watcher import Watcher
 
 # Seconds a batch's answer may be awaited before the server is asked whether the batch's session
 # is still working on it; also the bound of that question, and of the wait of a cancelled runner.
@@ -51,49 +51,26 @@ class _Wait:
     ended: anyio.Event | None = None  # made only when a cancelled watcher waits for the end
 
 
-class CommitWatch:
+class CommitWatch(Watcher[_Wait]):
     """Bounds the waits for pipelined batches' answers of one runner, one at a time."""
 
     def __init__(self, conninfo: str) -> None:
+        super().__init__()
         self._conninfo = conninfo  # where the question about a session is asked
-        self._current: _Wait | None = None
-        self._running = False
-        self._idle = False
-        self._began = anyio.Event()  # wakes an idle watcher
-
-    @asynccontextmanager
-    async def watching(self) -> AsyncIterator[None]:
-        """Run the watcher for the duration of the block. An exception of the block leaves it
-        as it is, not wrapped in the task group's ExceptionGroup."""
-        failure: Exception | None = None
-        async with anyio.create_task_group() as tasks:
-            self._running = True
-            tasks.start_soon(self._watch)
-            try:
-                yield
-            except Exception as exc:
-                failure = exc
-            finally:
-                self._running = False
-                tasks.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
 
     async def wait(
         self, conn: AsyncConnection[Any], answer: Callable[[], Awaitable[object]], what: str
     ) -> None:
         """Await `answer()` (everything has been sent) for as long as `conn`'s session is seen
         working on the server; raise `DeadConnection` once it is not."""
-        if not self._running:
+        if not self._watcher_running:
             async with self.watching():
                 await self.wait(conn, answer, what)
             return
         with anyio.CancelScope(shield=True) as scope:
             wait = _Wait(conn, scope, time.monotonic() + COMMIT_WAIT)
             self._current = wait
-            if self._idle:
-                self._idle = False
-                self._began.set()
+            self._began()
             try:
                 await answer()
             finally:
@@ -112,22 +89,14 @@ class CommitWatch:
 
     async def _watch(self) -> None:
         try:
-            while True:
-                wait = self._current
-                if wait is None:
-                    self._idle = True
-                    await self._began.wait()
-                    self._began = anyio.Event()
-                    continue
-                left = wait.due - time.monotonic()
-                if left > 0:
-                    await anyio.sleep(left)  # meanwhile other waits may begin and end: look again
-                    continue
-                await self._look(wait)
+            await super()._watch()
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 await self._last_look()
             raise
+
+    async def _on_due(self, call: _Wait) -> None:
+        await self._look(call)
 
     async def _look(self, wait: _Wait) -> None:
         """Ask the server about the wait's session; give the wait up unless it is working."""

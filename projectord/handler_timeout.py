@@ -22,8 +22,7 @@ duration.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +31,7 @@ from psycopg import AsyncConnection
 
 from projectord.event_store import Event
 from projectord.projection import Projection
+from projectord.watcher import Watcher
 
 CANCEL_GRACE = 2.0  # seconds a timed-out handler has to return once its statement is cancelled
 
@@ -45,7 +45,7 @@ class _Call:
     """A bounded call in flight. The events exist only once it has overrun (`mark_overrun`): a call
     that ends in time creates none."""
 
-    deadline: float  # monotonic
+    due: float  # monotonic: the call's deadline
     conn: AsyncConnection[Any]
     scope: anyio.CancelScope
     timed_out: bool = False
@@ -58,33 +58,9 @@ class _Call:
         self.cancel_sent = anyio.Event()
 
 
-class HandlerClock:
+class HandlerClock(Watcher[_Call]):
     """Enforces the handler timeout on one call at a time (a runner's batches) with one
     long-lived watcher task instead of a task per call."""
-
-    def __init__(self) -> None:
-        self._current: _Call | None = None
-        self._watcher_running = False
-        self._watcher_idle = False
-        self._call_began = anyio.Event()  # wakes an idle watcher
-
-    @asynccontextmanager
-    async def watching(self) -> AsyncIterator[None]:
-        """Run the watcher for the duration of the block. An exception of the block leaves it
-        as it is, not wrapped in the task group's ExceptionGroup."""
-        failure: Exception | None = None
-        async with anyio.create_task_group() as tasks:
-            self._watcher_running = True
-            tasks.start_soon(self._watch)
-            try:
-                yield
-            except Exception as exc:
-                failure = exc
-            finally:
-                self._watcher_running = False
-                tasks.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
 
     async def bound(
         self,
@@ -104,9 +80,7 @@ class HandlerClock:
         with anyio.CancelScope() as scope:
             call = _Call(time.monotonic() + timeout, conn, scope)
             self._current = call
-            if self._watcher_idle:
-                self._watcher_idle = False
-                self._call_began.set()
+            self._began()
             try:
                 await work()
             except Exception:
@@ -126,20 +100,8 @@ class HandlerClock:
                 f"{what} ran longer than handler_timeout ({timeout:g}s) and was cancelled"
             )
 
-    async def _watch(self) -> None:
-        """Sleep until the deadline of the call in flight; stop it if it is still there."""
-        while True:
-            call = self._current
-            if call is None:
-                self._watcher_idle = True
-                await self._call_began.wait()
-                self._call_began = anyio.Event()
-                continue
-            left = call.deadline - time.monotonic()
-            if left > 0:
-                await anyio.sleep(left)  # meanwhile other calls may begin and end: look again
-                continue
-            await self._stop(call)
+    async def _on_due(self, call: _Call) -> None:
+        await self._stop(call)
 
     @staticmethod
     async def _stop(call: _Call) -> None:

@@ -29,9 +29,9 @@ SELECT pg_notification_queue_usage();
 -- Whether a session (pid and start time) is running a statement, not waiting for its client: a
 -- pipelined batch's answer is awaited for as long as this holds (projectord/commit_watch.py).
 -- `ClientRead`/`ClientWrite` waits mean the server waits for a client that is gone or silent.
-SELECT count(*) > 0
-FROM pg_stat_activity a
-WHERE a.pid = %(pid)s
-  AND a.backend_start = %(started)s
-  AND a.state = 'active'
-  AND a.wait_event_type IS DISTINCT FROM 'Client';
+SELECT EXISTS (
+    SELECT FROM pg_catalog.pg_stat_activity a
+    WHERE a.pid = %(pid)s
+      AND a.backend_start = %(started)s
+      AND a.state = 'active'
+      AND a.wait_event_type IS DISTINCT FROM 'Client');
