@@ -14,7 +14,9 @@ only the daemon's role can read (migration 0014): a role that can merely connect
 projection's lock before a daemon does. A held key shows in pg_locks, though, and a stranger who
 saw it may take it once it is free (at a rebalance or a restart). A daemon that finds a key held
 only by strangers draws a new one, and every daemon uses that from its next turn; fellow daemons
-are counted only among sessions of the daemon's role (docs/security-locks.md).
+are counted only among sessions of the daemon's role (docs/security-locks.md). A lock taken under a
+key that was redrawn meanwhile is released at once, and a daemon that holds a projection names
+itself in its positions row again whenever the row names another.
 """
 
 from __future__ import annotations
