@@ -14,7 +14,9 @@ only the daemon's role can read (migration 0014): a role that can merely connect
 projection's lock before a daemon does. A held key shows in pg_locks, though, and a stranger who
 saw it may take it once it is free (at a rebalance or a restart). A daemon that finds a key held
 only by strangers draws a new one, and every daemon uses that from its next turn; fellow daemons
-are counted only among sessions of the daemon's role (docs/security-locks.md).
+are counted only among sessions of the daemon's role (docs/security-locks.md). A lock taken under a
+key that was redrawn meanwhile is released at once, and a daemon that holds a projection names
+itself in its positions row again whenever the row names another.
 """
 
 from __future__ import annotations
@@ -145,7 +147,9 @@ class Ownership:
             return
         row = await self._query(conn, "try_lock_instance", {"key": key})
         if not (row and row[0]):
-            await self._rekey(conn, INSTANCE, "", key)  # a stranger holds it exclusively
+            # A stranger holds it exclusively, or waits for it exclusively: a waiting exclusive
+            # request queues every new share request behind it, even while daemons hold it.
+            await self._rekey(conn, INSTANCE, "", key, query="rekey_instance_lock")
             return  # the next turn holds the new key
         if self._instance_key is not None:
             await self._query(conn, "release_instance", {"key": self._instance_key})
@@ -163,6 +167,7 @@ class Ownership:
             await self._give_up(conn, name)
         while len(self.owned) > share:
             await self._give_up(conn, self.owned[-1])
+        await self._reclaim(conn)
         for name in self._preference:
             if len(self.owned) >= share:
                 break
@@ -176,6 +181,32 @@ class Ownership:
                     instances=self.instances,
                 )
                 await self._acquired(name)
+
+    async def _reclaim(self, conn: AsyncConnection[Any]) -> None:
+        """Name this instance again in the positions row of every projection it holds whose row
+        names someone else. Ownership is recorded once, when a lock is taken; a daemon that took
+        it under a stale key (a rekey racing its turn) may record itself after, then give the
+        projection up, and the row would name it for good: the holder's runner would stand by
+        and no daemon would apply the projection. Checked every turn, so such a state heals
+        within one turn. Runs after the stale and surplus projections were given up, so only a
+        daemon holding a projection under its current key claims it."""
+        if not self.owned:
+            return
+        async with deadline(conn, "ownership's owners"):
+            cur = await conn.execute(self.queries["owners"], {"names": self.owned})
+            rows = await cur.fetchall()
+        recorded = {str(name): owner for name, owner in rows}
+        for name in list(self.owned):
+            if recorded.get(name) == self.instance:
+                continue
+            await self._query(conn, "record_owner", {"name": name, "owner": self.instance})
+            log.warning(
+                "ownership.reclaimed",
+                projection=name,
+                instance=self.instance,
+                recorded_owner=recorded.get(name),
+                reason="this instance holds the projection's lock but its row named another",
+            )
 
     async def _give_up(self, conn: AsyncConnection[Any], name: str) -> None:
         await self._released(name)  # drain its runner first
@@ -198,10 +229,16 @@ class Ownership:
         return True
 
     async def _rekey(
-        self, conn: AsyncConnection[Any], purpose: str, name: str, key: int
+        self,
+        conn: AsyncConnection[Any],
+        purpose: str,
+        name: str,
+        key: int,
+        *,
+        query: str = "rekey_lock",
     ) -> int | None:
-        async with deadline(conn, "ownership's rekey_lock"):
-            return await rekey(conn, self.queries, purpose, name, key)
+        async with deadline(conn, f"ownership's {query}"):
+            return await rekey(conn, self.queries, purpose, name, key, query=query)
 
     async def _query(
         self, conn: AsyncConnection[Any], name: str, params: dict[str, Any]
@@ -225,13 +262,26 @@ async def take_keyed_lock(
     conn: AsyncConnection[Any], queries: Queries, purpose: str, name: str, key: int
 ) -> int | None:
     """Take the session lock `key` of lock_keys' (purpose, name) without waiting; if only
-    strangers hold it, draw a new key and take that. The key now held, or None."""
+    strangers hold it, draw a new key and take that. The key now held, or None.
+
+    `key` was read before (at the start of a turn): another daemon may have drawn a new key
+    since, and a stranger may then have let the old one go. Taking the old key would then let
+    two daemons own one lock, so the key is read again once held, and a lock taken under a key
+    that is no longer the lock's is released and counts as not taken."""
     if await _try(conn, queries, "try_lock", key):
-        return key
-    new = await rekey(conn, queries, purpose, name, key)
-    if new is None or not await _try(conn, queries, "try_lock", new):
-        return None
-    return new
+        held = key
+    else:
+        new = await rekey(conn, queries, purpose, name, key)
+        if new is None or not await _try(conn, queries, "try_lock", new):
+            return None
+        held = new
+    cur = await conn.execute(queries["lock_key"], {"purpose": purpose, "name": name})
+    row = await cur.fetchone()
+    if row is not None and int(row[0]) == held:
+        return held
+    await conn.execute(queries["release_projection"], {"key": held})
+    log.info("ownership.stale_key", lock=purpose, name=name or None)
+    return None
 
 
 async def _try(conn: AsyncConnection[Any], queries: Queries, query: str, key: int) -> bool:
@@ -241,11 +291,18 @@ async def _try(conn: AsyncConnection[Any], queries: Queries, query: str, key: in
 
 
 async def rekey(
-    conn: AsyncConnection[Any], queries: Queries, purpose: str, name: str, key: int
+    conn: AsyncConnection[Any],
+    queries: Queries,
+    purpose: str,
+    name: str,
+    key: int,
+    *,
+    query: str = "rekey_lock",
 ) -> int | None:
-    """A new key for a lock held only by strangers; None when a daemon holds it (or it is free
-    again, or another daemon drew the new key first)."""
-    cur = await conn.execute(queries["rekey_lock"], {"purpose": purpose, "name": name, "key": key})
+    """A new key for a lock held only by strangers (`rekey_lock`), or for the instance lock
+    that a stranger holds or waits for exclusively (`rekey_instance_lock`); None when nothing
+    changed (a daemon holds it, it is free again, or another daemon drew the new key first)."""
+    cur = await conn.execute(queries[query], {"purpose": purpose, "name": name, "key": key})
     row = await cur.fetchone()
     if row is None:
         return None
@@ -253,7 +310,11 @@ async def rekey(
         "ownership.rekeyed",
         lock=purpose,
         name=name or None,
-        reason="its key was held only by sessions of roles other than the daemon's",
+        reason=(
+            "its key was held only by sessions of roles other than the daemon's"
+            if query == "rekey_lock"
+            else "a session of a role other than the daemon's held or awaited it exclusively"
+        ),
     )
     return int(row[0])
 

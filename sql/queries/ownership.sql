@@ -13,6 +13,13 @@ ON CONFLICT (purpose, name) DO NOTHING;
 -- name: lock_keys
 SELECT purpose, name, key FROM {schema}.lock_keys WHERE purpose = ANY(%(purposes)s::text[]);
 
+-- name: lock_key
+-- A lock's key as it is now, read right after taking the lock under the key read earlier: a
+-- daemon (or a whole turn) may have drawn a new key in between, and a daemon holding a key that is
+-- no longer the lock's must not count itself owner (two daemons would own it). FOR SHARE waits for
+-- a rekey in flight (its UPDATE holds the row until it commits) and then reads the new key.
+SELECT key FROM {schema}.lock_keys WHERE purpose = %(purpose)s AND name = %(name)s FOR SHARE;
+
 -- name: try_lock
 SELECT pg_try_advisory_lock(%(key)s::bigint);
 
@@ -61,6 +68,31 @@ WHERE k.purpose = %(purpose)s AND k.name = %(name)s AND k.key = %(key)s::bigint
         AND l.classid = ((k.key >> 32) & 4294967295)::oid
         AND l.objid = (k.key & 4294967295)::oid)
 RETURNING k.key;
+
+-- name: rekey_instance_lock
+-- The shared instance lock gets a new key when a stranger holds it exclusively, or merely WAITS
+-- for it exclusively: PostgreSQL queues a new request behind a waiting conflicting one, so a
+-- stranger's queued pg_advisory_lock() makes every new daemon's pg_try_advisory_lock_shared()
+-- fail while the daemons already running hold it. Daemons only ever take this key in share mode,
+-- so any exclusive request on it from a stranger is hostile.
+UPDATE {schema}.lock_keys k
+SET key = ('x' || translate(gen_random_uuid()::text, '-', ''))::bit(64)::bigint
+WHERE k.purpose = %(purpose)s AND k.name = %(name)s AND k.key = %(key)s::bigint
+  AND EXISTS (
+      SELECT 1
+      FROM pg_locks l
+      JOIN pg_stat_activity a ON a.pid = l.pid
+      WHERE l.locktype = 'advisory' AND l.mode = 'ExclusiveLock' AND l.objsubid = 1
+        AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+        AND l.classid = ((k.key >> 32) & 4294967295)::oid
+        AND l.objid = (k.key & 4294967295)::oid
+        AND NOT pg_has_role(a.usesysid, current_user, 'MEMBER'))
+RETURNING k.key;
+
+-- name: owners
+-- Whom the positions rows name, so a daemon that holds a projection's lock can take the row back
+-- when it names someone else (a race with a rekey, or an old daemon) and its runner stands by.
+SELECT name, owner FROM {schema}.projection_positions WHERE name = ANY(%(names)s::text[]);
 
 -- name: record_owner
 INSERT INTO {schema}.projection_positions AS p (name, owner) VALUES (%(name)s, %(owner)s)
