@@ -254,6 +254,8 @@ def test_status_watch_refreshes_until_interrupted(db: TestDatabase, state_dir: P
             if tables >= 3 and seen_credit:
                 break
         watch.send_signal(signal.SIGINT)
-        assert watch.wait(10) == 0
+        # Keep reading while it exits: a full pipe would block its last refresh, and its exit.
+        watch.communicate(timeout=30)
+        assert watch.returncode == 0
         assert seen_credit, "the live table never showed the applied event"
         assert daemon.stop() == 0

@@ -37,9 +37,13 @@ def test_terminated_listener_reconnects_and_catches_up(db: TestDatabase, state_d
             killed = db.scalar(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                 " WHERE datname = current_database() AND application_name = 'projectord'"
-                # The listener's last statement: LISTEN, arming or disarming, or its probe.
-                " AND (query ILIKE 'LISTEN%%' OR query ILIKE '%%pg_advisory%%'"
-                "      OR query ILIKE '%%pg_notify%%')"
+                # The listener's last statement: LISTEN, arming or disarming, its probe, or its
+                # poll (ownership's advisory-lock statements are not among these).
+                " AND (query ILIKE 'LISTEN%%'"
+                "      OR query ILIKE '%%pg_advisory_lock_shared(hashtext%%'"
+                "      OR query ILIKE '%%pg_advisory_unlock_all%%'"
+                "      OR query ILIKE '%%pg_notify%%'"
+                "      OR query ILIKE '%%pg_current_snapshot())::text::bigint AS horizon%%')"
             )
             assert killed == 1
             credit(db)  # appended while the listener is away: its NOTIFY is lost
