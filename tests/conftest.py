@@ -21,6 +21,7 @@ from tests.harness import (
     prepare_for_daemon_role,
     temporary_database,
 )
+from tests.role_support import TemporaryRoles, temporary_roles
 
 TEST_URL_ENV = "PROJECTORD_TEST_DATABASE_URL"
 TEMPLATE = f"projectord_template_{os.getpid()}"
@@ -69,3 +70,15 @@ def state_dir(tmp_path: Path) -> Path:
     path = tmp_path / "state"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def roles(pg_admin_url: str, db: TestDatabase) -> Iterator[TemporaryRoles]:
+    """Roles made for one test (cluster-wide, so uniquely named), dropped after it."""
+    yield from temporary_roles(pg_admin_url, db.url)
+
+
+@pytest.fixture
+def stranger(roles: TemporaryRoles) -> str:
+    """A login role with only the CONNECT every role has by default: no grant at all."""
+    return roles.create("stranger", "LOGIN")

@@ -7,12 +7,11 @@ stranger waiting for the instance key cannot keep a new daemon from being counte
 from __future__ import annotations
 
 import threading
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
 import psycopg
-import pytest
 from psycopg import AsyncConnection
 from psycopg.conninfo import make_conninfo
 
@@ -20,20 +19,8 @@ from projectord.database import connect
 from projectord.ownership import INSTANCE, PROJECTION, Keys, Ownership, take_keyed_lock
 from projectord.queries import Queries
 from tests.harness import TestDatabase, wait_until
-from tests.role_support import TemporaryRoles, temporary_roles
 
 SCHEMA = "projectord"
-
-
-@pytest.fixture
-def roles(pg_admin_url: str, db: TestDatabase) -> Iterator[TemporaryRoles]:
-    yield from temporary_roles(pg_admin_url, db.url)
-
-
-@pytest.fixture
-def stranger(roles: TemporaryRoles) -> str:
-    """A login role with only the CONNECT every role has by default: no grant at all."""
-    return roles.create("stranger", "LOGIN")
 
 
 async def _nothing(_: Any) -> None:

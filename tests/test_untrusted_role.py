@@ -18,7 +18,7 @@ from psycopg.conninfo import make_conninfo
 from projectord.queries import Queries
 from tests.harness import DaemonProcess, TestDatabase, run_cli, temporary_database, wait_until
 from tests.ops_support import cli, credit, projection, start
-from tests.role_support import TemporaryRoles, temporary_roles
+from tests.role_support import TemporaryRoles
 
 LEDGER = "tests.projections:ledger_only"
 LEGACY_INIT_LOCK = 0x70726F6A  # the init lock's advisory key before migration 0014
@@ -29,17 +29,6 @@ def other_database(pg_admin_url: str) -> Iterator[str]:
     """Another database of the same cluster, for a session that is not in the daemon's."""
     with temporary_database(pg_admin_url, "pd_other") as name:
         yield name
-
-
-@pytest.fixture
-def roles(pg_admin_url: str, db: TestDatabase) -> Iterator[TemporaryRoles]:
-    yield from temporary_roles(pg_admin_url, db.url)
-
-
-@pytest.fixture
-def stranger(roles: TemporaryRoles) -> str:
-    """A login role with only the CONNECT every role has by default: no grant at all."""
-    return roles.create("stranger", "LOGIN")
 
 
 def health(state_dir: Path) -> tuple[int, dict[str, Any]]:
