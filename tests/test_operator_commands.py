@@ -243,6 +243,9 @@ def test_status_watch_refreshes_until_interrupted(db: TestDatabase, state_dir: P
             stdout=subprocess.PIPE,
             text=True,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
+            # As from a terminal: a test run started in the background (`cmd &` in a script)
+            # ignores SIGINT, and Python then installs no KeyboardInterrupt for it.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         assert watch.stdout is not None
         tables = 0
