@@ -7,7 +7,9 @@ stranger waiting for the instance key cannot keep a new daemon from being counte
 from __future__ import annotations
 
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -71,6 +73,35 @@ def with_stale_keys_once(daemon: Ownership, stale: Keys) -> None:
     daemon._keys = once  # type: ignore[method-assign]
 
 
+@dataclass
+class Race:
+    """Two joined daemons, their connections, and a stranger's session holding p's key K1."""
+
+    a: Ownership
+    b: Ownership
+    ca: AsyncConnection[Any]
+    cb: AsyncConnection[Any]
+    stranger: psycopg.Connection[Any]
+    k1: int
+
+
+@asynccontextmanager
+async def two_daemons_and_a_stranger_on_k1(db: TestDatabase, stranger: str) -> AsyncIterator[Race]:
+    """Daemons A and B joined, each on its own connection, and a stranger's session holding p's
+    key K1; the sessions end with the block."""
+    a, b = ownership(db, "A", ["p"]), ownership(db, "B", ["p"])
+    async with (
+        await connect(db.url, autocommit=True) as ca,
+        await connect(db.url, autocommit=True) as cb,
+    ):
+        await a._join(ca)
+        await b._join(cb)
+        k1 = lock_key(db, PROJECTION, "p")
+        with psycopg.connect(make_conninfo(db.url, user=stranger), autocommit=True) as mal:
+            mal.execute("SELECT pg_advisory_lock(%s)", (k1,))
+            yield Race(a, b, ca, cb, mal, k1)
+
+
 def test_a_lock_taken_under_a_key_redrawn_since_is_not_held(
     db: TestDatabase, stranger: str
 ) -> None:
@@ -79,24 +110,16 @@ def test_a_lock_taken_under_a_key_redrawn_since_is_not_held(
 
     async def scenario() -> None:
         queries = Queries(SCHEMA)
-        a, b = ownership(db, "A", ["p"]), ownership(db, "B", ["p"])
-        async with (
-            await connect(db.url, autocommit=True) as ca,
-            await connect(db.url, autocommit=True) as cb,
-        ):
-            await a._join(ca)
-            await b._join(cb)
-            k1 = lock_key(db, PROJECTION, "p")
-            with psycopg.connect(make_conninfo(db.url, user=stranger), autocommit=True) as mal:
-                mal.execute("SELECT pg_advisory_lock(%s)", (k1,))
-                await a.rebalance(ca)  # K1 held only by a stranger: A draws K2 and takes it
-                assert a.owned == ["p"]
-                k2 = lock_key(db, PROJECTION, "p")
-                assert k2 != k1 and a._held["p"] == k2
-                mal.execute("SELECT pg_advisory_unlock(%s)", (k1,))
-            held = await take_keyed_lock(cb, queries, PROJECTION, "p", k1)
+        async with two_daemons_and_a_stranger_on_k1(db, stranger) as race:
+            a, k1 = race.a, race.k1
+            await a.rebalance(race.ca)  # K1 held only by a stranger: A draws K2 and takes it
+            assert a.owned == ["p"]
+            k2 = lock_key(db, PROJECTION, "p")
+            assert k2 != k1 and a._held["p"] == k2
+            race.stranger.execute("SELECT pg_advisory_unlock(%s)", (k1,))
+            held = await take_keyed_lock(race.cb, queries, PROJECTION, "p", k1)
             assert held is None, "B took p under the key that was redrawn"
-            assert not holds(db, cb.info.backend_pid, k1), "B kept the stale lock"
+            assert not holds(db, race.cb.info.backend_pid, k1), "B kept the stale lock"
 
     anyio.run(scenario)
 
@@ -130,19 +153,11 @@ def test_a_rekey_racing_a_turn_leaves_one_owner_who_applies(
     few turns the row names the daemon that holds p."""
 
     async def scenario() -> None:
-        a, b = ownership(db, "A", ["p"]), ownership(db, "B", ["p"])
-        async with (
-            await connect(db.url, autocommit=True) as ca,
-            await connect(db.url, autocommit=True) as cb,
-        ):
-            await a._join(ca)
-            await b._join(cb)
-            k1 = lock_key(db, PROJECTION, "p")
-            with psycopg.connect(make_conninfo(db.url, user=stranger), autocommit=True) as mal:
-                mal.execute("SELECT pg_advisory_lock(%s)", (k1,))
-                stale = await b._keys(cb)
-                await a.rebalance(ca)
-                mal.execute("SELECT pg_advisory_unlock(%s)", (k1,))
+        async with two_daemons_and_a_stranger_on_k1(db, stranger) as race:
+            a, b, ca, cb = race.a, race.b, race.ca, race.cb
+            stale = await b._keys(cb)
+            await a.rebalance(ca)
+            race.stranger.execute("SELECT pg_advisory_unlock(%s)", (race.k1,))
             with_stale_keys_once(b, stale)
             await b.rebalance(cb)
             assert not ("p" in a.owned and "p" in b.owned), "two daemons own p"
