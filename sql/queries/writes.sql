@@ -1,14 +1,13 @@
 -- Which tables projections write (sql/migrations/0013_tables_written.sql).
 
 -- name: record_tables_written
--- Run inside a batch's transaction, after its handler: every table the handler wrote, once per
--- projection. projectord's own writes in that transaction are not the handler's: this
--- statement's, and the checkpoint's (projection_positions) should it ever come first.
+-- Run inside a batch's transaction, after its handler and before the checkpoint's compare-and-set:
+-- every table the handler wrote, once per projection (this statement's own lock on
+-- projection_writes is not the handler's).
 INSERT INTO {schema}.projection_writes (projection, table_schema, table_name)
 SELECT %(name)s, w.table_schema, w.table_name
 FROM {schema}.tables_written() AS w
-WHERE w.relation NOT IN (to_regclass('{schema}.projection_writes')::oid,
-                         to_regclass('{schema}.projection_positions')::oid)
+WHERE w.relation <> to_regclass('{schema}.projection_writes')::oid
 ON CONFLICT DO NOTHING;
 
 -- name: undeclared_tables_written
@@ -27,10 +26,9 @@ DELETE FROM {schema}.projection_writes WHERE projection = %(name)s;
 
 -- name: tables_written_outside
 -- The shadow's guard, in an online rebuild's batch transaction: tables written outside the
--- shadow schema. The batch is rolled back when there is one. The shadow's checkpoint
--- (projection_positions) is projectord's write, not the handler's.
+-- shadow schema. The batch is rolled back when there is one. It runs at the end of the handler,
+-- before the checkpoint's compare-and-set writes projection_positions.
 SELECT table_schema || '.' || table_name
 FROM {schema}.tables_written()
 WHERE table_schema <> %(shadow)s
-  AND relation <> to_regclass('{schema}.projection_positions')::oid
 ORDER BY 1;
