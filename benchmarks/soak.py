@@ -54,6 +54,18 @@ LATENCY_SINCE = """
 SELECT (extract(epoch FROM applier_clock) - writer_clock) * 1000
 FROM latency_probe WHERE global_position > %s
 """
+PINGED_NOT_APPLIED = """
+SELECT count(*) FROM projectord.events e
+WHERE e.type = 'Pinged'
+  AND NOT EXISTS (SELECT 1 FROM latency_probe p WHERE p.global_position = e.global_position)
+"""
+APPLIED_NOT_PINGED = """
+SELECT count(*) FROM latency_probe p
+WHERE NOT EXISTS (
+    SELECT 1 FROM projectord.events e
+    WHERE e.global_position = p.global_position AND e.type = 'Pinged'
+)
+"""
 BALANCES_DIFFER = f"""
 SELECT count(*) FROM (
     (SELECT id, tenant_id, balance, events FROM balances EXCEPT ({FOLD_SQL}))
@@ -190,14 +202,16 @@ def exact_state(soak: Soak) -> list[str]:
     waited = soak.cli("wait", "--timeout", "300", timeout=330)
     if waited.returncode != 0:
         problems.append(f"`projectord wait` exited {waited.returncode}: {waited.stderr.strip()}")
-    with psycopg.connect(soak.url, autocommit=True) as conn:
+    with psycopg.connect(soak.url) as conn:
+        # One snapshot for every count, so a late event cannot fall between two of them.
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         differ = scalar(conn, BALANCES_DIFFER)
-        pinged = scalar(conn, "SELECT count(*) FROM projectord.events WHERE type = 'Pinged'")
-        probed = scalar(conn, "SELECT count(*) FROM latency_probe")
+        missing = scalar(conn, PINGED_NOT_APPLIED)
+        extra = scalar(conn, APPLIED_NOT_PINGED)
     if differ:
         problems.append(f"{differ} balances rows differ from the fold of the events")
-    if pinged != probed:
-        problems.append(f"{pinged} Pinged events, {probed} applied")
+    if missing or extra:
+        problems.append(f"{missing} Pinged events not applied, {extra} applied that are not")
     return problems
 
 
@@ -232,12 +246,11 @@ def main(argv: list[str] | None = None) -> None:
             pgbench_path(), "-n", "-c", "4", "-j", "2", "-R", str(args.rate),
             "-T", str(round(args.minutes * 60) + 5), "-f", str(state_dir / "append.sql"), url,
         ]  # fmt: skip
-        with (
-            daemon(url, "benchmarks.projections:soak_projections", state_dir) as process,
-            background("pgbench", pgbench, state_dir),
-        ):
-            soak = Soak(url, state_dir, process.pid, last_cpu=cpu_seconds(process.pid))
-            run(soak, args)
+        with daemon(url, "benchmarks.projections:soak_projections", state_dir) as process:
+            with background("pgbench", pgbench, state_dir):
+                soak = Soak(url, state_dir, process.pid, last_cpu=cpu_seconds(process.pid))
+                run(soak, args)
+            # The writers have stopped: only now is "every event applied" a fixed target.
             problems = exact_state(soak)
         report(soak, args.warm_up_minutes, problems)
 
