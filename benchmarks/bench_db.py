@@ -26,7 +26,7 @@ from projectord.database import connect
 from projectord.embedded import EmbeddedPostgres
 from projectord.logs import configure_logging
 from projectord.projection import Projection
-from projectord.schema import initialise
+from projectord.schema.migrations import initialise
 
 SCHEMA = "projectord"
 DEPOSITED, WITHDRAWN = "Deposited", "Withdrawn"

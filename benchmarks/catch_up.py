@@ -40,11 +40,11 @@ from benchmarks.bench_db import (
     server_description,
 )
 from benchmarks.projections import NaiveBalances
+from projectord.daemon.gc_tuning import tune_for_batches
 from projectord.database import configure_json, make_pool
-from projectord.gc_tuning import tune_for_batches
 from projectord.projection import Projection
 from projectord.queries import Queries
-from projectord.runner import ProjectionRunner
+from projectord.runner.loop import ProjectionRunner
 from projectord.samples import DEPOSITED, Balances
 
 CONTENDERS = ("reference", "runner", "naive", "sql")

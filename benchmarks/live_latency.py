@@ -41,8 +41,8 @@ from benchmarks.bench_db import (
 )
 from benchmarks.processes import append_with_pgbench, background, cpu_seconds, daemon
 from benchmarks.projections import LatencyProbe
+from projectord.daemon.listener import channel_name
 from projectord.database import configure_json
-from projectord.listener import channel_name
 from projectord.queries import Queries
 
 REFERENCE_TABLE = """

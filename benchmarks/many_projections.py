@@ -34,7 +34,7 @@ from benchmarks.bench_db import (
 )
 from benchmarks.processes import cpu_seconds, daemon
 from benchmarks.projections import balances_copy
-from projectord.listener import channel_name
+from projectord.daemon.listener import channel_name
 from projectord.queries import Queries
 
 ARMED = Queries(SCHEMA)["armed_listeners"]

@@ -40,7 +40,7 @@ from benchmarks.processes import (
     daemon,
 )
 from benchmarks.projections import Pings
-from projectord.runner import BUSY_READ_PAUSE
+from projectord.runner.loop import BUSY_READ_PAUSE
 
 MODES = ("none", "always", "projectord", "unordered", "overwrite")
 POLL = str(BUSY_READ_PAUSE)
@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
         rates: dict[str, list[float]] = {mode: [] for mode in MODES}
         # The daemon reads about every 20 ms in every mode: with the trigger disabled its
         # listener polls that often, and with busy writers (no wake-ups) a runner pauses as long
-        # between two short batches (projectord/runner.py, BUSY_READ_PAUSE). So the modes differ
+        # between two short batches (projectord/runner/loop.py, BUSY_READ_PAUSE). So the modes
+        # differ
         # only by the trigger, not by how often the daemon works next to the writers.
         with daemon(url, "benchmarks.projections:pings", state_dir, poll_interval=POLL):
             for round_ in range(args.rounds):

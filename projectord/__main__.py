@@ -1,5 +1,5 @@
 import sys
 
-from projectord.cli import main
+from projectord.cli.main import main
 
 sys.exit(main())

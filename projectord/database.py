@@ -251,7 +251,7 @@ async def check_quietly(conn: AsyncConnection[Any]) -> None:
     An idle connection the server ended (a restart, `pg_terminate_backend`) has something to read:
     the server's FATAL message, or the end of the stream. Only then is it checked for real (an
     empty query), and the pool replaces it if that fails. A round trip on every checkout would be
-    a sixth of a live batch's (projectord/runner.py); a connection that fails without a word (a
+    a sixth of a live batch's (projectord/runner/loop.py); a connection that fails without a word (a
     network that drops packets) fails its next statement instead, which the runner retries.
     """
     if conn.closed or conn.pgconn.status != psycopg.pq.ConnStatus.OK:

@@ -100,7 +100,8 @@ class Fetcher:
         """The fetch, told apart by the table's size class. psycopg prepares a statement on its
         fifth run and the server keeps the plan; one made while the table was small (a
         sequential scan and a sort) would cost more with every event appended. A new size class
-        (the table doubled) is a new statement, planned afresh (tests/test_batch_transaction.py).
+        (the table doubled) is a new statement, planned afresh
+        (tests/integration/test_batch_transaction.py).
         Planning every fetch instead would cost about 0.2 ms of a live batch's round trip."""
         return f"/* size class {self._size_class} */ {self.queries[name]}"
 

@@ -52,7 +52,7 @@ class Projection:
     # the batch, not at the `execute` that caused it; the batch rolls back either way. Set it to
     # False for an `on` that catches the errors of its own statements.
     pipeline: ClassVar[bool] = True
-    # The error policy (projectord/error_policy.py); None takes the configuration's value.
+    # The error policy (projectord/runner/error_policy.py); None takes the configuration's value.
     on_error: ClassVar[str | None] = None  # "pause" or "skip"
     max_attempts: ClassVar[int | None] = None
     handler_timeout: ClassVar[float | None] = None

@@ -12,7 +12,8 @@ every query here is written to leave it no such choice: operands of exactly the 
 pg_catalog operator (`1000000::numeric`, `amname::text`, `0::oid`, `regclass::oid`), and
 `pg_catalog.` before polymorphic or "any" functions (`unnest`, `count(x)`,
 `json_populate_recordset`). A multi-array unnest is spelled `ROWS FROM (pg_catalog.unnest(a), …)`:
-the qualified name has no multi-argument form. tests/test_drift_hardening.py arms such operators
+the qualified name has no multi-argument form. tests/integration/test_drift_hardening.py arms such
+operators
 and runs the daemon, init, drift and status under them.
 """
 

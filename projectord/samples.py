@@ -15,7 +15,13 @@ from uuid import UUID
 from psycopg import AsyncConnection
 from pydantic import Field
 
-from projectord.aggregate import Aggregate, Change, CommandPayload, CommandRejected, handles
+from projectord.commands.aggregate import (
+    Aggregate,
+    Change,
+    CommandPayload,
+    CommandRejected,
+    handles,
+)
 from projectord.event_store import Event
 from projectord.projection import Projection, Table
 from projectord.read_model import upsert_many

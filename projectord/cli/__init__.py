@@ -1,0 +1,1 @@
+"""The `projectord` command line."""

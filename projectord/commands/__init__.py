@@ -1,0 +1,1 @@
+"""The write side: commands, the command store, aggregates and the dispatcher."""

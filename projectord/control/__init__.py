@@ -1,0 +1,1 @@
+"""The control socket: the server, its operations, the CLI's client, status, health, metrics."""

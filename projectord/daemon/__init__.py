@@ -1,0 +1,1 @@
+"""The daemon process: supervision, ownership, the notification listener, signals, systemd."""

@@ -1,0 +1,294 @@
+"""The notification listener: one dedicated LISTEN connection that wakes the runners.
+
+It lives outside the pool, in autocommit (a listener inside a transaction holds notifications back
+and fills the server's queue). It never gives up: a lost connection is retried with capped backoff,
+and every (re)connection wakes every runner for a catch-up read, because notifications sent while
+it was away are gone. A notification it sends itself every `probe_interval` proves the path still
+works; a listener that cannot hear itself reconnects.
+
+Appends notify only while the listener is *armed* (sql/migrations/0006_notify_only_when_asleep.sql
+has the protocol): a busy daemon needs no wake-ups, and every NOTIFY costs the writers a
+serialised commit. A runner that finds nothing new while the listener is disarmed calls
+`request_arm` and polls on a short backoff. Arming completes once every append that decided not
+to notify has ended; the listener then wakes the runners, and a read begun after that may be
+followed by a sleep. The listener stays armed while notifications are rare: each one wakes the
+runners at the cost of one round trip to the writer. Once they come faster than `DISARM_RATE` a
+second, writers are busy enough for the serialised commits to cost them, and the runners, busy
+too, read again soon after every batch: the listener disarms (waking every runner, so none
+that read while armed sleeps through the disarm) and refuses to arm again for a while
+(`REARM_COOLDOWN`: 1 s, doubling while the writers stay busy). Arming takes the channel's
+advisory lock stripes on this connection, so if the connection dies the server releases them and
+the writers stop notifying: a lost connection wakes every runner too.
+
+The listener also polls for every runner, one cheap query each `poll_interval` (the safety net for
+appends that notify nobody: a trigger disabled, `session_replication_role = replica`). Runners
+then poll on their own only rarely while it is connected, so 50 idle projections cost one query
+per poll interval, not 50.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import Callable
+
+import anyio
+import anyio.lowlevel
+import psycopg
+
+from projectord.daemon.heartbeat import Heartbeat
+from projectord.database import DeadConnection, connect, deadline, describe_error, discard
+from projectord.logs import get_logger
+from projectord.queries import Queries
+
+log = get_logger("projectord.daemon.listener")
+
+PROBE_PAYLOAD = "probe"
+# Arming waits this long for a writer that holds its stripe (a transaction that appended and is
+# still open) before giving up; the runner then polls soon and asks again.
+ARM_LOCK_TIMEOUT = "200ms"
+# While the listener polls for them, idle runners poll on their own this many times less often.
+RUNNER_POLL_FACTOR = 12
+# Notifications a second above which the listener disarms (counted over DISARM_WINDOW seconds).
+# Below it a notification is cheap for writers (benchmarks/write_cost.py: a NOTIFY in every
+# append halves the throughput of 8 writers going flat out, at about 7000 appends/s here) and is
+# the fastest wake-up (benchmarks/live_latency.py).
+DISARM_RATE = 5000
+DISARM_WINDOW = 0.1
+# After disarming for the rate, arming is refused for a while (seconds): without it, a runner
+# whose types are not being written would arm again at once, and busy writers would notify again.
+# The wait doubles each time an arming is tripped again within REARM_QUIET seconds (the writers
+# are still busy), up to the cap, and starts over after a longer quiet arming.
+REARM_COOLDOWN = (1.0, 16.0)
+REARM_QUIET = 5.0
+# PostgreSQL's identifier limit (NAMEDATALEN - 1), which channel names share.
+MAX_IDENTIFIER_BYTES = 63
+
+
+def channel_name(schema: str) -> str:
+    """The channel the events trigger notifies (sql/migrations/0011_channel_fits_identifier_limit).
+
+    A channel is an identifier, at most 63 bytes: a schema too long for `projectord_<schema>`
+    gets the md5 of its name instead, so appends never fail on the channel's length.
+    """
+    channel = f"projectord_{schema}"
+    if len(channel.encode()) > MAX_IDENTIFIER_BYTES:
+        channel = f"projectord_{hashlib.md5(schema.encode()).hexdigest()}"
+    return channel
+
+
+class NotificationListener:
+    def __init__(
+        self,
+        dsn: str,
+        schema: str,
+        wake: Callable[[], None],
+        *,
+        probe_interval: float = 10.0,
+        max_backoff: float = 5.0,
+        poll_interval: float = 5.0,
+    ) -> None:
+        self.dsn = dsn
+        self.channel = channel_name(schema)
+        self.wake = wake
+        self.probe_interval = probe_interval
+        self.max_backoff = max_backoff
+        self.connected = False
+        self.last_heard = 0.0  # monotonic time of the last notification or successful probe
+        self.reconnects = 0
+        self.heartbeat = Heartbeat("listener")  # beats at least every probe_interval / 2
+        self.queries = Queries(schema)
+        self.poll_interval = poll_interval
+        self._polled_at = 0.0
+        self._poll_since = 0  # the horizon of the last poll: later commits have xids above it
+        self.armed = False  # holds the stripes: appends notify
+        self._window_start = 0.0  # notifications heard since then (the rate that disarms)
+        self._window_heard = 0
+        self._rearm_after = 0.0  # monotonic time before which `arm` refuses (REARM_COOLDOWN)
+        self._cooldown = REARM_COOLDOWN[0]
+        self._armed_at = 0.0
+        self._arm_wanted = False
+        self._disarm_wanted = False
+        self._waiting: anyio.CancelScope | None = None  # the wait for notifications, if any
+        self._probe_sent = 0.0  # monotonic time of the probe not heard yet; 0: none pending
+
+    def request_arm(self) -> None:
+        """Ask for appends to notify from now on. Returns at once: arming waits for every append
+        that decided not to notify to end, which takes as long as the writers' transactions,
+        and the runners poll meanwhile. Once armed, the listener wakes every runner, and a read
+        that begins after that sees every event that did not notify. Ignored while not
+        connected, and for REARM_COOLDOWN after a disarm for the rate."""
+        if self.armed or not self.connected or time.monotonic() < self._rearm_after:
+            return
+        self._arm_wanted = True
+        if self._waiting is not None:
+            self._waiting.cancel()
+
+    def runner_poll_interval(self, poll_interval: float) -> float:
+        """How long an idle runner may wait for a wake-up before it reads on its own."""
+        return poll_interval * RUNNER_POLL_FACTOR if self.connected else poll_interval
+
+    async def _poll(self, conn: psycopg.AsyncConnection[object]) -> None:
+        """Every `poll_interval`: wake the runners if any event committed since the last poll.
+        An event that commits after a snapshot belongs to a transaction whose xid is at or above
+        that snapshot's xmin, so one index probe answers for every projection."""
+        now = time.monotonic()
+        if now - self._polled_at < self.poll_interval:
+            return
+        self._polled_at = now
+        async with deadline(conn, "the listener's poll"):
+            cur = await conn.execute(
+                self.queries["poll_events"], {"since": str(self._poll_since)}, prepare=False
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        self._poll_since = row[0]
+        if row[1]:
+            self.wake()
+
+    def _heard(self) -> None:
+        """A notification: wake the runners; if they come fast, disarm (see the module's doc)."""
+        now = time.monotonic()
+        if now - self._window_start > DISARM_WINDOW:
+            self._window_start, self._window_heard = now, 0
+        self._window_heard += 1
+        if self.armed and self._window_heard > DISARM_RATE * DISARM_WINDOW:
+            self.armed = False
+            self._disarm_wanted = True
+            if now - self._armed_at < REARM_QUIET:
+                self._cooldown = min(self._cooldown * 2, REARM_COOLDOWN[1])
+            else:
+                self._cooldown = REARM_COOLDOWN[0]
+            self._rearm_after = now + self._cooldown
+            log.debug("listener.disarmed", heard=self._window_heard, cooldown=self._cooldown)
+        self.wake()
+
+    def _lost(self) -> None:
+        """The connection is gone, and with it the stripes: wake everyone, end any attempt."""
+        self.connected = False
+        self.armed = self._arm_wanted = self._disarm_wanted = False
+        self.wake()
+
+    async def _arm_or_disarm(self, conn: psycopg.AsyncConnection[object]) -> None:
+        if self._arm_wanted or self._disarm_wanted:
+            async with deadline(conn, "the listener's arming"):
+                await self._arm_or_disarm_now(conn)
+
+    async def _arm_or_disarm_now(self, conn: psycopg.AsyncConnection[object]) -> None:
+        if self._disarm_wanted:
+            self._disarm_wanted = False
+            await conn.execute(self.queries["disarm_wakeups"])
+        if self._arm_wanted:
+            self._arm_wanted = False
+            if self.armed:  # asked twice
+                return
+            try:
+                await conn.execute(self.queries["arm_wakeups"], {"channel": self.channel})
+            except psycopg.errors.LockNotAvailable:  # a writer kept its stripe: asked again later
+                log.debug("listener.arm_timed_out")
+                await conn.execute(self.queries["disarm_wakeups"])
+                return
+            self.armed = True
+            self._armed_at = time.monotonic()
+            self.wake()  # the runners' last read before sleeping begins now
+
+    async def run(self) -> None:
+        failures = 0
+        while True:
+            self.heartbeat.beat()
+            try:
+                await self._listen(failures)
+            except (psycopg.Error, OSError, TimeoutError) as exc:
+                if self.connected or failures == 0:
+                    log.warning("listener.disconnected", error=describe_error(exc, self.dsn))
+                self._lost()
+                failures += 1
+                delay = min(self.max_backoff, 0.05 * 2 ** min(failures, 10))
+                with self.heartbeat.waiting():
+                    await anyio.sleep(delay * random.uniform(0.5, 1.0))
+            else:  # pragma: no cover - _listen only returns by raising
+                failures = 0
+
+    def _wait_time(self) -> float:
+        until_poll = self._polled_at + self.poll_interval - time.monotonic()
+        return max(0.0, min(self.probe_interval / 2, until_poll))
+
+    def _connected(self, failures: int) -> None:
+        self.connected = True
+        self.last_heard = time.monotonic()
+        if failures:
+            self.reconnects += 1
+            log.info("listener.reconnected", attempts=failures)
+        else:
+            log.info("listener.connected", channel=self.channel)
+        self.wake()  # catch up on anything notified while no one listened
+
+    async def _listen(self, failures: int) -> None:
+        conn = await connect(self.dsn, autocommit=True, connect_timeout=5)
+        async with conn:
+            # Notifications that arrive while the listener runs its own statements (a poll, an
+            # arming, a probe) are read by psycopg and handed over here.
+            conn.add_notify_handler(self._on_notify)
+            async with deadline(conn, "LISTEN"):
+                await conn.execute(f"SET lock_timeout = '{ARM_LOCK_TIMEOUT}'")
+                await conn.execute(f'LISTEN "{self.channel}"')
+            self._connected(failures)
+            self._probe_sent = 0.0
+            while True:
+                self.heartbeat.beat()
+                await self._poll(conn)
+                await self._arm_or_disarm(conn)
+                # A deliberate wait, bounded: the probe below catches a connection gone silent.
+                # `request_arm` cuts it short.
+                try:
+                    with self.heartbeat.waiting(), anyio.CancelScope() as self._waiting:
+                        if not (self._arm_wanted or self._disarm_wanted):
+                            heard = await self._wait_for_notifications(conn)
+                            if heard:
+                                # Let the woken runners send their reads before this loop's
+                                # own housekeeping: it then overlaps their round trips.
+                                await anyio.lowlevel.checkpoint()
+                finally:
+                    self._waiting = None
+                now = time.monotonic()
+                if self._probe_sent and now - self._probe_sent > self.probe_interval:
+                    await discard(conn)  # its session may live on over there, still LISTENing
+                    raise DeadConnection("the listener did not hear its own probe notification")
+                if not self._probe_sent and now - self.last_heard >= self.probe_interval / 2:
+                    self._probe_sent = now  # before: psycopg may hand the probe over at once
+                    async with deadline(conn, "the listener's probe"):
+                        await conn.execute(
+                            "SELECT pg_notify(%s, %s)", (self.channel, PROBE_PAYLOAD)
+                        )
+
+    async def _wait_for_notifications(self, conn: psycopg.AsyncConnection[object]) -> int:
+        """Wait until the server sends something or `_wait_time` passes; returns how many
+        notifications were read. It waits on the socket itself: psycopg's `notifies()` wakes
+        every 0.1 s to check for interrupts, a good part of an idle daemon's CPU. Between
+        statements the server only sends notifications, notices, or an error before it closes
+        the session, which `consume_input` then raises."""
+        pgconn = conn.pgconn
+        heard = self._read_notifications(pgconn)
+        if heard:  # a safety net: psycopg hands over what it reads along with a statement's
+            return heard  # results; anything left there would otherwise wait for the next packet
+        with anyio.move_on_after(self._wait_time()):
+            await anyio.wait_readable(pgconn.socket)
+            pgconn.consume_input()
+        return self._read_notifications(pgconn)
+
+    def _read_notifications(self, pgconn: psycopg.pq.abc.PGconn) -> int:
+        heard = 0
+        while (pgn := pgconn.notifies()) is not None:
+            heard += 1
+            channel = pgn.relname.decode(errors="replace")
+            payload = pgn.extra.decode(errors="replace")
+            self._on_notify(psycopg.Notify(channel, payload, pgn.be_pid))
+        return heard
+
+    def _on_notify(self, notify: psycopg.Notify) -> None:
+        self.last_heard = time.monotonic()
+        if notify.payload == PROBE_PAYLOAD:
+            self._probe_sent = 0.0
+        else:
+            self._heard()

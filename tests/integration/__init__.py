@@ -1,0 +1,1 @@
+"""Tests that need a PostgreSQL server (the session starts its own; see conftest.py)."""

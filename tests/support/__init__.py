@@ -1,0 +1,1 @@
+"""What the tests share: the harness, the test projections, a TCP proxy."""

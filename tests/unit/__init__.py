@@ -1,0 +1,1 @@
+"""Tests that run in seconds without PostgreSQL."""
