@@ -244,18 +244,16 @@ def test_three_daemons_with_kill_9_and_restarts(db: TestDatabase, tmp_path: Path
             assert entry["owner"] == by_owner[entry["name"]]
             assert entry["local"] == (entry["owner"] == status["instance"])
 
+        # A count of kills, not a time budget: on a loaded machine restarts are slower, and a
+        # deadline made the number of kills (what the test is about) depend on the load.
         with Writers(db.url, count=3):
-            deadline = time.monotonic() + 20
-            kills = 0
-            while time.monotonic() < deadline:
+            for _ in range(5):
                 before = events_total(db)
                 wait_until(lambda before=before: events_total(db) > before + 50, timeout=10)
                 slot = rng.randrange(3)
                 fleet.kill(slot)
-                kills += 1
                 fleet.start(slot)
                 fleet.running[slot][1].wait_started()
-        assert kills >= 4
         wait_until(lambda: all_caught_up(db), timeout=30, interval=0.2)
         assert_exact_and_once(db)
         assert_periods_disjoint(fleet)
