@@ -7,14 +7,16 @@ The convention, which the pages follow:
 - An HTML comment on the line just before the fence (invisible when the page is rendered) changes
   that: `<!-- docs-test: skip (why) -->` means not run (a Python block is still compiled and a
   shell block still checked by `bash -n`); `<!-- docs-test: database -->` means run by the
-  integration tier, against a fresh migrated test database; `<!-- docs-test: config -->` on a
-  `toml` block means loaded as a projectord configuration file.
+  integration tier, against a fresh migrated test database; `<!-- docs-test: daemon -->` the same,
+  with `projectord run` running the README's minimal projection on it; `<!-- docs-test: config -->`
+  on a `toml` block means loaded as a projectord configuration file.
 - The Python blocks of a page run in order in one namespace, like a doctest session: a later block
   uses what an earlier one defined. Top-level `await` is allowed; database blocks find `conn`, an
   autocommit psycopg `AsyncConnection` to the test database.
 - A shell block runs as one `bash -euo pipefail` script in a temporary directory, with this
-  interpreter's `projectord` first on PATH. Database blocks get `PROJECTORD_DATABASE_URL` and, as
-  `PROJECTORD_PROJECTIONS`, the README's minimal projection (`balances`).
+  interpreter's `projectord` first on PATH. Database blocks get `PROJECTORD_DATABASE_URL`,
+  `PROJECTORD_STATE_DIR` (where a daemon's control socket is) and, as `PROJECTORD_PROJECTIONS`,
+  the README's minimal projection (`balances`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from tests.support.harness import ROOT
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUN_TAGS = ("python", "sh")
-MARKERS = ("skip", "database", "config")
+MARKERS = ("skip", "database", "daemon", "config")
 
 _FENCE = re.compile(r"^```(\S*)\s*$")
 _MARKER = re.compile(r"^<!--\s*docs-test:\s*(\w+)(?:\s*\((.*)\))?\s*-->\s*$")
@@ -60,7 +62,7 @@ class Example:
 
     @property
     def needs_database(self) -> bool:
-        return self.marker == "database"
+        return self.marker in ("database", "daemon")
 
 
 def examples(page: Path) -> list[Example]:

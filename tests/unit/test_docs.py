@@ -4,9 +4,10 @@ How examples are marked (tests/support/doc_examples.py has the details):
 
 - Fenced ```python and ```sh blocks are examples and are run; ```text, ```console, ```sql,
   ```toml and untagged blocks are output, fragments or other languages, and are not.
-- `<!-- docs-test: skip (why) -->` on the line before a fence: not run (still compiled, or checked
-  by `bash -n`). `<!-- docs-test: database -->`: run by tests/integration/test_docs.py against a
-  test database. `<!-- docs-test: config -->` on a ```toml block: loaded as a configuration file.
+- `<!-- docs-test: skip (why) -->` on the line before a fence: not run (still compiled, or
+  checked by `bash -n`). `<!-- docs-test: database -->`: run by tests/integration/test_docs.py
+  against a test database; `<!-- docs-test: daemon -->`: the same, with the daemon running.
+  `<!-- docs-test: config -->` on a ```toml block: loaded as a configuration file.
 - A page's Python blocks run in order in one namespace; top-level `await` is allowed.
 
 This tier compiles every Python block, checks every shell block's syntax, runs the unmarked ones
