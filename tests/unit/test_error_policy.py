@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from psycopg_pool import PoolTimeout
 
+from projectord.backoff import jittered_delay, nominal_delay
 from projectord.commands.dispatch import CONFLICT_BACKOFF, conflict_backoff
 from projectord.config import Settings
 from projectord.database import DeadConnection
@@ -137,6 +138,33 @@ def test_projection_overrides_only_the_keys_it_sets() -> None:
 
 
 # -- backoff ---------------------------------------------------------------------------------
+
+steps = st.integers(min_value=-1, max_value=100_000)
+firsts = st.floats(min_value=0.001, max_value=10.0)
+caps = st.floats(min_value=0.01, max_value=3600.0)
+
+
+@given(step=steps, first=firsts, cap=caps)
+def test_a_delay_is_jittered_below_its_nominal_value_which_never_passes_the_cap(
+    step: int, first: float, cap: float
+) -> None:
+    nominal = nominal_delay(step, first, cap)
+    assert nominal <= cap
+    assert nominal / 2 <= jittered_delay(step, first, cap) <= nominal
+
+
+@given(step=steps, first=firsts, cap=caps)
+def test_delays_double_until_the_cap(step: int, first: float, cap: float) -> None:
+    now, later = nominal_delay(step, first, cap), nominal_delay(step + 1, first, cap)
+    assert later == min(cap, now * 2) or later == cap
+
+
+def test_reconnect_delays_of_the_listener_and_the_ownership_session() -> None:
+    # daemon/listener.py: from 0.1 s (first failure), capped at 5 s from the 7th failure on.
+    assert nominal_delay(1, 0.05, 5.0) == 0.1
+    assert [nominal_delay(n, 0.05, 5.0) for n in (6, 7, 10_000)] == [3.2, 5.0, 5.0]
+    # daemon/ownership.py: capped at 2 s.
+    assert nominal_delay(10_000, 0.05, 2.0) == 2.0
 
 
 @given(attempts=st.integers(min_value=1, max_value=10_000))
