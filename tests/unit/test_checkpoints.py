@@ -46,7 +46,7 @@ def test_a_later_transaction_with_a_lower_position_is_past_the_target() -> None:
     assert not event(10, 499).commit_position >= target
 
 
-@given(st.lists(positions, min_size=1, max_size=50, unique=True))
+@given(st.lists(positions, min_size=1, max_size=20, unique=True))
 def test_a_batch_ends_at_its_last_event_in_commit_order(found: list[tuple[int, int]]) -> None:
     events = sorted((event(*p) for p in found), key=lambda e: e.commit_position)
     batch = Batch(events, horizon=0, held_back=False, limit=len(events))

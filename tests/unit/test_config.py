@@ -10,6 +10,7 @@ import pytest
 
 from projectord.config import ConfigError, Settings, load_settings
 from projectord.daemon.reload import RUNTIME_KEYS, compare_settings
+from projectord.database import describe_error, redact
 
 
 @pytest.fixture(autouse=True)
@@ -126,11 +127,26 @@ def test_a_database_url_that_does_not_parse_is_refused_without_echoing_it() -> N
     assert "hunter2" not in str(caught.value)
 
 
-def test_database_url_is_kept_secret_but_usable() -> None:
+def test_database_url_is_kept_secret_but_usable(tmp_path: Path) -> None:
     settings = load_settings(database_url="postgresql://u:hunter2@localhost/db")
     assert "hunter2" not in repr(settings)
+    assert "hunter2" not in redact(settings.database_dsn or "")
+    with pytest.raises(ConfigError, match=r"^database_url: "):
+        load_settings(toml(tmp_path, "database_url = 42\n"))
     assert settings.database_dsn == "postgresql://u:hunter2@localhost/db"
     assert load_settings(database_url="embedded").database_dsn == "embedded"
+
+
+def test_an_error_about_an_unparsable_url_withholds_its_text() -> None:
+    """The URL cannot be parsed, so its password cannot be found: say nothing of the text."""
+    text = describe_error(ValueError("near 'password hunter2'"), "host=h password hunter2")
+    assert "hunter2" not in text and "ValueError" in text
+
+
+def test_shipped_example_config_is_valid() -> None:
+    example = Path(__file__).parents[2] / "config" / "projectord.example.toml"
+    settings = load_settings(example)
+    assert settings.projections == ["projectord.samples:demo_projections"]
 
 
 def test_missing_and_invalid_config_files(tmp_path: Path) -> None:

@@ -70,7 +70,7 @@ def test_garbage_lines_are_bad_requests(line: bytes, message: str) -> None:
     assert message in error.message
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.binary(max_size=200))
 def test_no_bytes_make_the_parser_raise_anything_but_a_request_error(line: bytes) -> None:
     try:
