@@ -4,6 +4,7 @@ the database marked unreachable, `evaluate` asks it nothing."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import anyio
@@ -104,7 +105,7 @@ def test_projection_states_that_need_attention(state: str, code: str, status: st
 
 def test_a_stalled_loop_fails_health_and_a_waiting_one_does_not() -> None:
     stalled, waiting = Heartbeat("runner a"), Heartbeat("runner b")
-    stalled.last = waiting.last = 0.0  # long ago on the monotonic clock
+    stalled.last = waiting.last = time.monotonic() - 10 * THRESHOLDS.stall_timeout
     with waiting.waiting():
         status, codes = evaluate(snapshot(projection()), stalled, waiting)
     assert status == "failing"
