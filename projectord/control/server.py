@@ -114,7 +114,8 @@ def _check_type(name: str, key: str, value: Any, arg: Arg) -> None:
     if not ok:
         expected = _JSON_NAMES.get(arg.kind, arg.kind.__name__)
         if arg.items is not None:
-            expected += f" of {_JSON_NAMES.get(arg.items, arg.items.__name__)}s"
+            noun = _JSON_NAMES.get(arg.items, arg.items.__name__).split(" ")[-1]
+            expected += f" of {noun}s"  # "a list of strings", not "of a strings"
         raise RequestError("invalid_arguments", f"{name}: argument {key!r} must be {expected}")
 
 

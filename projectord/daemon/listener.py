@@ -29,7 +29,6 @@ per poll interval, not 50.
 from __future__ import annotations
 
 import hashlib
-import random
 import time
 from collections.abc import Callable
 
@@ -37,6 +36,7 @@ import anyio
 import anyio.lowlevel
 import psycopg
 
+from projectord.backoff import jittered_delay
 from projectord.daemon.heartbeat import Heartbeat
 from projectord.database import DeadConnection, connect, deadline, describe_error, discard
 from projectord.logs import get_logger
@@ -204,9 +204,8 @@ class NotificationListener:
                     log.warning("listener.disconnected", error=describe_error(exc, self.dsn))
                 self._lost()
                 failures += 1
-                delay = min(self.max_backoff, 0.05 * 2 ** min(failures, 10))
                 with self.heartbeat.waiting():
-                    await anyio.sleep(delay * random.uniform(0.5, 1.0))
+                    await anyio.sleep(jittered_delay(failures, 0.05, self.max_backoff))
             else:  # pragma: no cover - _listen only returns by raising
                 failures = 0
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import random
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -33,6 +32,7 @@ import anyio
 import psycopg
 from psycopg import AsyncConnection
 
+from projectord.backoff import jittered_delay
 from projectord.database import condemn, connect, deadline, describe_error, reap
 from projectord.logs import get_logger
 from projectord.queries import Queries
@@ -109,7 +109,7 @@ class Ownership:
                     )
                 await self._lose_all()
                 failures += 1
-                await anyio.sleep(min(2.0, 0.05 * 2 ** min(failures, 6)) * random.uniform(0.5, 1))
+                await anyio.sleep(jittered_delay(failures, 0.05, 2.0))
 
     async def _keep(self, conn: AsyncConnection[Any]) -> None:
         """Rebalance every `interval`; between turns, watch the connection: a session that

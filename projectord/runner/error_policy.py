@@ -21,7 +21,6 @@ projection may override with a class attribute of the same name.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,6 +28,7 @@ import psycopg
 import psycopg_pool
 from psycopg import AsyncConnection
 
+from projectord.backoff import jittered_delay
 from projectord.database import DeadConnection
 from projectord.projection import Projection
 
@@ -122,6 +122,5 @@ def client_side(exc: BaseException, conn: AsyncConnection[Any]) -> ClientSideErr
 def backoff(attempts: int, error: BaseException) -> float:
     """Exponential backoff with jitter; transient errors are retried at least every 2 s, so the
     daemon is back soon after the server is."""
-    low, high = TRANSIENT_BACKOFF if is_transient(error) else HANDLER_BACKOFF
-    delay = min(high, low * 2 ** min(attempts - 1, 20))
-    return delay * random.uniform(0.5, 1.0)
+    first, cap = TRANSIENT_BACKOFF if is_transient(error) else HANDLER_BACKOFF
+    return jittered_delay(attempts - 1, first, cap)

@@ -21,13 +21,12 @@ from projectord.database import connect
 from projectord.logs import get_logger
 from projectord.projection import Projection
 from projectord.schema.catalog import TableShape
-from projectord.schema.drift import (
+from projectord.schema.drift import Inspection, inspect
+from projectord.schema.drift_items import (
     GRANT_OPTION,
     Drift,
-    Inspection,
     Kind,
     Repair,
-    inspect,
     printable,
     sql_identifier,
 )

@@ -17,7 +17,8 @@ from psycopg import AsyncConnection, sql
 from projectord import Event
 from projectord.projection import Projection, Table
 from projectord.read_model import upsert_many
-from projectord.schema.drift import Drift, Kind, Repair, drift_check, printable
+from projectord.schema.drift import drift_check
+from projectord.schema.drift_items import Drift, Kind, Repair, printable
 from projectord.schema.repair import drift_repair
 from tests.integration.test_drift_security import as_mallory, mallory, spied
 from tests.support.drift_projections import accounts
