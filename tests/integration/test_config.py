@@ -55,9 +55,3 @@ def test_an_error_about_an_unparsable_url_withholds_its_text() -> None:
     """The URL cannot be parsed, so its password cannot be found: say nothing of the text."""
     text = describe_error(ValueError("near 'password hunter2'"), "host=h password hunter2")
     assert "hunter2" not in text and "ValueError" in text
-
-
-def test_shipped_example_config_is_valid() -> None:
-    example = Path(__file__).parents[2] / "config" / "projectord.example.toml"
-    settings = load_settings(example)
-    assert settings.projections == ["projectord.samples:demo_projections"]
