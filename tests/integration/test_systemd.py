@@ -159,6 +159,8 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
         "ReadWritePaths=",
         "EnvironmentFile=",
         "KillMode=mixed",
+        "SystemCallFilter=~@privileged @resources",
+        "RemoveIPC=yes",
     ):
         assert needed in unit, needed
     # verify checks that ExecStart exists: point it at this checkout's console script.
