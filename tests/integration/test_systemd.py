@@ -4,6 +4,7 @@ and reads what the daemon tells "systemd". Also: the unit file passes `systemd-a
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.harness import ROOT, TestDatabase, wait_until
+from tests.support.harness import ROOT, DaemonProcess, TestDatabase, wait_until
 from tests.support.ops_support import append, ask, credit, start
 
 
@@ -88,6 +89,45 @@ def test_ready_status_watchdog_and_stopping(
     finally:
         if daemon.process.poll() is None:
             daemon.kill()
+
+
+def test_reload_follows_the_systemd_protocol(
+    db: TestDatabase, state_dir: Path, notify_socket: NotifySocket
+) -> None:
+    """SIGHUP: one datagram with RELOADING=1 and MONOTONIC_USEC= (CLOCK_MONOTONIC, the same
+    clock as this process's time.monotonic()), then READY=1; also when the new file is invalid."""
+    config = state_dir / "projectord.toml"
+    config.write_text('log_level = "info"\n')
+    specs = "tests.support.projections:ledger_only"
+    db.init(specs)
+    env = {"NOTIFY_SOCKET": notify_socket.address}
+    args = ["--config", str(config)]
+    with DaemonProcess(db.url, specs, state_dir, extra_env=env, args=args) as daemon:
+        wait_until(lambda: notify_socket.fields("READY"), timeout=10)
+        for content, logged in (('log_level = "debug"\n', "config.reloaded"),
+                                ("batch_size = -1\n", "config.reload_failed")):  # fmt: skip
+            config.write_text(content)
+            before = len(notify_socket.messages)
+            sent_at = time.monotonic()
+            daemon.process.send_signal(signal.SIGHUP)
+            wait_until(
+                lambda before=before: any(
+                    "READY=1" in m for _, m in notify_socket.messages[before:]
+                ),
+                timeout=10,
+            )
+            messages = [m.split("\n") for _, m in notify_socket.messages[before:]]
+            (reloading,) = [m for m in messages if "RELOADING=1" in m]
+            usec = int(next(f for f in reloading if f.startswith("MONOTONIC_USEC="))[15:])
+            assert sent_at * 1e6 <= usec <= time.monotonic() * 1e6
+            assert messages.index(reloading) < max(
+                i for i, m in enumerate(messages) if "READY=1" in m
+            ), "READY=1 came before RELOADING=1"
+            status = next(f for f in messages[-1] if f.startswith("STATUS="))
+            expected = "reloaded" if logged == "config.reloaded" else "reload failed"
+            assert expected in status, status
+            assert daemon.has_logged(logged)
+        assert daemon.stop() == 0
 
 
 def test_abstract_notify_socket(db: TestDatabase, state_dir: Path) -> None:
