@@ -3,10 +3,13 @@ and reads what the daemon tells "systemd". Also: the unit file passes `systemd-a
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -14,7 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.harness import ROOT, DaemonProcess, TestDatabase, wait_until
+from tests.support.harness import (
+    ROOT,
+    DaemonProcess,
+    TestDatabase,
+    as_daemon_role,
+    wait_until,
+)
 from tests.support.ops_support import append, ask, credit, start
 
 
@@ -128,6 +137,56 @@ def test_reload_follows_the_systemd_protocol(
             assert expected in status, status
             assert daemon.has_logged(logged)
         assert daemon.stop() == 0
+
+
+def test_log_priorities_under_journald(db: TestDatabase, state_dir: Path) -> None:
+    """stderr is "the journal" (JOURNAL_STREAM names it): each line of the real daemon starts with
+    its syslog priority, as journald expects, so `journalctl -p err` finds the errors."""
+    config = state_dir / "projectord.toml"
+    config.write_text('log_level = "debug"\n')
+    specs = "tests.support.projections:ledger_only"
+    db.init(specs)
+    stderr_path = state_dir / "journal.log"
+    with stderr_path.open("w") as stderr:
+        info = os.fstat(stderr.fileno())
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "PROJECTORD_DATABASE_URL": as_daemon_role(db.url),
+            "PROJECTORD_PROJECTIONS": specs,
+            "PROJECTORD_STATE_DIR": str(state_dir),
+            "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}",
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-m", "projectord", "run", "--config", str(config)],
+            env=env, stdout=subprocess.DEVNULL, stderr=stderr, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def events() -> list[tuple[str, dict[str, object]]]:
+        found = []
+        for line in stderr_path.read_text().splitlines():
+            prefix, _, rest = line.partition(">")
+            if prefix.startswith("<") and rest.startswith("{"):
+                found.append((prefix + ">", json.loads(rest)))
+        return found
+
+    try:
+        wait_until(lambda: any(e["event"] == "daemon.started" for _, e in events()), timeout=30)
+        config.write_text("batch_size = -1\n")  # refused at reload: logged as an error
+        process.send_signal(signal.SIGHUP)
+        wait_until(lambda: any(e["event"] == "config.reload_failed" for _, e in events()), 10)
+        priorities = {e["event"]: p for p, e in events()}
+        assert priorities["daemon.started"] == "<6>"
+        assert priorities["config.reload_failed"] == "<3>"
+        assert "<7>" in priorities.values(), "no debug line at log_level debug"
+        lines = stderr_path.read_text().splitlines()
+        assert lines and all(line[:1] == "<" for line in lines), "a line without its priority"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
 
 
 def test_abstract_notify_socket(db: TestDatabase, state_dir: Path) -> None:
