@@ -42,11 +42,22 @@ _NO_SPAN: AbstractContextManager[None] = nullcontext()
 _propagator = TraceContextTextMapPropagator() if trace is not None else None
 
 
+if trace is not None:
+    # Loads a provider named by OTEL_PYTHON_TRACER_PROVIDER into the API's global, if any.
+    trace.get_tracer_provider()
+
+
 def _enabled() -> bool:
-    """Whether an SDK is configured. Without one the global provider is the API's proxy (or
-    no-op) provider, whose spans record nothing: then nothing is worth building."""
-    return trace is not None and not isinstance(
-        trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider
+    """Whether an SDK is configured. Without one the global provider is unset, or the API's
+    no-op one, whose spans record nothing: then nothing is worth building.
+
+    Reads the API's global itself: `trace.get_tracer_provider()` looks up an environment variable
+    at every call while no provider is set (about a microsecond), and this runs per batch and per
+    appended event. Should the API rename it, tracing goes off and tests/integration/
+    test_tracing.py fails."""
+    provider = getattr(trace, "_TRACER_PROVIDER", None)
+    return provider is not None and not isinstance(
+        provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
     )
 
 
