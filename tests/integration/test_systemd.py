@@ -258,6 +258,7 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
         "ReadWritePaths=",
         "EnvironmentFile=",
         "KillMode=mixed",
+        "ExecReload=",
         "SystemCallFilter=~@privileged @resources",
         "RemoveIPC=yes",
     ):
