@@ -20,6 +20,7 @@ from psycopg.types.json import Jsonb
 
 from projectord.logs import get_logger
 from projectord.queries import Queries
+from projectord.tracing import with_trace_context
 
 log = get_logger("projectord.event_store")
 
@@ -211,7 +212,8 @@ class EventStore:
             "versions": [e.version for e in events],
             "types": [e.type for e in events],
             "payloads": [Jsonb(dict(e.payload)) for e in events],
-            "metadata": [Jsonb(dict(e.metadata)) for e in events],
+            # The current trace context (a dispatch's span) goes along: projectord/tracing.py.
+            "metadata": [Jsonb(dict(with_trace_context(e.metadata))) for e in events],
         }
         try:
             async with conn.transaction():

@@ -40,6 +40,7 @@ from projectord.logs import get_logger
 from projectord.projection import Projection
 from projectord.queries import Queries
 from projectord.runner.catch_up import Position, wait_for_positions
+from projectord.tracing import dispatch_span, record_dispatch
 
 log = get_logger("projectord.commands.dispatch")
 
@@ -98,13 +99,17 @@ class Dispatcher:
         """
         if not conn.autocommit:
             raise ValueError("dispatch needs an autocommit connection (it runs its transactions)")
-        await self.commands.store(conn, command)
-        for attempt in range(1, self.max_attempts + 1):
-            outcome = await self._attempt(conn, command, attempt)
-            if outcome is not None:
-                return outcome
-            log.info("command.conflict", command_id=str(command.id), attempt=attempt)
-            await anyio.sleep(conflict_backoff(attempt))
+        # One span per dispatch, current while the events are appended: their metadata carries
+        # its trace context, which the projections' batch spans link to (projectord/tracing.py).
+        with dispatch_span(command) as span:
+            await self.commands.store(conn, command)
+            for attempt in range(1, self.max_attempts + 1):
+                outcome = await self._attempt(conn, command, attempt)
+                if outcome is not None:
+                    record_dispatch(span, outcome)
+                    return outcome
+                log.info("command.conflict", command_id=str(command.id), attempt=attempt)
+                await anyio.sleep(conflict_backoff(attempt))
         raise AssertionError("unreachable: the last attempt returns an outcome")
 
     async def _attempt(

@@ -1,20 +1,40 @@
-"""Prometheus metrics on an optional local HTTP address (`metrics_address`, off by default).
+"""Prometheus metrics on an optional local HTTP address (`metrics_address`, off by default),
+served with the `/healthz` probe (projectord/control/http_endpoint.py).
 
-Counters and the batch histogram are fed as batches commit; per-projection lag comes from the
-monitor's periodic status snapshot (it needs the database); states, errors and the listener are
-read from the runners when Prometheus scrapes. The endpoint runs in prometheus-client's own
-thread, so a busy event loop does not make scrapes time out.
+Counters and the batch histogram are fed as batches commit; per-projection lag and the health
+gauges come from the monitor's periodic look (it needs the database); states, errors and the
+listener are read from the runners when Prometheus scrapes. Every configured projection has its
+series from the start, at zero, so that an alert on a projection that never applied anything (or
+`absent()`) works. The process and platform collectors give memory, CPU, open files and the
+Python version; `projectord_build_info` the version running.
 """
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterator, Sequence
+from importlib import metadata
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from projectord.control.health import SEVERITY
+from projectord.control.http_endpoint import (
+    EndpointError,
+    HealthVerdicts,
+    HttpEndpoint,
+    endpoint_app,
+)
 from projectord.daemon.listener import NotificationListener
 from projectord.logs import get_logger
 from projectord.runner.loop import ProjectionRunner
@@ -73,10 +93,39 @@ class _RunnerCollector(Collector):
         )
 
 
+def build_version() -> str:
+    try:
+        return metadata.version("projectord")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
 class Metrics:
     def __init__(self, address: str) -> None:
         self.address = address
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        Gauge(
+            "projectord_build_info",
+            "Always 1; the labels say which projectord runs on which Python",
+            ["version", "python_version"],
+            registry=self.registry,
+        ).labels(build_version(), platform.python_version()).set(1)
+        self.health = Gauge(
+            "projectord_health",
+            "The daemon's health verdict: 0 ok, 1 degraded, 2 failing (as `projectord health`)",
+            registry=self.registry,
+        )
+        self.projection_health = Gauge(
+            "projectord_projection_health",
+            "The worst health reason naming the projection: 0 ok, 1 degraded, 2 failing",
+            ["projection"],
+            registry=self.registry,
+        )
+        self.verdicts = HealthVerdicts()
+        self._projections: list[str] = []
         self.applied = Counter(
             "projectord_events_applied",
             "Events applied since start",
@@ -102,11 +151,19 @@ class Metrics:
             ["projection"],
             registry=self.registry,
         )
-        self._server: Any = None
+        self._endpoint: HttpEndpoint | None = None
 
     def watch(self, runners: Sequence[ProjectionRunner], listener: NotificationListener) -> None:
-        """Report the runners' states and errors and the listener at every scrape."""
+        """Report the runners' states and errors and the listener at every scrape, and give
+        every projection its series now, at zero."""
         self.registry.register(_RunnerCollector(runners, listener))
+        self._projections = [runner.name for runner in runners]
+        for runner in runners:
+            self.applied.labels(runner.name)
+            self.batch_seconds.labels(runner.name)
+            self.lag_events.labels(runner.name)
+            self.lag_seconds.labels(runner.name)
+            self.projection_health.labels(runner.name)
 
     def observe_batch(self, projection: str, count: int, seconds: float) -> None:
         self.applied.labels(projection).inc(count)
@@ -119,16 +176,29 @@ class Metrics:
                 self.lag_events.labels(projection["name"]).set(projection["lag"])
                 self.lag_seconds.labels(projection["name"]).set(projection["lag_seconds"] or 0)
 
+    def record_health(self, verdict: dict[str, Any]) -> None:
+        """The monitor's verdict: the health gauges, and what `/healthz` answers."""
+        self.health.set(SEVERITY[verdict["status"]])
+        worst: dict[str, int] = {}
+        for found in verdict["reasons"]:
+            if "projection" in found:
+                name = found["projection"]
+                worst[name] = max(worst.get(name, 0), SEVERITY[found["severity"]])
+        for name in self._projections:
+            self.projection_health.labels(name).set(worst.get(name, 0))
+        self.verdicts.record(verdict)
+
     def start(self) -> None:
         host, port = split_address(self.address)
+        endpoint = HttpEndpoint(host, port, endpoint_app(self.registry, self.verdicts))
         try:
-            self._server, _ = start_http_server(port, host, registry=self.registry)
-        except OSError as exc:
-            raise MetricsError(f"metrics_address: cannot listen on {self.address}: {exc}") from None
-        log.info("metrics.listening", address=self.address)
+            endpoint.start()
+        except EndpointError as exc:
+            raise MetricsError(f"metrics_address: {exc}") from None
+        self._endpoint = endpoint
+        log.info("metrics.listening", address=self.address, paths=["/metrics", "/healthz"])
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        if self._endpoint is not None:
+            self._endpoint.stop()
+            self._endpoint = None

@@ -1,6 +1,6 @@
 """The daemon's periodic look at itself: every few seconds one status snapshot feeds systemd's
-`STATUS=` line, the metrics' lag gauges, and the log — one `health.changed` line when the health
-verdict or its reasons change, never one per look."""
+`STATUS=` line, the metrics' lag and health gauges (and `/healthz`), and the log — one
+`health.changed` line when the health verdict or its reasons change, never one per look."""
 
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ class Monitor:
             self.notifier.status(summary)
         if self.metrics is not None:
             self.metrics.update(snapshot)
+            self.metrics.record_health(verdict)
         return snapshot
 
     def _log_change(self, verdict: dict[str, Any]) -> None:

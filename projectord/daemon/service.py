@@ -296,14 +296,24 @@ class Daemon:
     def reload(self) -> None:
         """SIGHUP: re-read the configuration, apply what can change while running, and log what
         changed and what would need a restart. Invalid settings are logged and ignored."""
+        self.notifier.reloading()
+        outcome = "configuration reload failed (see the log)"
+        try:
+            outcome = self._reload()
+        finally:
+            # READY=1 ends systemd's reload whatever happened; the monitor's next STATUS= follows.
+            self.notifier.reloaded(f"{len(self.runners)} projections, {outcome}")
+
+    def _reload(self) -> str:
+        """The reload itself; returns what happened, for systemd's STATUS= line."""
         if self.reload_settings is None:
             log.warning("config.reload_unavailable")
-            return
+            return "configuration reload unavailable"
         try:
             new = self.reload_settings()
         except ConfigError as exc:
             log.error("config.reload_failed", error=str(exc))
-            return
+            return "configuration reload failed (see the log)"
         changed, needs_restart = compare_settings(self.settings, new)
         self.settings = self.settings.model_copy(update={k: v[1] for k, v in changed.items()})
         self._apply_runtime_settings()
@@ -312,6 +322,7 @@ class Daemon:
             changed={key: list(values) for key, values in changed.items()},
             needs_restart=needs_restart,
         )
+        return "configuration reloaded"
 
     def _apply_runtime_settings(self) -> None:
         settings = self.settings

@@ -1,7 +1,9 @@
 """systemd integration: sd_notify over `$NOTIFY_SOCKET`, without libsystemd.
 
 `Type=notify` units learn from these datagrams that the daemon is ready (`READY=1`), what it is
-doing (`STATUS=…`), that it is alive (`WATCHDOG=1`) and that it is stopping (`STOPPING=1`). The
+doing (`STATUS=…`), that it is alive (`WATCHDOG=1`), that it is re-reading its configuration
+(`RELOADING=1` with `MONOTONIC_USEC=`, then `READY=1` again: systemd's reload protocol, so that
+`systemctl reload` returns once the reload is done) and that it is stopping (`STOPPING=1`). The
 socket is a path or, when it starts with `@`, a Linux abstract socket. Without `$NOTIFY_SOCKET`
 every call does nothing, so the daemon runs the same outside systemd.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 from projectord.logs import get_logger
 
@@ -22,6 +25,8 @@ class SystemdNotifier:
         self.watchdog_usec = watchdog_usec if self.address else None
         self._socket: socket.socket | None = None
         self._failed = False
+        self._announced_ready = False
+        self._reloading = False
 
     @classmethod
     def from_environment(cls) -> SystemdNotifier:
@@ -64,6 +69,24 @@ class SystemdNotifier:
 
     def ready(self, status: str) -> None:
         self.notify("READY=1", f"STATUS={status}")
+        self._announced_ready = True
+
+    def reloading(self) -> None:
+        """Start of a reload. systemd wants the CLOCK_MONOTONIC time of the request with it, to
+        tell this reload from an older one. Before the first READY=1 there is nothing to reload
+        as far as systemd knows, so nothing is said."""
+        if not self._announced_ready:
+            return
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self._reloading = self.notify(
+            "RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading the configuration"
+        )
+
+    def reloaded(self, status: str) -> None:
+        """End of a reload, whether the new configuration was taken or refused (logged)."""
+        if self._reloading:
+            self._reloading = False
+            self.ready(status)
 
     def status(self, status: str) -> None:
         self.notify(f"STATUS={status}")

@@ -49,6 +49,7 @@ from projectord.schema.foreign_owner import (
     refusal,
     refused_by_guard,
 )
+from projectord.tracing import batch_span
 
 log = get_logger("projectord.runner.loop")
 
@@ -405,7 +406,9 @@ class ProjectionRunner:
                     batch = await self.fetch(conn, self._position)
             if batch.events:
                 try:
-                    await self._apply_reading_ahead(conn, batch)
+                    attempt = self._failures + 1  # projectord/tracing.py: one span per batch
+                    with batch_span(self.name, batch.events, attempt, (CheckpointMoved,)):
+                        await self._apply_reading_ahead(conn, batch)
                 except CheckpointMoved:
                     raise
                 except Exception as exc:

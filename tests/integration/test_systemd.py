@@ -3,9 +3,13 @@ and reads what the daemon tells "systemd". Also: the unit file passes `systemd-a
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -13,7 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.harness import ROOT, TestDatabase, wait_until
+from tests.support.harness import (
+    ROOT,
+    DaemonProcess,
+    TestDatabase,
+    as_daemon_role,
+    wait_until,
+)
 from tests.support.ops_support import append, ask, credit, start
 
 
@@ -90,6 +100,95 @@ def test_ready_status_watchdog_and_stopping(
             daemon.kill()
 
 
+def test_reload_follows_the_systemd_protocol(
+    db: TestDatabase, state_dir: Path, notify_socket: NotifySocket
+) -> None:
+    """SIGHUP: one datagram with RELOADING=1 and MONOTONIC_USEC= (CLOCK_MONOTONIC, the same
+    clock as this process's time.monotonic()), then READY=1; also when the new file is invalid."""
+    config = state_dir / "projectord.toml"
+    config.write_text('log_level = "info"\n')
+    specs = "tests.support.projections:ledger_only"
+    db.init(specs)
+    env = {"NOTIFY_SOCKET": notify_socket.address}
+    args = ["--config", str(config)]
+    with DaemonProcess(db.url, specs, state_dir, extra_env=env, args=args) as daemon:
+        wait_until(lambda: notify_socket.fields("READY"), timeout=10)
+        for content, logged in (('log_level = "debug"\n', "config.reloaded"),
+                                ("batch_size = -1\n", "config.reload_failed")):  # fmt: skip
+            config.write_text(content)
+            before = len(notify_socket.messages)
+            sent_at = time.monotonic()
+            daemon.process.send_signal(signal.SIGHUP)
+            wait_until(
+                lambda before=before: any(
+                    "READY=1" in m for _, m in notify_socket.messages[before:]
+                ),
+                timeout=10,
+            )
+            messages = [m.split("\n") for _, m in notify_socket.messages[before:]]
+            (reloading,) = [m for m in messages if "RELOADING=1" in m]
+            usec = int(next(f for f in reloading if f.startswith("MONOTONIC_USEC="))[15:])
+            assert sent_at * 1e6 <= usec <= time.monotonic() * 1e6
+            assert messages.index(reloading) < max(
+                i for i, m in enumerate(messages) if "READY=1" in m
+            ), "READY=1 came before RELOADING=1"
+            status = next(f for f in messages[-1] if f.startswith("STATUS="))
+            expected = "reloaded" if logged == "config.reloaded" else "reload failed"
+            assert expected in status, status
+            assert daemon.has_logged(logged)
+        assert daemon.stop() == 0
+
+
+def test_log_priorities_under_journald(db: TestDatabase, state_dir: Path) -> None:
+    """stderr is "the journal" (JOURNAL_STREAM names it): each line of the real daemon starts with
+    its syslog priority, as journald expects, so `journalctl -p err` finds the errors."""
+    config = state_dir / "projectord.toml"
+    config.write_text('log_level = "debug"\n')
+    specs = "tests.support.projections:ledger_only"
+    db.init(specs)
+    stderr_path = state_dir / "journal.log"
+    with stderr_path.open("w") as stderr:
+        info = os.fstat(stderr.fileno())
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "PROJECTORD_DATABASE_URL": as_daemon_role(db.url),
+            "PROJECTORD_PROJECTIONS": specs,
+            "PROJECTORD_STATE_DIR": str(state_dir),
+            "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}",
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-m", "projectord", "run", "--config", str(config)],
+            env=env, stdout=subprocess.DEVNULL, stderr=stderr, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def events() -> list[tuple[str, dict[str, object]]]:
+        found = []
+        for line in stderr_path.read_text().splitlines():
+            prefix, _, rest = line.partition(">")
+            if prefix.startswith("<") and rest.startswith("{"):
+                found.append((prefix + ">", json.loads(rest)))
+        return found
+
+    try:
+        wait_until(lambda: any(e["event"] == "daemon.started" for _, e in events()), timeout=30)
+        config.write_text("batch_size = -1\n")  # refused at reload: logged as an error
+        process.send_signal(signal.SIGHUP)
+        wait_until(lambda: any(e["event"] == "config.reload_failed" for _, e in events()), 10)
+        priorities = {e["event"]: p for p, e in events()}
+        assert priorities["daemon.started"] == "<6>"
+        assert priorities["config.reload_failed"] == "<3>"
+        assert "<7>" in priorities.values(), "no debug line at log_level debug"
+        lines = stderr_path.read_text().splitlines()
+        assert lines and all(line[:1] == "<" for line in lines), "a line without its priority"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
 def test_abstract_notify_socket(db: TestDatabase, state_dir: Path) -> None:
     name = f"projectord-test-{uuid.uuid4().hex[:8]}"
     listener = NotifySocket(f"@{name}", b"\0" + name.encode())
@@ -159,6 +258,9 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
         "ReadWritePaths=",
         "EnvironmentFile=",
         "KillMode=mixed",
+        "ExecReload=",
+        "SystemCallFilter=~@privileged @resources",
+        "RemoveIPC=yes",
     ):
         assert needed in unit, needed
     # verify checks that ExecStart exists: point it at this checkout's console script.

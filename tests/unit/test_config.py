@@ -143,12 +143,6 @@ def test_an_error_about_an_unparsable_url_withholds_its_text() -> None:
     assert "hunter2" not in text and "ValueError" in text
 
 
-def test_shipped_example_config_is_valid() -> None:
-    example = Path(__file__).parents[2] / "config" / "projectord.example.toml"
-    settings = load_settings(example)
-    assert settings.projections == ["projectord.samples:demo_projections"]
-
-
 def test_missing_and_invalid_config_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_settings(tmp_path / "absent.toml")
