@@ -67,12 +67,12 @@ class ControlClient:
             self._sock.close()
             self._sock = None
 
-    def request(self, command: str, **args: Any) -> Any:
-        """Send one request; return its result or raise `ControlError` / `NoDaemon`."""
+    def request(self, operation: str, **args: Any) -> Any:
+        """Ask for one operation; return its result or raise `ControlError` / `NoDaemon`."""
         if self._sock is None:
             self.connect()
         assert self._sock is not None
-        line = json.dumps({"command": command, "args": args}).encode() + b"\n"
+        line = json.dumps({"command": operation, "args": args}).encode() + b"\n"
         try:
             self._sock.sendall(line)
             reply_line = self._reader.readline()
