@@ -155,11 +155,11 @@ with warnings.catch_warnings():
             return self.database_url.get_secret_value() if self.database_url else None
 
         def socket_path(self) -> Path:
+            """`control_socket`, else `<state_dir>/control.sock`: from the settings alone, never
+            from the environment of the daemon (systemd's RUNTIME_DIRECTORY), so that a command
+            given the daemon's config file finds the daemon's socket."""
             if self.control_socket is not None:
                 return self.control_socket
-            runtime = os.environ.get("RUNTIME_DIRECTORY")
-            if runtime:
-                return Path(runtime.split(":")[0]) / "control.sock"
             return self.state_dir / "control.sock"
 
 

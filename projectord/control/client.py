@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from projectord.control.server import RequestError
+from projectord.control.socket_access import permission_denied
 from projectord.control.socket_path import reachable
 
 DEFAULT_TIMEOUT = 30.0
@@ -49,10 +50,7 @@ class ControlClient:
             raise NoDaemon(f"no daemon answers on {self.path} ({exc.strerror.lower()})") from None
         except PermissionError:
             sock.close()
-            raise ControlError(
-                "permission_denied",
-                f"not allowed to connect to {self.path}: is this user in the daemon's group?",
-            ) from None
+            raise ControlError("permission_denied", permission_denied(self.path)) from None
         except OSError as exc:
             sock.close()
             raise NoDaemon(f"no daemon answers on {self.path} ({exc})") from None
