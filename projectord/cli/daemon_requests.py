@@ -24,4 +24,4 @@ def ask(client: ControlClient, operation: str, **request_args: Any) -> Any:
     except NoDaemon as exc:
         raise CommandError(str(exc), EXIT_NO_DAEMON) from None
     except ControlError as exc:
-        raise CommandError(exc.message, EXIT_FAILED) from None
+        raise CommandError(exc.message, EXIT_FAILED, code=exc.code) from None

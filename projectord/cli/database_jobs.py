@@ -29,8 +29,8 @@ def run_database_job(args: argparse.Namespace, job: Callable[..., Any], error_st
             try:
                 return await job(dsn, settings, projections)
             except (DriftError, RepairError, RebuildError) as exc:
-                raise CommandError(str(exc), error_status) from None
+                raise CommandError(str(exc), error_status, code="failed") from None
             except (psycopg.Error, OSError) as exc:
-                raise CommandError(describe_error(exc, dsn), error_status) from None
+                raise CommandError(describe_error(exc, dsn), error_status, code="failed") from None
 
     return anyio.run(run)

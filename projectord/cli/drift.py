@@ -18,6 +18,12 @@ from projectord.cli.subcommands import Subcommands
 from projectord.schema.drift import Drift, drift_check
 from projectord.schema.repair import drift_repair, plan_text
 
+DRIFT_CHECK_EXIT_HELP = """\
+exit statuses:
+  0  no drift
+  1  drift found
+  2  the check itself failed (configuration, or the database could not be read)"""
+
 
 def register(subcommands: Subcommands) -> None:
     actions = subcommands.group(
@@ -25,7 +31,12 @@ def register(subcommands: Subcommands) -> None:
         "compare the projections' tables with the database, or repair them",
         dest="drift_command",
     )
-    check = actions.add("check", cmd_drift_check, "report drift: exit 0 none, 1 drift, 2 error")
+    check = actions.add(
+        "check",
+        cmd_drift_check,
+        "report drift: exit 0 none, 1 drift, 2 error",
+        exit_statuses=DRIFT_CHECK_EXIT_HELP,
+    )
     check.add_argument("--json", action="store_true", help="one JSON object")
     repair = actions.add(
         "repair", cmd_drift_repair, "print (or --apply) the SQL that removes the drift"

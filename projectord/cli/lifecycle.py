@@ -6,15 +6,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import anyio
+import psycopg
 
 from projectord.cli.configuration import load, settings_from_args
 from projectord.cli.connection import database, open_connection, require_database_url
 from projectord.cli.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError
 from projectord.cli.subcommands import Subcommands
-from projectord.database import connect, describe_error
+from projectord.database import describe_error
 from projectord.logs import configure_logging
 from projectord.queries import Queries
 from projectord.runner.catch_up import wait_for_projections
@@ -23,9 +25,10 @@ from projectord.schema.foreign_owner import ForeignOwnerError, refused_projectio
 
 
 def register(subcommands: Subcommands) -> None:
-    subcommands.add(
+    init = subcommands.add(
         "init", cmd_init, "create or upgrade the schema objects and missing projection tables"
     )
+    init.add_argument("--json", action="store_true", help="what was created, as one JSON object")
     subcommands.add("run", cmd_run, "run the daemon in the foreground")
     wait = subcommands.add(
         "wait", cmd_wait, "block until projections applied every event committed before"
@@ -55,6 +58,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         return created, refused
 
     created, refused = anyio.run(init)
+    if args.json:
+        print(json.dumps({"created": created, "refused": [str(error) for error in refused]}))
+        return EXIT_FAILED if refused else EXIT_OK
     for item in created:
         print(f"created {item}")
     print("schema is up to date" if not created else f"{len(created)} change(s) applied")
@@ -106,12 +112,13 @@ def cmd_wait(args: argparse.Namespace) -> int:
     chosen = [by_name[n] for n in args.names] if args.names else projections
 
     async def wait() -> bool:
-        async with database(settings) as dsn:
-            conn = await connect(dsn, autocommit=True, connect_timeout=10)
-            async with conn:
+        async with database(settings) as dsn, await open_connection(dsn) as conn:
+            try:
                 return await wait_for_projections(
                     conn, Queries(settings.schema), chosen, timeout=args.timeout
                 )
+            except psycopg.Error as exc:
+                raise CommandError(f"wait failed: {describe_error(exc, dsn)}") from None
 
     if anyio.run(wait):
         return EXIT_OK

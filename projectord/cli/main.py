@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from importlib.metadata import version
 
 from projectord.cli import dead_letters, dispatch, drift, lifecycle, operator, rebuild
 from projectord.cli.configuration import configuration_flags
-from projectord.cli.exits import finish
+from projectord.cli.exits import ENVIRONMENT_HELP, EXIT_STATUS_HELP, finish
 from projectord.cli.subcommands import Subcommands
 
 # In the order `--help` lists them.
@@ -21,7 +22,14 @@ MODULES = (lifecycle, operator, rebuild, dispatch, drift, dead_letters)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="projectord", description="Keeps event-sourced read models up to date on PostgreSQL."
+        prog="projectord",
+        description="Keeps event-sourced read models up to date on PostgreSQL.",
+        epilog=f"{ENVIRONMENT_HELP}\n\n{EXIT_STATUS_HELP}\n\n"
+        "`projectord COMMAND --help` lists a command's flags, one per configuration key.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"projectord {version('projectord')}"
     )
     action = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     subcommands = Subcommands(action, configuration_flags())

@@ -10,15 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from datetime import datetime
-from typing import Any, TextIO
 
 from projectord.cli.daemon_requests import ask, control_client
-from projectord.cli.exits import EXIT_OK, HEALTH_EXIT
+from projectord.cli.exits import EXIT_OK, HEALTH_EXIT, HEALTH_EXIT_HELP
+from projectord.cli.status_table import render_status
+from projectord.cli.status_watch import watch_status
 from projectord.cli.subcommands import Subcommands
-from projectord.cli.text_table import render_table
-from projectord.control.client import ControlClient, ControlError, NoDaemon
 
 
 def register(subcommands: Subcommands) -> None:
@@ -29,7 +26,10 @@ def register(subcommands: Subcommands) -> None:
     status.add_argument("--watch", action="store_true", help="a live table, refreshed in place")
     status.add_argument("--interval", type=float, default=1.0, help="--watch refresh (1 s)")
     health = subcommands.add(
-        "health", cmd_health, "ok / degraded / failing with reasons; exit 1 unless ok"
+        "health",
+        cmd_health,
+        "ok / degraded / failing with reasons; the exit status tells which",
+        exit_statuses=HEALTH_EXIT_HELP,
     )
     health.add_argument("--json", action="store_true", help="one JSON object")
     for name, handler, text in (
@@ -37,89 +37,21 @@ def register(subcommands: Subcommands) -> None:
         ("resume", cmd_resume, "start applying events to a paused projection again"),
         ("skip", cmd_skip, "dead-letter the event a failing projection is stuck on; go on"),
     ):
-        subcommands.add(name, handler, text).add_argument("name", metavar="NAME")
+        action = subcommands.add(name, handler, text)
+        action.add_argument("name", metavar="NAME")
+        action.add_argument("--json", action="store_true", help="the daemon's reply as JSON")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     with control_client(args) as client:
         if args.watch:
-            return _watch(client, args.interval, sys.stdout)
+            return watch_status(client, args.interval, sys.stdout)
         result = ask(client, "status")
     if args.json:
         print(json.dumps(result))
     else:
         print(render_status(result))
     return EXIT_OK
-
-
-def _watch(client: ControlClient, interval: float, out: TextIO) -> int:
-    """Redraw the table every `interval` until interrupted; a daemon that goes away is shown
-    and retried, not fatal (the first request still exits 3 when no daemon answers)."""
-    ask(client, "status")
-    tty = out.isatty()
-    try:
-        while True:
-            try:
-                text = render_status(client.request("status"))
-            except (NoDaemon, ControlError) as exc:
-                text = f"projectord: {exc}"
-            stamp = datetime.now().strftime("%H:%M:%S")
-            if tty:
-                out.write("\x1b[H\x1b[2J")  # home, clear: refresh in place
-            out.write(f"{stamp}  (every {interval:g}s, Ctrl-C to stop)\n{text}\n")
-            out.flush()
-            time.sleep(interval)
-    except KeyboardInterrupt:
-        return EXIT_OK
-
-
-COLUMNS = ("NAME", "STATE", "OWNER", "LAG", "LAG_S", "CAUGHT_UP", "APPLIED", "EV/S", "LAST ERROR")
-
-
-def render_status(result: dict[str, Any]) -> str:
-    lines = render_table([COLUMNS] + [_status_row(p) for p in result["projections"]])
-    notes = [f"* runs in this daemon ({result['instance']})"]
-    if not result["database"]["reachable"]:
-        notes.append(f"database unreachable: {result['database']['error']}")
-    if not result["listener"]["connected"]:
-        notes.append("listener disconnected: projections only poll")
-    if result.get("stopping"):
-        notes.append("the daemon is stopping")
-    return "\n".join(lines + notes)
-
-
-def _status_row(p: dict[str, Any]) -> tuple[str, ...]:
-    error = p["last_error"]
-    error_text = ""
-    if error:
-        where = (
-            f"event {error['event_id']} ({error['event_type']}): " if error.get("event_id") else ""
-        )
-        error_text = f"{where}{error['message']} [attempt {error['attempts']}]"
-    state = p["state"]
-    if p.get("rebuild") and not p["rebuild"]["done"]:
-        state += f" {rebuild_percent(p['rebuild'])}%"
-    owner = f"{p['owner'] or '-'}{' *' if p.get('local') else ''}"
-    return (
-        p["name"],
-        state,
-        owner,
-        _cell(p["lag"]),
-        _cell(p["lag_seconds"]),
-        "yes" if p["caught_up"] else "no",
-        _cell(p["applied_total"]),
-        _cell(p["events_per_second"]),
-        error_text,
-    )
-
-
-def _cell(value: Any) -> str:
-    return "?" if value is None else str(value)
-
-
-def rebuild_percent(progress: dict[str, Any]) -> int:
-    total = progress["total"]
-    return 100 if not total else min(100, int(100 * progress["applied"] / total))
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -136,14 +68,20 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 def cmd_pause(args: argparse.Namespace) -> int:
     with control_client(args) as client:
-        ask(client, "pause", name=args.name)
+        result = ask(client, "pause", name=args.name)
+    if args.json:
+        print(json.dumps(result))
+        return EXIT_OK
     print(f"paused {args.name}: no batch of it commits until `projectord resume {args.name}`")
     return EXIT_OK
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     with control_client(args) as client:
-        ask(client, "resume", name=args.name)
+        result = ask(client, "resume", name=args.name)
+    if args.json:
+        print(json.dumps(result))
+        return EXIT_OK
     print(f"resumed {args.name}")
     return EXIT_OK
 
@@ -151,6 +89,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_skip(args: argparse.Namespace) -> int:
     with control_client(args) as client:
         result = ask(client, "skip", name=args.name)
+    if args.json:
+        print(json.dumps(result))
+        return EXIT_OK
     event = result["dead_lettered"]
     print(
         f"moved event {event['event_id']} ({event['event_type']}, position "

@@ -11,6 +11,8 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from projectord.cli.exits import ENVIRONMENT_HELP, EXIT_STATUS_HELP
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -21,10 +23,18 @@ class Subcommands:
         self._action = action
         self._configuration = configuration
 
-    def add(self, name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
-        """A subcommand that runs `handler`; the caller adds its own arguments."""
+    def add(
+        self, name: str, handler: Handler, help_: str, *, exit_statuses: str = EXIT_STATUS_HELP
+    ) -> argparse.ArgumentParser:
+        """A subcommand that runs `handler`; the caller adds its own arguments. Its `--help`
+        ends with the environment variables and `exit_statuses`."""
         parser = self._action.add_parser(
-            name, parents=[self._configuration], help=help_, description=help_
+            name,
+            parents=[self._configuration],
+            help=help_,
+            description=help_,
+            epilog=f"{ENVIRONMENT_HELP}\n\n{exit_statuses}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         parser.set_defaults(handler=handler)
         return parser
