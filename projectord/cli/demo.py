@@ -25,9 +25,10 @@ from typing import Any
 import anyio
 import psycopg
 from psycopg.conninfo import make_conninfo
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from projectord.commands.aggregate import CommandRegistry
 from projectord.commands.dispatch import Dispatcher
@@ -215,7 +216,7 @@ async def _live_view(
                     f"projectord demo  {elapsed:5.1f}s / {duration:.0f}s   "
                     f"commands consumed: {stats.committed}"
                 )
-                table = Table(title=title, title_justify="left", box=None, header_style="bold")
+                table = Table(box=None, header_style="bold")
                 for column in ("projection", "state", "applied", "lag", "events/s"):
                     table.add_column(column, justify="left" if column[0] in "ps" else "right")
                 rows = []
@@ -228,7 +229,7 @@ async def _live_view(
                     rows.append((projection.name, state, str(applied), str(lag), f"{rate:.0f}"))
                     table.add_row(*rows[-1])
                 if live is not None:
-                    live.update(table, refresh=True)
+                    live.update(Group(Text(title), table), refresh=True)
                 elif now - last_print >= 2.0:
                     print(" | ".join([title, *(" ".join(row) for row in rows)]), flush=True)
                     last_print = now
