@@ -155,6 +155,10 @@ with warnings.catch_warnings():
             return self.database_url.get_secret_value() if self.database_url else None
 
         def socket_path(self) -> Path:
+            """`control_socket`, else `$RUNTIME_DIRECTORY/control.sock` under systemd, else
+            `<state_dir>/control.sock` (the contract's default). An operator's shell has no
+            RUNTIME_DIRECTORY, so the example config names the unit's socket path outright: a
+            command given the daemon's config file then finds the daemon's socket."""
             if self.control_socket is not None:
                 return self.control_socket
             runtime = os.environ.get("RUNTIME_DIRECTORY")

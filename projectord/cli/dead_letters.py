@@ -18,6 +18,10 @@ from typing import Any
 import anyio
 import psycopg
 
+from projectord.cli.configuration import load, settings_from_args
+from projectord.cli.connection import database, open_connection
+from projectord.cli.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError
+from projectord.cli.subcommands import Subcommands
 from projectord.cli.text_table import render_table
 from projectord.database import describe_error
 from projectord.logs import configure_logging
@@ -31,47 +35,32 @@ from projectord.runner.dead_letters import (
 )
 from projectord.runner.error_policy import ErrorPolicy
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
 COLUMNS = ("ID", "PROJECTION", "POSITION", "EVENT", "TYPE", "ATTEMPTS", "SINCE", "ERROR")
 
 
-def add_dead_letter_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
-    group = commands.add_parser(
-        "dead-letters", help="show or re-apply the events projections set aside"
+def register(subcommands: Subcommands) -> None:
+    actions = subcommands.group(
+        "dead-letters",
+        "show or re-apply the events projections set aside",
+        dest="dead_letters_command",
     )
-    actions = group.add_subparsers(dest="dead_letters_command", required=True, metavar="ACTION")
-    listing = actions.add_parser(
-        "list", parents=[parent], help="the pending dead letters, oldest first"
-    )
+    listing = actions.add("list", cmd_list, "the pending dead letters, oldest first")
     listing.add_argument("--json", action="store_true", help="one JSON object")
     listing.add_argument(
         "--all", action="store_true", help="also the resolved ones (retried, or rebuilt)"
     )
     listing.add_argument("--projection", metavar="NAME", help="only this projection's")
-    listing.set_defaults(handler=cmd_list)
-    retry = actions.add_parser(
+    retry = actions.add(
         "retry",
-        parents=[parent],
-        help="re-apply dead letters (all pending ones when no ID is given) after a fix",
+        cmd_retry,
+        "re-apply dead letters (all pending ones when no ID is given) after a fix",
     )
     retry.add_argument("ids", nargs="*", type=int, metavar="ID")
     retry.add_argument("--projection", metavar="NAME", help="only this projection's")
     retry.add_argument("--json", action="store_true", help="one JSON object")
-    retry.set_defaults(handler=cmd_retry)
-
-
-def _fail(message: str, status: int = EXIT_FAILED) -> Exception:
-    from projectord.cli.main import (
-        CommandError,  # the CLI's error type; imported late (cli imports us)
-    )
-
-    return CommandError(message, status)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from projectord.cli.main import database, open_connection, settings_from_args
-
     settings = settings_from_args(args)
     configure_logging(settings.log_format, settings.log_level)
 
@@ -86,7 +75,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                 )
             except psycopg.Error as exc:
                 message = describe_error(exc, dsn)
-                raise _fail(f"cannot read the dead letters: {message}") from None
+                raise CommandError(f"cannot read the dead letters: {message}") from None
 
     letters = anyio.run(read)
     if args.json:
@@ -122,13 +111,11 @@ def _row(letter: dict[str, Any], include_resolved: bool) -> tuple[str, ...]:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from projectord.cli.main import database, load, open_connection
-
     settings, projections = load(args)
     by_name = {p.name: p for p in projections}
     if args.projection is not None and args.projection not in by_name:
         known = ", ".join(sorted(by_name)) or "none"
-        raise _fail(
+        raise CommandError(
             f"no projection named {args.projection[:100]!r} is configured (configured: {known})",
             EXIT_USAGE,
         )

@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,10 @@ from typing import Any
 import anyio
 import psycopg
 from psycopg.conninfo import make_conninfo
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
 
 from projectord.commands.aggregate import CommandRegistry
 from projectord.commands.dispatch import Dispatcher
@@ -194,43 +199,41 @@ async def _live_view(
     stats: WriterStats,
     daemon: subprocess.Popen[bytes],
 ) -> None:
+    """The live view: on a terminal rich redraws a table in place (the terminal's width, colour,
+    any terminal rich supports); elsewhere a summary line every 2 s, as a log would hold it."""
     tty = sys.stdout.isatty()
     conn = await connect(dsn, autocommit=True)
     previous: dict[str, tuple[float, int]] = {}
-    drawn = 0
     started = time.monotonic()
     last_print = 0.0
+    live = Live(console=Console(), auto_refresh=False) if tty else None
     async with conn:
-        while (elapsed := time.monotonic() - started) < duration:
-            if daemon.poll() is not None:
-                raise RuntimeError(f"the daemon exited early with status {daemon.returncode}")
-            lines = [
-                f"projectord demo  {elapsed:5.1f}s / {duration:.0f}s   "
-                f"commands consumed: {stats.committed}"
-            ]
-            lines.append(
-                f"  {'projection':<12} {'state':<10} {'applied':>9} {'lag':>6} {'events/s':>9}"
-            )
-            for projection in projections:
-                row = await _position(conn, queries, projection)
-                applied, state, lag = row
-                now = time.monotonic()
-                then, before = previous.get(projection.name, (now, applied))
-                rate = (applied - before) / (now - then) if now > then else 0.0
-                previous[projection.name] = (now, applied)
-                lines.append(
-                    f"  {projection.name:<12} {state:<10} {applied:>9} {lag:>6} {rate:>9.0f}"
+        with live or nullcontext():
+            while (elapsed := time.monotonic() - started) < duration:
+                if daemon.poll() is not None:
+                    raise RuntimeError(f"the daemon exited early with status {daemon.returncode}")
+                title = (
+                    f"projectord demo  {elapsed:5.1f}s / {duration:.0f}s   "
+                    f"commands consumed: {stats.committed}"
                 )
-            if tty:
-                if drawn:
-                    sys.stdout.write(f"\x1b[{drawn}F")
-                sys.stdout.write("".join(f"\x1b[2K{line}\n" for line in lines))
-                sys.stdout.flush()
-                drawn = len(lines)
-            elif now - last_print >= 2.0:
-                print(" | ".join(line.strip() for line in lines), flush=True)
-                last_print = now
-            await anyio.sleep(0.5)
+                table = Table(box=None, header_style="bold")
+                for column in ("projection", "state", "applied", "lag", "events/s"):
+                    table.add_column(column, justify="left" if column[0] in "ps" else "right")
+                rows = []
+                for projection in projections:
+                    applied, state, lag = await _position(conn, queries, projection)
+                    now = time.monotonic()
+                    then, before = previous.get(projection.name, (now, applied))
+                    rate = (applied - before) / (now - then) if now > then else 0.0
+                    previous[projection.name] = (now, applied)
+                    rows.append((projection.name, state, str(applied), str(lag), f"{rate:.0f}"))
+                    table.add_row(*rows[-1])
+                if live is not None:
+                    live.update(Group(Text(title), table), refresh=True)
+                elif now - last_print >= 2.0:
+                    print(" | ".join([title, *(" ".join(row) for row in rows)]), flush=True)
+                    last_print = now
+                await anyio.sleep(0.5)
 
 
 async def _position(conn: Any, queries: Queries, projection: Projection) -> tuple[int, str, int]:

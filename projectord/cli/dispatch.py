@@ -11,12 +11,16 @@ import argparse
 import json
 import sys
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
 import psycopg
 
+from projectord.cli.configuration import settings_from_args
+from projectord.cli.connection import database, open_connection
+from projectord.cli.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError
+from projectord.cli.subcommands import Subcommands
 from projectord.commands.aggregate import AggregateError, CommandRegistry, load_aggregates
 from projectord.commands.dispatch import CommandIdReused, Dispatcher, ReadModelTimeout
 from projectord.commands.store import Command
@@ -25,13 +29,11 @@ from projectord.database import describe_error
 from projectord.logs import configure_logging
 from projectord.projection import Projection, load_projections
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
-AddCommand = Callable[[str, Callable[[argparse.Namespace], int], str], Any]
-
-
-def add_dispatch_command(add: AddCommand) -> None:
-    dispatch = add("dispatch", cmd_dispatch, "submit a command through the command side")
+def register(subcommands: Subcommands) -> None:
+    dispatch = subcommands.add(
+        "dispatch", cmd_dispatch, "submit a command through the command side"
+    )
     dispatch.add_argument("type", metavar="TYPE", help="command type, e.g. Deposit")
     dispatch.add_argument("--tenant", type=uuid.UUID, required=True, metavar="UUID")
     dispatch.add_argument("--payload", default="{}", metavar="JSON", help="a JSON object")
@@ -47,17 +49,7 @@ def add_dispatch_command(add: AddCommand) -> None:
     dispatch.add_argument("--json", action="store_true", help="print the stored command as JSON")
 
 
-def _fail(message: str, status: int = EXIT_FAILED) -> Exception:
-    from projectord.cli.main import (
-        CommandError,  # the CLI's error type; imported late (cli imports us)
-    )
-
-    return CommandError(message, status)
-
-
 def cmd_dispatch(args: argparse.Namespace) -> int:
-    from projectord.cli.main import settings_from_args
-
     settings = settings_from_args(args)
     configure_logging(settings.log_format, settings.log_level)
     registry = _registry(settings)
@@ -80,9 +72,9 @@ def _registry(settings: Settings) -> CommandRegistry:
     try:
         registry = load_aggregates(settings.aggregates)
     except AggregateError as exc:
-        raise _fail(str(exc), EXIT_USAGE) from None
+        raise CommandError(str(exc), EXIT_USAGE) from None
     if not registry.command_types:
-        raise _fail("no aggregates configured: set `aggregates` (module:attr)", EXIT_USAGE)
+        raise CommandError("no aggregates configured: set `aggregates` (module:attr)", EXIT_USAGE)
     return registry
 
 
@@ -92,7 +84,7 @@ def _projections_to_wait_for(settings: Settings, names: Sequence[str]) -> list[P
     by_name = {p.name: p for p in load_projections(settings.projections)}
     unknown = [name for name in names if name not in by_name]
     if unknown:
-        raise _fail(f"--wait: unknown projection(s): {', '.join(unknown)}", EXIT_USAGE)
+        raise CommandError(f"--wait: unknown projection(s): {', '.join(unknown)}", EXIT_USAGE)
     return [by_name[name] for name in names]
 
 
@@ -100,9 +92,9 @@ def _payload(text: str) -> dict[str, Any]:
     try:
         payload = json.loads(text)
     except ValueError as exc:
-        raise _fail(f"--payload is not valid JSON: {exc}", EXIT_USAGE) from None
+        raise CommandError(f"--payload is not valid JSON: {exc}", EXIT_USAGE) from None
     if not isinstance(payload, dict):
-        raise _fail("--payload must be a JSON object, e.g. '{\"amount\": 5}'", EXIT_USAGE)
+        raise CommandError("--payload must be a JSON object, e.g. '{\"amount\": 5}'", EXIT_USAGE)
     return payload
 
 
@@ -113,8 +105,6 @@ async def _dispatch(
     wait_for: Sequence[Projection],
     timeout: float,
 ) -> Command:
-    from projectord.cli.main import database, open_connection
-
     dispatcher = Dispatcher(registry, schema=settings.schema)
     async with database(settings) as dsn, await open_connection(dsn) as conn:
         try:
@@ -122,9 +112,9 @@ async def _dispatch(
                 return await dispatcher.dispatch_and_wait(conn, command, wait_for, timeout=timeout)
             return await dispatcher.dispatch(conn, command)
         except (CommandIdReused, ReadModelTimeout) as exc:
-            raise _fail(str(exc)) from None
+            raise CommandError(str(exc)) from None
         except psycopg.errors.UndefinedTable:
             missing = f"schema {settings.schema!r} has no command store: run `projectord init`"
-            raise _fail(missing) from None
+            raise CommandError(missing) from None
         except psycopg.Error as exc:
-            raise _fail(f"dispatch failed: {describe_error(exc, dsn)}") from None
+            raise CommandError(f"dispatch failed: {describe_error(exc, dsn)}") from None

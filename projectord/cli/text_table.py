@@ -1,5 +1,10 @@
 """Plain-text tables for the command line: aligned columns, the last one free-running, each line
-cut at the terminal's width."""
+cut at the terminal's width.
+
+Kept rather than rich's tables because scripts read these (`status`, `dead-letters list`) with
+`grep` and `awk`: one row per line, no box characters, the same in a pipe as on a terminal; what
+only a person reads (the live views, the progress bar) is drawn by rich.
+"""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from projectord.control.server import RequestError
+from projectord.control.socket_access import permission_denied
 from projectord.control.socket_path import reachable
 
 DEFAULT_TIMEOUT = 30.0
@@ -49,10 +50,7 @@ class ControlClient:
             raise NoDaemon(f"no daemon answers on {self.path} ({exc.strerror.lower()})") from None
         except PermissionError:
             sock.close()
-            raise ControlError(
-                "permission_denied",
-                f"not allowed to connect to {self.path}: is this user in the daemon's group?",
-            ) from None
+            raise ControlError("permission_denied", permission_denied(self.path)) from None
         except OSError as exc:
             sock.close()
             raise NoDaemon(f"no daemon answers on {self.path} ({exc})") from None
@@ -67,12 +65,12 @@ class ControlClient:
             self._sock.close()
             self._sock = None
 
-    def request(self, command: str, **args: Any) -> Any:
-        """Send one request; return its result or raise `ControlError` / `NoDaemon`."""
+    def request(self, operation: str, **args: Any) -> Any:
+        """Ask for one operation; return its result or raise `ControlError` / `NoDaemon`."""
         if self._sock is None:
             self.connect()
         assert self._sock is not None
-        line = json.dumps({"command": command, "args": args}).encode() + b"\n"
+        line = json.dumps({"command": operation, "args": args}).encode() + b"\n"
         try:
             self._sock.sendall(line)
             reply_line = self._reader.readline()

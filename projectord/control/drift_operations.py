@@ -4,7 +4,7 @@ projections and database.
 
 The arguments are two booleans, checked by the control server before anything runs; nothing from a
 request reaches SQL. A repair with `apply` is logged at info with the caller's uid, as every
-state-changing command is.
+state-changing operation is.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 
 from projectord.config import Settings
-from projectord.control.server import Arg, Command, RequestError
+from projectord.control.server import Arg, Operation, RequestError
 from projectord.database import describe_error
 from projectord.projection import Projection
 from projectord.schema.drift import DriftError, drift_check
@@ -24,17 +24,17 @@ from projectord.schema.online_rebuild import RebuildError
 from projectord.schema.repair import RepairError, drift_repair
 
 
-class DriftCommands:
+class DriftOperations:
     def __init__(self, dsn: str, settings: Settings, projections: Sequence[Projection]) -> None:
         self.dsn = dsn
         self.settings = settings
         self.projections = list(projections)
 
-    def commands(self) -> dict[str, Command]:
+    def table(self) -> dict[str, Operation]:
         options = {"apply": Arg(bool), "drop_extra": Arg(bool)}
         return {
-            "drift_check": Command(self.check, {}),
-            "drift_repair": Command(self.repair, options, changes_state=True),
+            "drift_check": Operation(self.check, {}),
+            "drift_repair": Operation(self.repair, options, changes_state=True),
         }
 
     async def check(self, args: dict[str, Any]) -> dict[str, Any]:

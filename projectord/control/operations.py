@@ -1,8 +1,8 @@
-"""The commands of the control socket: status, health, pause, resume, rebuild, skip.
+"""The operations of the control socket: status, health, pause, resume, rebuild, skip.
 
-Each command declares its arguments; the control server checks them before the handler runs, so
+Each operation declares its arguments; the control server checks them before the handler runs, so
 a handler only ever sees a configured projection's name. Other parts of projectord add their own
-commands to the same table (`commands()` returns a plain dict).
+operations to the same table (`table()` returns a plain dict).
 
 Pause and resume are states in the database: any daemon of the installation may set them. Rebuild
 and skip run inside the projection's runner, so only the daemon that owns the projection takes
@@ -21,7 +21,7 @@ import psycopg
 from psycopg_pool import PoolTimeout
 
 from projectord.control.health import HealthCheck
-from projectord.control.server import Arg, Command, RequestError
+from projectord.control.server import Arg, Operation, RequestError
 from projectord.control.status import DB_TIMEOUT, StatusReporter
 from projectord.database import describe_error
 from projectord.logs import get_logger
@@ -42,19 +42,21 @@ class Operations:
         self.reporter = reporter
         self.health_check = health
 
-    def commands(self) -> dict[str, Command]:
+    def table(self) -> dict[str, Operation]:
         name = {"name": Arg(str, required=True, check=self._known)}
         return {
-            "status": Command(self.status, {"names": Arg(list, items=str, check=self._all_known)}),
-            "health": Command(self.health, {}),
-            "pause": Command(self.pause, name, changes_state=True),
-            "resume": Command(self.resume, name, changes_state=True),
-            "rebuild": Command(
+            "status": Operation(
+                self.status, {"names": Arg(list, items=str, check=self._all_known)}
+            ),
+            "health": Operation(self.health, {}),
+            "pause": Operation(self.pause, name, changes_state=True),
+            "resume": Operation(self.resume, name, changes_state=True),
+            "rebuild": Operation(
                 self.rebuild,
                 {**name, "allow_undeclared": Arg(bool)},
                 changes_state=True,
             ),
-            "skip": Command(self.skip, name, changes_state=True),
+            "skip": Operation(self.skip, name, changes_state=True),
         }
 
     def _known(self, name: str) -> None:
@@ -111,7 +113,7 @@ class Operations:
             raise RequestError(
                 "not_owner",
                 f"projection {name!r} does not run in this daemon ({self.reporter.instance}); "
-                "`projectord status` names its owner: send the command to that daemon",
+                "`projectord status` names its owner: send the request to that daemon",
             )
 
     async def rebuild(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -3,12 +3,13 @@
 A Unix stream socket (mode 0660: the owner and the operators' group) speaking newline-delimited
 JSON, any number of requests per connection, several clients at once. Request
 `{"command": "status", "args": {}}`; reply `{"ok": true, "result": …}` or
-`{"ok": false, "error": {"code": …, "message": …}}`.
+`{"ok": false, "error": {"code": …, "message": …}}`. The wire key stays `command` (CONTRACT.md),
+but what it names is an operation: in projectord a command is the write side's.
 
 It is built to survive its clients: a request over 64 KiB gets an error and a disconnect, a client
 that stays silent past the idle timeout is disconnected, clients beyond the cap are turned away at
 once, and nothing a client sends can stop the daemon or reach SQL unchecked (arguments are
-validated against each command's declared `Arg`s before the command runs). Every command is
+validated against each operation's declared `Arg`s before the operation runs). Every request is
 logged with the caller's uid and pid from SO_PEERCRED.
 
 A socket file left by a crashed daemon is replaced; one that a live daemon answers on is not.
@@ -56,7 +57,7 @@ class RequestError(Exception):
 
 @dataclass(frozen=True)
 class Arg:
-    """One argument a command accepts. `check` may refuse a well-typed value (for example a
+    """One argument an operation accepts. `check` may refuse a well-typed value (for example a
     projection name that is not configured) by raising `RequestError`."""
 
     kind: type
@@ -69,10 +70,10 @@ Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
 @dataclass(frozen=True)
-class Command:
+class Operation:
     handler: Handler
     args: Mapping[str, Arg]
-    changes_state: bool = False  # logged at info; read-only commands at debug (polled often)
+    changes_state: bool = False  # logged at info; read-only operations at debug (polled often)
 
 
 @dataclass(frozen=True)
@@ -82,20 +83,20 @@ class Peer:
     gid: int
 
 
-def validate_args(name: str, command: Command, args: Any) -> dict[str, Any]:
-    """Check a request's arguments against the command's declaration."""
+def validate_args(name: str, operation: Operation, args: Any) -> dict[str, Any]:
+    """Check a request's arguments against the operation's declaration."""
     if args is None:
         args = {}
     if not isinstance(args, dict):
         raise RequestError("invalid_arguments", f"{name}: args must be a JSON object")
-    unknown = sorted(set(args) - set(command.args))
+    unknown = sorted(set(args) - set(operation.args))
     if unknown:
-        allowed = ", ".join(sorted(command.args)) or "none"
+        allowed = ", ".join(sorted(operation.args)) or "none"
         given = ", ".join(map(repr, unknown))[:200]
         raise RequestError(
             "invalid_arguments", f"{name}: unknown argument(s) {given} (allowed: {allowed})"
         )
-    for key, arg in command.args.items():
+    for key, arg in operation.args.items():
         if key not in args:
             if arg.required:
                 raise RequestError("invalid_arguments", f"{name}: argument {key!r} is required")
@@ -130,7 +131,7 @@ _JSON_NAMES = {
 
 
 def parse_request(line: bytes) -> tuple[str, Any]:
-    """The command name and raw args of one request line, or `RequestError`."""
+    """The operation name and raw args of one request line, or `RequestError`."""
     try:
         request = orjson.loads(line)
     except orjson.JSONDecodeError:
@@ -158,13 +159,13 @@ class ControlServer:
     def __init__(
         self,
         path: Path,
-        commands: Mapping[str, Command],
+        operations: Mapping[str, Operation],
         *,
         idle_timeout: float,
         max_clients: int,
     ) -> None:
         self.path = path
-        self.commands = commands
+        self.operations = operations
         self.idle_timeout = idle_timeout
         self.max_clients = max_clients
         self.clients = 0
@@ -295,12 +296,12 @@ class ControlServer:
         name = None
         try:
             name, raw_args = parse_request(line)
-            command = self.commands.get(name)
-            if command is None:
-                known = ", ".join(sorted(self.commands))
+            operation = self.operations.get(name)
+            if operation is None:
+                known = ", ".join(sorted(self.operations))
                 raise RequestError("unknown_command", f"unknown command (known: {known})")
-            args = validate_args(name, command, raw_args)
-            result = await command.handler(args)
+            args = validate_args(name, operation, raw_args)
+            result = await operation.handler(args)
         except RequestError as exc:
             log.warning(
                 "control.request_rejected",
@@ -314,7 +315,7 @@ class ControlServer:
         except Exception as exc:
             log.exception("control.command_failed", command=name, uid=peer.uid, pid=peer.pid)
             return error_reply("internal_error", f"{type(exc).__name__}: {exc}"[:500])
-        level = log.info if command.changes_state else log.debug
+        level = log.info if operation.changes_state else log.debug
         level(
             "control.command",
             command=name,
@@ -327,7 +328,7 @@ class ControlServer:
 
 
 def _printable(name: str | None) -> str | None:
-    """A command name for the log: bounded, since it came from the client."""
+    """An operation name for the log: bounded, since it came from the client."""
     return None if name is None else name[:64]
 
 

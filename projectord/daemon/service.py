@@ -26,7 +26,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from projectord.config import ConfigError, Settings
-from projectord.control.drift_operations import DriftCommands
+from projectord.control.drift_operations import DriftOperations
 from projectord.control.health import HealthCheck, Thresholds
 from projectord.control.metrics import Metrics, MetricsError
 from projectord.control.operations import Operations
@@ -155,11 +155,11 @@ class Daemon:
             thresholds(settings),
             schemas=(settings.read_model_schema, settings.schema),
         )
-        self.commands = Operations(self.runners, self.reporter, self.health).commands()
-        self.commands |= DriftCommands(self.dsn, settings, self.projections).commands()
+        self.operations = Operations(self.runners, self.reporter, self.health).table()
+        self.operations |= DriftOperations(self.dsn, settings, self.projections).table()
         self.control = ControlServer(
             settings.socket_path(),
-            self.commands,
+            self.operations,
             idle_timeout=settings.control_idle_timeout,
             max_clients=settings.control_max_clients,
         )

@@ -249,6 +249,7 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
         "WatchdogSec=",
         "Restart=on-failure",
         "RuntimeDirectory=",
+        "StateDirectory=",
         "User=projectord",
         "Group=projectord",
         "NoNewPrivileges=yes",
