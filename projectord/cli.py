@@ -34,6 +34,7 @@ from projectord.logs import configure_logging
 from projectord.operator_cli import add_operator_commands
 from projectord.projection import Projection, ProjectionError, load_projections
 from projectord.queries import Queries
+from projectord.upcasting import UpcastingError, install, load_upcasters
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
 
@@ -131,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"projectord: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (ProjectionError, EmbeddedUnavailable) as exc:
+    except (ProjectionError, UpcastingError, EmbeddedUnavailable) as exc:
         print(f"projectord: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except EmbeddedError as exc:
@@ -145,9 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def load(args: argparse.Namespace) -> tuple[Settings, list[Projection]]:
-    """Settings and projections, both checked before anything starts."""
+    """Settings and projections, both checked before anything starts; the configured upcasters
+    installed before any event is decoded."""
     settings = settings_from_args(args)
     configure_logging(settings.log_format, settings.log_level)
+    install(load_upcasters(settings.upcasters))
     return settings, load_projections(settings.projections)
 
 

@@ -24,6 +24,7 @@ from projectord.database import describe_error
 from projectord.dispatch import CommandIdReused, Dispatcher, ReadModelTimeout
 from projectord.logs import configure_logging
 from projectord.projection import Projection, load_projections
+from projectord.upcasting import install, load_upcasters
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -58,6 +59,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     configure_logging(settings.log_format, settings.log_level)
+    install(load_upcasters(settings.upcasters))  # appends record the current versions
     registry = _registry(settings)
     wait_for = _projections_to_wait_for(settings, args.wait)
     command = Command(args.tenant, args.type, _payload(args.payload), id=args.id or uuid.uuid4())
