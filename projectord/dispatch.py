@@ -40,6 +40,7 @@ from projectord.event_store import ConcurrencyError, EventStore, NewEvent
 from projectord.logs import get_logger
 from projectord.projection import Projection
 from projectord.queries import Queries
+from projectord.upcasting import SchemaVersionTooNew, UpcastFailed
 
 log = get_logger("projectord.dispatch")
 
@@ -195,7 +196,12 @@ class Dispatcher:
         """Load the aggregate from its events and let it decide; returns its version and the
         changes. A handler that crashes rejects the command: it must not take the caller down."""
         aggregate = handler.aggregate(payload.target_id, command.tenant_id)
-        aggregate.replay(await self.events.load(conn, payload.target_id))
+        try:
+            aggregate.replay(await self.events.load(conn, payload.target_id))
+        except (SchemaVersionTooNew, UpcastFailed) as exc:
+            # `apply` sees only current shapes; one this code cannot produce fails the command
+            # (nothing appended) rather than deciding on state folded from a guess.
+            raise CommandRejected(f"cannot load aggregate {payload.target_id}: {exc}") from exc
         try:
             changes = aggregate.handle(payload)
         except CommandRejected:

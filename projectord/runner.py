@@ -48,6 +48,7 @@ from projectord.listener import NotificationListener
 from projectord.logs import get_logger
 from projectord.projection import Projection
 from projectord.queries import Queries, quote_ident
+from projectord.upcasting import too_new
 
 log = get_logger("projectord.runner")
 
@@ -782,6 +783,8 @@ class ProjectionRunner:
             await self._find_stuck_event(batch, exc)
         error = self._error_record(exc, attempts, self.stuck.event if self.stuck else None)
         self.status.last_error = error
+        if too_new(exc) is not None:  # this code will never read it: isolate it now
+            self._failures = max(self._failures, self.policy.max_attempts)
         if attempts == 1 or attempts % 10 == 0:
             self._log.error(
                 "projection.handler_failed",
@@ -874,7 +877,9 @@ class ProjectionRunner:
         error = self._error_record(exc, self._failures, event)
         trace = format_traceback(exc)
         self.stuck = StuckEvent(event, event.commit_position, trace)
-        if self.policy.on_error == "skip":
+        # An event newer than the code is no bad event: newer code applies it. It stops the
+        # projection whatever `on_error` says; an operator may still skip it.
+        if self.policy.on_error == "skip" and too_new(exc) is None:
             await self._dead_letter(event, [], error, trace, by="on_error")
         else:
             await self._fail_on(event, {**error, "traceback": trace})
