@@ -266,7 +266,7 @@ def test_dead_letters_of_old_shapes_are_retried_in_the_current_shape(
     )
     with DaemonProcess(db.url, SHAPES_ONLY, state_dir, extra_env=extra):
         with db.connect() as conn:
-            poisoned = insert_priced(conn, {"amount": 7}, None)  # v1: the handler sees 700 cents
+            poisoned = insert_priced(conn, {"amount_cents": 700}, 2)  # the handler sees 700
             exploded = insert_priced(conn, {"amount": 1, "explode": True}, None)
             fine = insert_priced(conn, up.v3(100), 3)
         wait_until(lambda: db.scalar("SELECT count(*) FROM shapes_seen") == 1, timeout=30)
@@ -284,7 +284,7 @@ def test_dead_letters_of_old_shapes_are_retried_in_the_current_shape(
     assert results[str(poisoned)]["ok"]
     assert db.rows(
         "SELECT schema_version, payload FROM shapes_seen WHERE event_id = %s", (poisoned,)
-    ) == [(1, up.v3(700))]
+    ) == [(2, up.v3(700))]
     failed = [r for r in results.values() if not r["ok"]]
     assert len(failed) == 1 and "euros_to_cents" in failed[0]["error"]
 
@@ -405,6 +405,8 @@ def test_a_store_from_before_0018_upgrades_in_place_while_writers_append(
     with db.connect(autocommit=True) as conn:  # the old shape, by writers of the old code
         old = [insert_priced(conn, {"amount": n}, None) for n in range(1, 6)]
     relfilenode = db.scalar("SELECT pg_relation_filenode('projectord.events')")
+    tuples = "SELECT ctid::text, xmin::text FROM projectord.events WHERE event_id = ANY(%s)"
+    old_tuples = db.rows(tuples, (old,))
     config = {"PROJECTORD_DATABASE_URL": db.url, "PROJECTORD_PROJECTIONS": PRICED_AND_LEDGER}
     credited = "SELECT count(*) FROM projectord.events WHERE type = 'Credited'"
     with Writers(db.url, count=2):
@@ -414,8 +416,10 @@ def test_a_store_from_before_0018_upgrades_in_place_while_writers_append(
         during = db.scalar(credited)
         wait_until(lambda: db.scalar(credited) > during + 20, timeout=30)  # they carry on
     assert 18 in [v for (v,) in db.rows("SELECT version FROM projectord.schema_migrations")]
-    # No rewrite: the same file; every row, old or appended meanwhile, is version 1.
+    # No rewrite (the same file) and no update (the same tuples); every row, old or appended
+    # meanwhile, is version 1.
     assert db.scalar("SELECT pg_relation_filenode('projectord.events')") == relfilenode
+    assert db.rows(tuples, (old,)) == old_tuples
     assert db.rows("SELECT DISTINCT schema_version FROM projectord.events") == [(1,)]
     assert run_cli("init", env={**config, **env()}).returncode == 0  # again: nothing to do
     total = db.scalar(credited)
