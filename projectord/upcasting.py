@@ -88,10 +88,12 @@ class Upcasters:
     """
 
     def __init__(self) -> None:
-        # event type -> upcasters in version order: index i upcasts version i + 1 to i + 2.
-        self._steps: dict[str, dict[int, Upcaster]] = {}
-        self._chains: dict[str, tuple[Upcaster, ...]] = {}
+        self._steps: dict[str, dict[int, Upcaster]] = {}  # event type -> from version -> step
         self._current: dict[str, int] = {}
+        # Per type with a complete chain, per stored version: the (from version, step) pairs
+        # that take it to the current one; the current version maps to none. Compiled when a
+        # step is added, so a decode does two dict lookups before the steps themselves.
+        self._plans: dict[str, dict[int, tuple[tuple[int, Upcaster], ...]]] = {}
 
     def register(self, event_type: str, from_version: int) -> Callable[[U], U]:
         """Decorator: the function upcasts `event_type` payloads from `from_version` to the next."""
@@ -132,11 +134,12 @@ class Upcasters:
         steps = self._steps[event_type]
         current = max(steps) + 1
         self._current[event_type] = current
-        # A chain with a gap is kept out until the gap is filled (`check` reports it).
+        # A chain with a gap is left out until the gap is filled (`check` reports it).
         if len(steps) == current - 1:
-            self._chains[event_type] = tuple(steps[v] for v in range(1, current))
+            chain = tuple((v, steps[v]) for v in range(1, current))
+            self._plans[event_type] = {v: chain[v - 1 :] for v in range(1, current + 1)}
         else:
-            self._chains.pop(event_type, None)
+            self._plans.pop(event_type, None)
 
     def check(self) -> None:
         """Refuse a chain with a gap: events of the missing version could not be read."""
@@ -160,28 +163,23 @@ class Upcasters:
     def upcast(self, event_type: str, version: int, payload: Payload) -> Payload:
         """`payload`, of `version`, in the current shape. The caller hands over a fresh dict, which
         the steps may change. Raises `SchemaVersionTooNew` or `UpcastFailed`."""
-        current = self._current.get(event_type, 1)
-        if version == current:
-            return payload
-        if version > current or version < 1:
-            raise SchemaVersionTooNew(event_type, version, current)
-        chain = self._chains.get(event_type)
-        if chain is None:
-            self.check()  # raises: a gap in the chain
-        assert chain is not None
-        for from_version in range(version, current):
-            upcaster = chain[from_version - 1]
+        plans = self._plans.get(event_type)
+        if plans is None:
+            if version == 1 and event_type not in self._steps:
+                return payload  # a type no upcaster knows is at version 1
+            self.check()  # a gap in the chain: raises
+            raise SchemaVersionTooNew(event_type, version, self.current_version(event_type))
+        steps = plans.get(version)
+        if steps is None:
+            raise SchemaVersionTooNew(event_type, version, self._current[event_type])
+        for from_version, step in steps:
             try:
-                payload = upcaster(payload)
+                payload = step(payload)
             except Exception as exc:
-                raise UpcastFailed(event_type, from_version, upcaster, exc) from exc
+                raise UpcastFailed(event_type, from_version, step, exc) from exc
             if not isinstance(payload, dict):
-                raise UpcastFailed(
-                    event_type,
-                    from_version,
-                    upcaster,
-                    TypeError(f"returned {type(payload).__name__}, not a dict"),
-                )
+                error = TypeError(f"returned {type(payload).__name__}, not a dict")
+                raise UpcastFailed(event_type, from_version, step, error)
         return payload
 
     def __bool__(self) -> bool:
