@@ -322,6 +322,7 @@ def test_an_event_newer_than_the_code_stops_only_the_projections_that_read_it(
             error = status[name]["last_error"]
             assert error["type"] == SchemaVersionTooNew.__name__ and reason in error["message"]
             assert error["event_id"] == str(newer)
+            assert error["attempts"] == 1  # stopped at once: no retry can teach old code
         assert {status[n]["state"] for n in ("priced_count", "ledger")} == {"running"}
         health = cli_json(state_dir, "health")
         assert health["status"] == "failing"
