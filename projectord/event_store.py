@@ -112,6 +112,7 @@ class Event:
             value = self._payload = decode_payload(
                 self.type, self.schema_version, self._payload_raw
             )
+            self._payload_raw = None  # held no longer than before upcasting: text or dict
         return value
 
     @property
