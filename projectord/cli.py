@@ -62,6 +62,7 @@ def _settings_parent() -> argparse.ArgumentParser:
     )
     group.add_argument("--projections", help="comma-separated module:attr list")
     group.add_argument("--aggregates", help="comma-separated module:attr list (command side)")
+    group.add_argument("--upcasters", help="comma-separated module:attr list (event upcasters)")
     group.add_argument("--schema", help="schema of projectord's own tables")
     group.add_argument("--read-model-schema", help="schema of the projections' tables")
     group.add_argument("--control-socket", type=Path)
@@ -77,6 +78,7 @@ SETTING_FLAGS = (
     "database_url",
     "projections",
     "aggregates",
+    "upcasters",
     "schema",
     "read_model_schema",
     "control_socket",

@@ -349,6 +349,10 @@ def test_bad_upcasters_configuration_exits_2_naming_the_key(db: TestDatabase) ->
         )
         assert result.returncode == 2, (spec, result.stderr)
         assert says in result.stderr, result.stderr
+    flag = run_cli(
+        "init", "--upcasters", "nowhere.at.all:x", env={"PROJECTORD_DATABASE_URL": db.url}
+    )
+    assert flag.returncode == 2 and "upcasters: cannot import 'nowhere.at.all'" in flag.stderr
     with pytest.raises(UpcastingError, match="two upcasters from version 1"):
         load_upcasters([UPCASTERS, "tests.test_upcasting:other_v1"])
 
