@@ -374,7 +374,9 @@ def store_before_0018(pg_admin_url: str) -> Iterator[TestDatabase]:
         async def old_init() -> None:
             async with await connect(as_daemon_role(url), autocommit=True) as conn:
                 async with conn.transaction():
-                    await conn.execute("CREATE SCHEMA IF NOT EXISTS projectord")
+                    cur = await conn.execute("SELECT to_regnamespace('projectord') IS NULL")
+                    if (await cur.fetchone() or (False,))[0]:  # made for a least-privilege role
+                        await conn.execute("CREATE SCHEMA projectord")
                     await conn.execute("SET LOCAL search_path TO projectord")
                     await conn.execute(
                         "CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
