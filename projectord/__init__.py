@@ -2,6 +2,7 @@
 
 from projectord.event_store import ConcurrencyError, Event, EventStore, NewEvent
 from projectord.projection import Projection, ProjectionError, Table
+from projectord.upcasting import Upcasters
 
 __all__ = [
     "ConcurrencyError",
@@ -11,4 +12,5 @@ __all__ = [
     "Projection",
     "ProjectionError",
     "Table",
+    "Upcasters",
 ]

@@ -41,6 +41,8 @@ with warnings.catch_warnings():
         database_url: SecretStr | None = None
         projections: Annotated[list[str], NoDecode] = []
         aggregates: Annotated[list[str], NoDecode] = []
+        # Registries of event upcasters, "module:attr" (docs/upcasting.md).
+        upcasters: Annotated[list[str], NoDecode] = []
         schema: str = "projectord"  # type: ignore[assignment]
         read_model_schema: str = "public"
         control_socket: Path | None = None
@@ -73,14 +75,14 @@ with warnings.catch_warnings():
         handler_timeout: float = Field(default=60.0, gt=0, le=86_400)
         instance_name: str | None = Field(default=None, min_length=1, max_length=200)
 
-        @field_validator("projections", "aggregates", mode="before")
+        @field_validator("projections", "aggregates", "upcasters", mode="before")
         @classmethod
         def _split_specs(cls, value: Any) -> Any:
             if isinstance(value, str):
                 return [part.strip() for part in value.split(",") if part.strip()]
             return value
 
-        @field_validator("projections", "aggregates")
+        @field_validator("projections", "aggregates", "upcasters")
         @classmethod
         def _check_specs(cls, value: list[str]) -> list[str]:
             for spec in value:

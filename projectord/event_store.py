@@ -21,6 +21,7 @@ from psycopg.types.json import Jsonb
 from projectord.logs import get_logger
 from projectord.queries import Queries
 from projectord.tracing import with_trace_context
+from projectord.upcasting import decode_payload, installed
 
 log = get_logger("projectord.event_store")
 
@@ -54,16 +55,22 @@ class Event:
     each is decoded on first access and kept, so a projection pays only for what it reads.
     Decoding jsonb and timestamptz was most of a lean catch-up's client time. `recorded_at` is
     then in UTC.
+
+    `schema_version` is the version of the payload's shape as stored; `payload` is always in the
+    current shape: decoding it runs the installed upcasters from there (projectord/upcasting.py),
+    and raises `SchemaVersionTooNew` or `UpcastFailed` (on every read, until it succeeds).
     """
 
     __slots__ = (
         "_metadata",
         "_payload",
+        "_payload_raw",
         "_recorded_at",
         "aggregate_id",
         "aggregate_type",
         "event_id",
         "global_position",
+        "schema_version",
         "tenant_id",
         "transaction_id",
         "type",
@@ -83,6 +90,7 @@ class Event:
         metadata: dict[str, Any] | str | bytes,
         recorded_at: datetime | int,
         transaction_id: int = 0,
+        schema_version: int = 1,
     ) -> None:
         self.global_position = global_position
         self.event_id = event_id
@@ -91,16 +99,21 @@ class Event:
         self.aggregate_type = aggregate_type
         self.version = version
         self.type = type
-        self._payload = payload
+        self._payload_raw = payload
+        self._payload: dict[str, Any] | None = None  # decoded, in the current shape
         self._metadata = metadata
         self._recorded_at = recorded_at
         self.transaction_id = transaction_id
+        self.schema_version = schema_version
 
     @property
     def payload(self) -> dict[str, Any]:
         value = self._payload
-        if isinstance(value, (str, bytes)):
-            value = self._payload = orjson.loads(value)
+        if value is None:
+            value = self._payload = decode_payload(
+                self.type, self.schema_version, self._payload_raw
+            )
+            self._payload_raw = None  # held no longer than before upcasting: text or dict
         return value
 
     @property
@@ -134,6 +147,7 @@ class Event:
             self.metadata,
             self.recorded_at,
             self.transaction_id,
+            self.schema_version,
         )
 
     def __eq__(self, other: object) -> bool:
@@ -148,13 +162,15 @@ class Event:
         return (
             f"Event(global_position={self.global_position}, type={self.type!r},"
             f" aggregate_id={self.aggregate_id}, version={self.version},"
-            f" event_id={self.event_id})"
+            f" schema_version={self.schema_version}, event_id={self.event_id})"
         )
 
 
 @dataclass(slots=True)
 class NewEvent:
-    """An event to append. `version` is the aggregate's version this event creates."""
+    """An event to append. `version` is the aggregate's version this event creates;
+    `schema_version` the version of its payload's shape: None (the default) records the current
+    version of its type, as the installed upcasters say (projectord/upcasting.py)."""
 
     tenant_id: uuid.UUID
     aggregate_id: uuid.UUID
@@ -164,6 +180,7 @@ class NewEvent:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     aggregate_type: str = ""
     event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    schema_version: int | None = None
 
 
 class EventStore:
@@ -214,6 +231,7 @@ class EventStore:
             "payloads": [Jsonb(dict(e.payload)) for e in events],
             # The current trace context (a dispatch's span) goes along: projectord/tracing.py.
             "metadata": [Jsonb(dict(with_trace_context(e.metadata))) for e in events],
+            "schema_versions": [_schema_version(e) for e in events],
         }
         try:
             async with conn.transaction():
@@ -245,9 +263,17 @@ class EventStore:
 
 def event_from_row(row: Sequence[Any]) -> Event:
     """Build an `Event` from the columns in the order the queries select them: the event's fields
-    in declaration order, the transaction id last, as text (xid8 has no binary loader)."""
-    *fields, txid = row
-    return Event(*fields, int(txid))
+    in declaration order, then the transaction id, as text (xid8 has no binary loader), and the
+    payload's schema version."""
+    *fields, txid, schema_version = row
+    return Event(*fields, int(txid), schema_version)
+
+
+def _schema_version(event: NewEvent) -> int:
+    """What an append records: the version given, or the current one of the event's type."""
+    if event.schema_version is not None:
+        return event.schema_version
+    return installed().current_version(event.type)
 
 
 def _find_clash(events: Sequence[NewEvent], detail: str) -> NewEvent:

@@ -15,6 +15,7 @@ from projectord.config import ConfigError, Settings, load_settings
 from projectord.embedded import EMBEDDED_URL
 from projectord.logs import configure_logging
 from projectord.projection import Projection, load_projections
+from projectord.upcasting import install, load_upcasters
 
 # Keys whose flag says more than "the key": a help text, or a type argparse checks itself.
 DESCRIBED: dict[str, dict[str, Any]] = {
@@ -70,7 +71,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def load(args: argparse.Namespace) -> tuple[Settings, list[Projection]]:
-    """Settings and projections, both checked before anything starts; logging configured."""
+    """Settings and projections, both checked before anything starts; logging configured; the
+    configured upcasters installed before any event is decoded (docs/upcasting.md)."""
     settings = settings_from_args(args)
     configure_logging(settings.log_format, settings.log_level)
+    install(load_upcasters(settings.upcasters))
     return settings, load_projections(settings.projections)

@@ -28,6 +28,7 @@ from projectord.config import Settings
 from projectord.database import describe_error
 from projectord.logs import configure_logging
 from projectord.projection import Projection, load_projections
+from projectord.upcasting import install, load_upcasters
 
 
 def register(subcommands: Subcommands) -> None:
@@ -52,6 +53,8 @@ def register(subcommands: Subcommands) -> None:
 def cmd_dispatch(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     configure_logging(settings.log_format, settings.log_level)
+    install(load_upcasters(settings.upcasters))  # appends record the current versions
+    install(load_upcasters(settings.upcasters))  # appends record the current versions
     registry = _registry(settings)
     wait_for = _projections_to_wait_for(settings, args.wait)
     command = Command(args.tenant, args.type, _payload(args.payload), id=args.id or uuid.uuid4())

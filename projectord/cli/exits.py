@@ -19,6 +19,7 @@ from projectord.config import ConfigError
 from projectord.database import describe_error
 from projectord.embedded import EmbeddedError, EmbeddedUnavailable
 from projectord.projection import ProjectionError
+from projectord.upcasting import UpcastingError
 
 EXIT_OK = 0  # done
 EXIT_FAILED = 1  # the operation failed, was refused, or timed out
@@ -94,7 +95,7 @@ def as_command_error(exc: BaseException) -> CommandError:
         return exc
     if isinstance(exc, ConfigError):
         return CommandError(f"invalid configuration: {exc}", EXIT_USAGE)
-    if isinstance(exc, (ProjectionError, EmbeddedUnavailable)):
+    if isinstance(exc, (ProjectionError, UpcastingError, EmbeddedUnavailable)):
         return CommandError(str(exc), EXIT_USAGE)
     if isinstance(exc, EmbeddedError):
         return CommandError(f"cannot start the embedded Postgres: {exc}")

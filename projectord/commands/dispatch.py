@@ -41,6 +41,7 @@ from projectord.projection import Projection
 from projectord.queries import Queries
 from projectord.runner.catch_up import Position, wait_for_positions
 from projectord.tracing import dispatch_span, record_dispatch
+from projectord.upcasting import SchemaVersionTooNew, UpcastFailed
 
 log = get_logger("projectord.commands.dispatch")
 
@@ -200,7 +201,12 @@ class Dispatcher:
         """Load the aggregate from its events and let it decide; returns its version and the
         changes. A handler that crashes rejects the command: it must not take the caller down."""
         aggregate = handler.aggregate(payload.target_id, command.tenant_id)
-        aggregate.replay(await self.events.load(conn, payload.target_id))
+        try:
+            aggregate.replay(await self.events.load(conn, payload.target_id))
+        except (SchemaVersionTooNew, UpcastFailed) as exc:
+            # `apply` sees only current shapes; one this code cannot produce fails the command
+            # (nothing appended) rather than deciding on state folded from a guess.
+            raise CommandRejected(f"cannot load aggregate {payload.target_id}: {exc}") from exc
         try:
             changes = aggregate.handle(payload)
         except CommandRejected:

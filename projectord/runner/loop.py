@@ -50,6 +50,7 @@ from projectord.schema.foreign_owner import (
     refused_by_guard,
 )
 from projectord.tracing import batch_span
+from projectord.upcasting import too_new
 
 log = get_logger("projectord.runner.loop")
 
@@ -258,6 +259,9 @@ class ProjectionRunner:
         self._requests: list[_Request] = []
         self._reload = False  # re-read the positions row before the next batch
         self._failures = 0  # handler failures of the batch at the checkpoint
+        # The batch failed on an event newer than the code (projectord/upcasting.py): retrying
+        # cannot help, so the next turn isolates it without using up `max_attempts`.
+        self._isolate_now = False
         self._transient_failures = 0  # database errors in a row; never counted as the above
         self._held_back_wait = HELD_BACK_POLL[0]
         self._stopping = False
@@ -324,7 +328,7 @@ class ProjectionRunner:
             if self.paused or self.failed or self.standby or self.refused:
                 await self._wait_paused()
                 return
-            if self._failures >= self.policy.max_attempts:
+            if self._failures >= self.policy.max_attempts or self._isolate_now:
                 await self._isolate_poison()
                 return
             armed = self.listener is None or self.listener.armed
@@ -737,7 +741,7 @@ class ProjectionRunner:
             await self._on_transient(exc)
             return
         await self._on_failure(exc, batch)
-        if batch is None or self._failures < self.policy.max_attempts:
+        if batch is None or (self._failures < self.policy.max_attempts and not self._isolate_now):
             await self._wait_backoff(backoff(self._failures, exc))
 
     async def _refuse_batch(self, message: str) -> None:
@@ -786,6 +790,7 @@ class ProjectionRunner:
             await self._find_stuck_event(batch, exc)
         error = self._error_record(exc, attempts, self.stuck.event if self.stuck else None)
         self.status.last_error = error
+        self._isolate_now = too_new(exc) is not None
         if attempts == 1 or attempts % 10 == 0:
             self._log.error(
                 "projection.handler_failed",
@@ -864,6 +869,7 @@ class ProjectionRunner:
         """The batch at the checkpoint failed `max_attempts` times: bisect it, committing the
         events before the poison event, then let `on_error` deal with that event."""
         self._log.info("projection.isolating", attempts=self._failures, position=self._position)
+        self._isolate_now = False
         async with self.pool.connection() as conn:
             batch = await self.fetch(conn, self._position)
         found = await self._bisect(batch.events)
@@ -878,7 +884,9 @@ class ProjectionRunner:
         error = self._error_record(exc, self._failures, event)
         trace = format_traceback(exc)
         self.stuck = StuckEvent(event, event.commit_position, trace)
-        if self.policy.on_error == "skip":
+        # An event newer than the code is no bad event: newer code applies it. It stops the
+        # projection whatever `on_error` says; an operator may still skip it.
+        if self.policy.on_error == "skip" and too_new(exc) is None:
             await self._dead_letter(event, [], error, trace, by="on_error")
         else:
             await self._fail_on(event, {**error, "traceback": trace})

@@ -16,7 +16,7 @@ ORDER BY id;
 -- A retry's first step: the dead letter, locked against a concurrent retry of it, with its event.
 SELECT d.projection, d.resolution, e.global_position, e.event_id, e.tenant_id, e.aggregate_id,
        e.aggregate_type, e.version, e.type, e.payload, e.metadata, e.recorded_at,
-       e.transaction_id::text::bigint
+       e.transaction_id::text::bigint, e.schema_version
 FROM {schema}.dead_letters d
 LEFT JOIN {schema}.events e ON e.event_id = d.event_id
 WHERE d.id = %(id)s

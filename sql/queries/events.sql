@@ -37,14 +37,14 @@ SELECT h.xmin::text::bigint AS horizon,
                  <= %(max_event_bytes)s THEN e.payload_json END AS payload_json,
        CASE WHEN octet_length(e.payload_json) + octet_length(e.metadata_json)
                  <= %(max_event_bytes)s THEN e.metadata_json END AS metadata_json,
-       e.recorded_us, e.txid
+       e.recorded_us, e.txid, e.schema_version
 FROM horizon h
 LEFT JOIN LATERAL (
     SELECT ev.global_position, ev.event_id, ev.tenant_id, ev.aggregate_id, ev.aggregate_type,
            ev.version, ev.type, ev.payload::text AS payload_json,
            ev.metadata::text AS metadata_json,
            (extract(epoch FROM ev.recorded_at) * 1000000::numeric)::bigint AS recorded_us,
-           ev.transaction_id::text::bigint AS txid
+           ev.transaction_id::text::bigint AS txid, ev.schema_version
     FROM {schema}.events ev
     WHERE (ev.transaction_id, ev.global_position) > (%(txid)s::xid8, %(position)s::bigint)
       AND ev.transaction_id < h.xmin
@@ -73,7 +73,7 @@ SELECT h.xmin::text::bigint AS horizon,
        coalesce((SELECT n.global_position FROM newest n), 0) AS newest,
        e.running, e.more,
        e.global_position, e.event_id, e.tenant_id, e.aggregate_id, e.aggregate_type, e.version,
-       e.type, e.payload_json, e.metadata_json, e.recorded_us, e.txid
+       e.type, e.payload_json, e.metadata_json, e.recorded_us, e.txid, e.schema_version
 FROM horizon h
 LEFT JOIN LATERAL (
     SELECT b.* FROM (
@@ -86,7 +86,7 @@ LEFT JOIN LATERAL (
                    ev.aggregate_id, ev.aggregate_type, ev.version, ev.type,
                    ev.payload::text AS payload_json, ev.metadata::text AS metadata_json,
                    (extract(epoch FROM ev.recorded_at) * 1000000::numeric)::bigint AS recorded_us,
-                   ev.transaction_id::text::bigint AS txid
+                   ev.transaction_id::text::bigint AS txid, ev.schema_version
             FROM {schema}.events ev
             WHERE (ev.transaction_id, ev.global_position) > (%(txid)s::xid8, %(position)s::bigint)
               AND ev.transaction_id < h.xmin
@@ -102,17 +102,20 @@ LEFT JOIN LATERAL (
 
 -- name: append_events
 -- One statement for the whole append, rows in the order given (identity values follow it).
+-- `schema_version`: the version of each payload's shape (projectord/upcasting.py).
 INSERT INTO {schema}.events
-    (event_id, tenant_id, aggregate_id, aggregate_type, version, type, payload, metadata)
+    (event_id, tenant_id, aggregate_id, aggregate_type, version, type, payload, metadata,
+     schema_version)
 SELECT u.event_id, u.tenant_id, u.aggregate_id, u.aggregate_type, u.version, u.type, u.payload,
-       u.metadata
+       u.metadata, u.schema_version
 FROM ROWS FROM (pg_catalog.unnest(%(event_ids)s::uuid[]), pg_catalog.unnest(%(tenant_ids)s::uuid[]),
                pg_catalog.unnest(%(aggregate_ids)s::uuid[]),
                pg_catalog.unnest(%(aggregate_types)s::text[]),
                pg_catalog.unnest(%(versions)s::int[]), pg_catalog.unnest(%(types)s::text[]),
-               pg_catalog.unnest(%(payloads)s::jsonb[]), pg_catalog.unnest(%(metadata)s::jsonb[]))
+               pg_catalog.unnest(%(payloads)s::jsonb[]), pg_catalog.unnest(%(metadata)s::jsonb[]),
+               pg_catalog.unnest(%(schema_versions)s::int[]))
      WITH ORDINALITY AS u(event_id, tenant_id, aggregate_id, aggregate_type, version, type,
-                          payload, metadata, n)
+                          payload, metadata, schema_version, n)
 ORDER BY u.n
 RETURNING global_position;
 
@@ -120,8 +123,9 @@ RETURNING global_position;
 SELECT coalesce(max(version), 0) FROM {schema}.events WHERE aggregate_id = %(aggregate_id)s;
 
 -- name: load_aggregate
-SELECT global_position, event_id, tenant_id, aggregate_id, aggregate_type, version, type, payload,
-       metadata, recorded_at, transaction_id::text
+-- Payload and metadata as JSON text, decoded (and upcast) only when `apply` reads them.
+SELECT global_position, event_id, tenant_id, aggregate_id, aggregate_type, version, type,
+       payload::text, metadata::text, recorded_at, transaction_id::text, schema_version
 FROM {schema}.events
 WHERE aggregate_id = %(aggregate_id)s AND version > %(after_version)s
 ORDER BY version;

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from projectord.control.operations import Operations
 from projectord.control.server import (
     Arg,
-    Command,
     ControlServer,
+    Operation,
     Peer,
     RequestError,
     parse_request,
@@ -93,7 +93,7 @@ async def _echo(args: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
-COMMAND = Command(
+COMMAND = Operation(
     _echo,
     {
         "name": Arg(str, required=True, check=_no_admin),
@@ -107,7 +107,7 @@ COMMAND = Command(
 def test_valid_arguments_pass_unchanged() -> None:
     args = {"name": "p", "names": ["a", "b"], "apply": True, "limit": 3}
     assert validate_args("cmd", COMMAND, args) == args
-    assert validate_args("health", Command(_echo, {}), None) == {}
+    assert validate_args("health", Operation(_echo, {}), None) == {}
 
 
 @pytest.mark.parametrize(
@@ -150,7 +150,7 @@ async def _fails(args: dict[str, Any]) -> None:
 
 
 def server() -> ControlServer:
-    commands = {"echo": COMMAND, "fails": Command(_fails, {})}
+    commands = {"echo": COMMAND, "fails": Operation(_fails, {})}
     return ControlServer(Path("unused.sock"), commands, idle_timeout=1, max_clients=1)
 
 
@@ -208,7 +208,7 @@ def operations(*, stopping: bool = False, local: set[str] | None = None) -> Oper
 
 
 def test_operations_declare_their_arguments() -> None:
-    commands = operations().commands()
+    commands = operations().table()
     assert set(commands) == {"status", "health", "pause", "resume", "rebuild", "skip"}
     assert [name for name, c in sorted(commands.items()) if c.changes_state] == [
         "pause",
@@ -223,14 +223,14 @@ def test_operations_declare_their_arguments() -> None:
 
 @pytest.mark.parametrize("command", ["pause", "resume", "rebuild", "skip"])
 def test_a_projection_that_is_not_configured_is_refused(command: str) -> None:
-    spec = operations().commands()[command]
+    spec = operations().table()[command]
     error = refused(validate_args, command, spec, {"name": "c"})
     assert error.code == "unknown_projection"
     assert error.message == "no projection named 'c' is configured (configured: a, b)"
 
 
 def test_status_checks_every_name() -> None:
-    status = operations().commands()["status"]
+    status = operations().table()["status"]
     assert validate_args("status", status, {"names": ["a", "b"]}) == {"names": ["a", "b"]}
     assert refused(validate_args, "status", status, {"names": ["a", "zz"]}).code == (
         "unknown_projection"
