@@ -93,12 +93,9 @@ class Operations:
         async with reporter.db_limiter:
             with self._database_errors(), anyio.fail_after(DB_TIMEOUT):
                 async with reporter.pool.connection(timeout=DB_TIMEOUT) as conn:
-                    await conn.execute(reporter.queries["ensure_position"], {"name": name})
-                    cur = await conn.execute(
-                        reporter.queries["set_projection_state"], {"name": name, "state": state}
-                    )
-                    row = await cur.fetchone()
-        assert row is not None
+                    await reporter.checkpoints.ensure(conn, name)
+                    now = await reporter.checkpoints.set_state(conn, name, state)
+        assert now is not None
         self.runners[name].nudge()
         log.info(
             "projection.paused" if state == "paused" else "projection.resumed", projection=name

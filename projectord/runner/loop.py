@@ -27,9 +27,9 @@ from typing import Any
 import anyio
 import psycopg
 from psycopg import AsyncConnection
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from projectord.checkpoint import START, Checkpoint
 from projectord.daemon.heartbeat import Heartbeat
 from projectord.daemon.listener import NotificationListener
 from projectord.database import DeadConnection, condemn, deadline
@@ -38,6 +38,7 @@ from projectord.fetcher import DEFAULT_BATCH_MAX_BYTES, Batch, Fetcher, ReadAhea
 from projectord.logs import get_logger
 from projectord.projection import Projection
 from projectord.queries import Queries, quote_ident
+from projectord.runner.checkpoint_store import CheckpointMoved, CheckpointStore, is_checkpoint_moved
 from projectord.runner.commit_watch import CommitWatch
 from projectord.runner.dead_letters import dead_letter_params, format_traceback
 from projectord.runner.error_policy import ErrorPolicy, backoff, client_side, is_transient
@@ -52,7 +53,6 @@ from projectord.schema.foreign_owner import (
 
 log = get_logger("projectord.runner.loop")
 
-Checkpoint = tuple[int, int]  # (transaction_id, global_position)
 BatchObserver = Callable[[str, int, float], None]  # (projection, events, seconds)
 
 # While committed events wait behind an older open transaction, poll this fast (seconds), doubling
@@ -63,8 +63,6 @@ HELD_BACK_POLL = (0.001, 0.25)
 # gains from it (it rescans less), and every transaction, the daemon's own included, moves the
 # horizon: at 5 s, 50 idle projections committed 10 checkpoint transactions a second forever.
 HORIZON_PERSIST_INTERVAL = 60.0
-# What the checkpoint's compare-and-set raises when the row moved (sql/migrations/0008_…).
-CHECKPOINT_MOVED_SQLSTATE = "PJ001"
 # While the listener is disarmed (writers are busy), pause this long between two short batches
 # (seconds): a few more events per batch, far fewer turns of the loop.
 BUSY_READ_PAUSE = 0.02
@@ -75,10 +73,6 @@ REBUILD_LOCK_TIMEOUT = "10s"
 # One statement more in the batch's pipeline, no round trip; sampled, so live batches of one event
 # do not pay for it each time.
 WRITES_SAMPLE_INTERVAL = 10.0
-
-
-class CheckpointMoved(Exception):
-    """The stored checkpoint is not the one this runner read: someone else moved it."""
 
 
 class RunnerBusy(Exception):
@@ -159,7 +153,7 @@ class RunnerStatus:
 
     name: str
     state: str = "starting"
-    checkpoint: Checkpoint = (0, 0)
+    checkpoint: Checkpoint = START
     applied_total: int = 0
     last_error: dict[str, Any] | None = None
     held_back: bool = False
@@ -235,6 +229,7 @@ class ProjectionRunner:
         self.listener = listener  # None: rely on notifications the listener sends as it is
         self.pool = pool
         self.queries = queries
+        self.checkpoints = CheckpointStore(queries)
         self.batch_size = batch_size
         self.batch_max_bytes = batch_max_bytes  # a batch and the one read ahead, together
         self.poll_interval = poll_interval
@@ -261,7 +256,7 @@ class ProjectionRunner:
         self._held_back_wait = HELD_BACK_POLL[0]
         self._stopping = False
         self._persisted: Checkpoint | None = None  # the stored checkpoint, as last read or written
-        self._position: Checkpoint = (0, 0)  # may run ahead of it, up to the safe horizon
+        self._position: Checkpoint = START  # may run ahead of it, up to the safe horizon
         self._persisted_at = 0.0
         # Send a batch's statements, the compare-and-set and COMMIT without waiting for each
         # result (psycopg's pipeline mode); off for a projection that says so, or whose handler
@@ -353,24 +348,23 @@ class ProjectionRunner:
 
     async def _load_checkpoint(self) -> None:
         async with self.pool.connection() as conn, deadline(conn, "a checkpoint read"):
-            await conn.execute(self.queries["ensure_position"], {"name": self.name})
-            cur = await conn.execute(self.queries["read_position"], {"name": self.name})
-            row = await cur.fetchone()
+            await self.checkpoints.ensure(conn, self.name)
+            stored = await self.checkpoints.read(conn, self.name)
             await self._check_owners(conn)
-        assert row is not None
-        self._persisted = (int(row[0]), int(row[1]))
+        assert stored is not None
+        self._persisted = stored.checkpoint
         self._position = self._persisted
-        self.paused = row[2] == "paused"
-        failed = row[2] == "failed"
+        self.paused = stored.state == "paused"
+        failed = stored.state == "failed"
         if self.failed and not failed:  # resumed or skipped: the retries start over
             self._failures = 0
         self.failed = failed
-        if failed and row[4]:
-            self.status.last_error = row[4]
-        self.standby = self.owner is not None and row[5] != self.owner
+        if failed and stored.last_error:
+            self.status.last_error = stored.last_error
+        self.standby = self.owner is not None and stored.owner != self.owner
         self._reload = False
         self.status.checkpoint = self._persisted
-        self.status.applied_total = int(row[3])
+        self.status.applied_total = stored.applied_total
 
     async def _check_owners(self, conn: AsyncConnection[Any]) -> None:
         """Refuse to run while a table of the projection is owned by another role: its triggers
@@ -445,7 +439,10 @@ class ProjectionRunner:
         Short means short of the limit the batch was read with (`Batch.limit`), whatever the
         batch size is now."""
         if batch.short:
-            return max((batch.horizon, 0), batch.last if batch.events else self._position)
+            return max(
+                Checkpoint.at_horizon(batch.horizon),
+                batch.last if batch.events else self._position,
+            )
         return batch.last
 
     async def apply(self, conn: AsyncConnection[Any], batch: Batch) -> None:
@@ -561,7 +558,7 @@ class ProjectionRunner:
         except Exception as exc:
             if pipelined:
                 await self._roll_back(conn)
-            if isinstance(exc, psycopg.Error) and exc.sqlstate == CHECKPOINT_MOVED_SQLSTATE:
+            if is_checkpoint_moved(exc):
                 raise CheckpointMoved(self.name) from exc
             raise
 
@@ -626,19 +623,15 @@ class ProjectionRunner:
         only check that it is still at `_persisted`); where the row does not match, the statement
         fails (SQLSTATE PJ001), which `_transaction` turns into CheckpointMoved."""
         assert self._persisted is not None
-        await conn.execute(
-            self.queries[query],
-            {
-                "name": self.name,
-                "new_txid": str(new[0]),
-                "new_position": new[1],
-                "old_txid": str(self._persisted[0]),
-                "old_position": self._persisted[1],
-                "applied": n,
-                "even_if_paused": even_if_paused,
-                "owner": self.owner,
-            },
-        )
+        if query == "check_checkpoint":
+            await self.checkpoints.check(
+                conn, self.name, self._persisted, owner=self.owner, even_if_paused=even_if_paused
+            )
+        else:
+            await self.checkpoints.advance(
+                conn, self.name, self._persisted, new, n,
+                owner=self.owner, even_if_paused=even_if_paused,
+            )  # fmt: skip
 
     # -- waiting -------------------------------------------------------------------------------
 
@@ -815,9 +808,7 @@ class ProjectionRunner:
     async def _store_error(self, error: dict[str, Any]) -> None:
         try:
             async with self.pool.connection(timeout=5) as conn:
-                await conn.execute(
-                    self.queries["record_error"], {"name": self.name, "error": Jsonb(error)}
-                )
+                await self.checkpoints.record_error(conn, self.name, error)
         except Exception as record_exc:  # the database may be what failed; the log has it
             self._log.debug("projection.error_not_recorded", error=str(record_exc))
 
@@ -910,14 +901,10 @@ class ProjectionRunner:
         """`on_error = "pause"`: state `failed`, stored with the event and the error, so it
         survives a restart and a change of owner; `resume` retries, `skip` dead-letters it."""
         async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                self.queries["mark_failed"],
-                {"name": self.name, "error": Jsonb(error), "owner": self.owner},
-            )
-            row = await cur.fetchone()
-        if row is None:  # another instance owns the projection now
+            state = await self.checkpoints.mark_failed(conn, self.name, error, owner=self.owner)
+        if state is None:  # another instance owns the projection now
             raise CheckpointMoved(self.name)
-        self.failed, self.paused = row[0] == "failed", row[0] == "paused"
+        self.failed, self.paused = state == "failed", state == "paused"
         self.status.last_error = error
         self._log.error(
             "projection.failed",
@@ -952,6 +939,7 @@ class ProjectionRunner:
                 await run_handler(
                     self.projection, ahead, conn, self.policy.handler_timeout, self.clock
                 )
+            await self.checkpoints.clear_failure(conn, self.name)
             await conn.execute(
                 self.queries["insert_dead_letter"],
                 dead_letter_params(self.name, event, error, trace, attempts),
@@ -1070,20 +1058,20 @@ class ProjectionRunner:
             if self.projection.tables:
                 tables = ", ".join(quote_ident(t) for t in self.projection.tables)
                 await conn.execute(f"TRUNCATE {tables}")
-            await conn.execute(self.queries["reset_position"], {"name": self.name})
+            await self.checkpoints.reset(conn, self.name)
             await conn.execute(self.queries["resolve_by_rebuild"], {"projection": self.name})
             cur = await conn.execute(self.queries["count_unapplied"], params)
             total = int((await cur.fetchone() or (0,))[0])
             cur = await conn.execute(self.queries["latest_event_of_types"], params)
             row = await cur.fetchone()
-        target = (int(row[0]), int(row[1])) if row else None
+        target = Checkpoint.parse(row[0], row[1]) if row else None
         self._writes_recorded_at = None  # the rebuild's first batch shows what it writes
-        self._persisted = self._position = (0, 0)
+        self._persisted = self._position = START
         self._persisted_at = time.monotonic()
         self.paused = self.failed = False
         self.stuck = None
         self._failures = self._transient_failures = 0
-        self.status.checkpoint = (0, 0)
+        self.status.checkpoint = START
         self.status.applied_total = 0
         self.status.last_error = None
         self.status.recent.clear()

@@ -38,6 +38,7 @@ from projectord.config import Settings
 from projectord.database import connect
 from projectord.projection import Projection
 from projectord.queries import Queries
+from projectord.runner.checkpoint_store import CheckpointStore
 from projectord.schema.catalog import (
     ColumnShape,
     PolicyShape,
@@ -378,13 +379,11 @@ class _Comparer:
         )  # fmt: skip
 
     async def _missing_table(self, projection: Projection, table: str) -> Drift:
-        cur = await self.conn.execute(
-            self.queries["projection_has_applied_events"],
-            {"name": projection.name, "types": list(projection.event_types)},
+        applied = await CheckpointStore(self.queries).has_applied_events(
+            self.conn, projection.name, projection.event_types
         )
-        row = await cur.fetchone()
         item = _ItemMaker(projection.name, table)
-        if row and row[0]:
+        if applied:
             return item(Kind.MISSING_TABLE, Repair.REBUILD, expected="table",
                         reason="the projection has applied events: fill it from them")  # fmt: skip
         return item(Kind.MISSING_TABLE, Repair.IN_PLACE, expected="table")
