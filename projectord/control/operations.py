@@ -25,7 +25,8 @@ from projectord.control.server import Arg, Command, RequestError
 from projectord.control.status import DB_TIMEOUT, StatusReporter
 from projectord.database import describe_error
 from projectord.logs import get_logger
-from projectord.runner.loop import NothingToSkip, ProjectionRunner, RunnerBusy, UndeclaredWrites
+from projectord.runner.loop import ProjectionRunner
+from projectord.runner.operator_requests import NothingToSkip, RunnerBusy, UndeclaredWrites
 from projectord.schema.foreign_owner import ForeignOwnerError
 
 log = get_logger("projectord.control.operations")
