@@ -36,7 +36,7 @@ SELECT CASE WHEN EXISTS (
 -- A committed pause (or a `failed` state) also makes it roll back: no batch commits after `pause`
 -- has answered (an operator's `skip` passes even_if_paused). So does a change of owner: a runner
 -- whose daemon lost the projection to another instance cannot commit after the new owner took
--- over (projectord/ownership.py records the owner; NULL when no daemon ever owned the row).
+-- over (projectord/daemon/ownership.py records the owner; NULL when no daemon ever owned the row).
 -- A row that does not match raises SQLSTATE PJ001 (sql/migrations/0008_checkpoint_moved_error.sql):
 -- the error, not a row count, is what stops the batch, so COMMIT may be sent along with it.
 WITH moved AS (
