@@ -11,7 +11,7 @@ letters. A projection whose tables another role owns (or carry its triggers or r
 until an operator fixes them: its triggers would run as projectord.
 
 `FailureHandling` is a part of ProjectionRunner (projectord/runner/loop.py), kept apart because it
-is a concern of its own; it shares the runner's state, declared below, and uses the runner's
+is a concern of its own; it shares the runner's state (RunnerState) and uses the runner's
 `fetch`, `apply`, `_moved_to`, `_set_state`, `_wait_paused` and `_wait_backoff`.
 """
 
@@ -21,22 +21,15 @@ import time
 from typing import Any
 
 from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
-from structlog.stdlib import BoundLogger
 
-from projectord.checkpoint import Checkpoint
-from projectord.daemon.heartbeat import Heartbeat
 from projectord.database import DeadConnection, deadline
 from projectord.event_store import Event
 from projectord.fetcher import Batch
-from projectord.projection import Projection
-from projectord.queries import Queries
-from projectord.runner.batch import BatchTransaction
-from projectord.runner.checkpoint_store import CheckpointMoved, CheckpointStore
+from projectord.runner.checkpoint_store import CheckpointMoved
 from projectord.runner.dead_letters import dead_letter_params, format_traceback
-from projectord.runner.error_policy import ErrorPolicy, backoff, is_transient
-from projectord.runner.handler_timeout import HandlerClock, run_handler
-from projectord.runner.runner_status import RunnerStatus, StuckEvent
+from projectord.runner.error_policy import backoff, is_transient
+from projectord.runner.handler_timeout import run_handler
+from projectord.runner.runner_state import RunnerState, StuckEvent
 from projectord.schema.foreign_owner import (
     ForeignOwnerError,
     foreign_code,
@@ -46,32 +39,8 @@ from projectord.schema.foreign_owner import (
 )
 
 
-class FailureHandling:
+class FailureHandling(RunnerState):
     """The runner's reaction to a failed turn, and its search for the poison event."""
-
-    # The runner's state this part reads and writes (projectord/runner/loop.py sets it up).
-    name: str
-    projection: Projection
-    pool: AsyncConnectionPool
-    queries: Queries
-    checkpoints: CheckpointStore
-    batches: BatchTransaction
-    policy: ErrorPolicy
-    owner: str | None
-    read_model_schema: str | None
-    status: RunnerStatus
-    heartbeat: Heartbeat
-    clock: HandlerClock
-    failed: bool
-    paused: bool
-    refused: ForeignOwnerError | None
-    stuck: StuckEvent | None
-    _failures: int
-    _transient_failures: int
-    _stopping: bool
-    _persisted: Checkpoint | None
-    _position: Checkpoint
-    _log: BoundLogger
 
     async def _on_error(self, exc: Exception, batch: Batch | None) -> None:
         """A turn failed: wait as the error policy says. Once a batch's handler has failed

@@ -36,7 +36,7 @@ from projectord.runner.error_policy import ErrorPolicy
 from projectord.runner.failures import FailureHandling
 from projectord.runner.handler_timeout import HandlerClock
 from projectord.runner.operator_requests import OperatorRequests, PendingRequest
-from projectord.runner.runner_status import RunnerStatus, StuckEvent
+from projectord.runner.runner_state import RunnerStatus, StuckEvent, Wakeup
 from projectord.schema.foreign_owner import ForeignOwnerError
 
 log = get_logger("projectord.runner.loop")
@@ -54,24 +54,6 @@ HORIZON_PERSIST_INTERVAL = 60.0
 # While the listener is disarmed (writers are busy), pause this long between two short batches
 # (seconds): a few more events per batch, far fewer turns of the loop.
 BUSY_READ_PAUSE = 0.02
-
-
-class Wakeup:
-    """A wake-up signal that is never lost: `set` before `wait` makes the next `wait` return."""
-
-    def __init__(self) -> None:
-        self._event = anyio.Event()
-
-    def set(self) -> None:
-        self._event.set()
-
-    async def wait(self, timeout: float) -> bool:
-        with anyio.move_on_after(timeout):
-            await self._event.wait()
-        woke = self._event.is_set()
-        if woke:
-            self._event = anyio.Event()
-        return woke
 
 
 class ProjectionRunner(OperatorRequests, FailureHandling):

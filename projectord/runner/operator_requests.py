@@ -8,7 +8,7 @@ commits once a pause has committed (projectord/control/operations.py writes it, 
 runner).
 
 `OperatorRequests` is a part of ProjectionRunner (projectord/runner/loop.py), kept apart because
-it is a concern of its own; it shares the runner's state, declared below, and uses the runner's
+it is a concern of its own; it shares the runner's state (RunnerState) and uses the runner's
 `fetch`, `_set_state`, `_check_owners` and `_dead_letter` (projectord/runner/failures.py).
 """
 
@@ -17,24 +17,15 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
-from structlog.stdlib import BoundLogger
 
 from projectord.checkpoint import START, Checkpoint
 from projectord.fetcher import Batch
-from projectord.projection import Projection
-from projectord.queries import Queries, quote_ident
-from projectord.runner.batch import BatchTransaction
-from projectord.runner.checkpoint_store import CheckpointStore
-from projectord.runner.runner_status import RebuildProgress, RunnerStatus, StuckEvent
-from projectord.schema.foreign_owner import ForeignOwnerError
-
-if TYPE_CHECKING:  # the runner's own module, which imports this one
-    from projectord.runner.loop import Wakeup
+from projectord.queries import quote_ident
+from projectord.runner.runner_state import RebuildProgress, RunnerState, StuckEvent
 
 # A rebuild waits at most this long for the locks on the projection's tables.
 REBUILD_LOCK_TIMEOUT = "10s"
@@ -64,32 +55,11 @@ class PendingRequest:
     error: BaseException | None = None
 
 
-class OperatorRequests:
+class OperatorRequests(RunnerState):
     """The runner's side of operator requests: a queue served between batches, and the
     requests that need it."""
 
-    # The runner's state this part reads and writes (projectord/runner/loop.py sets it up).
-    name: str
-    projection: Projection
-    pool: AsyncConnectionPool
-    queries: Queries
-    checkpoints: CheckpointStore
-    batches: BatchTransaction
-    types: list[str]
-    status: RunnerStatus
-    control: Wakeup
-    wakeup: Wakeup
-    failed: bool
-    paused: bool
-    refused: ForeignOwnerError | None
-    stuck: StuckEvent | None
-    _requests: list[PendingRequest]
-    _failures: int
-    _transient_failures: int
-    _persisted: Checkpoint | None
-    _position: Checkpoint
-    _persisted_at: float
-    _log: BoundLogger
+    _requests: list[PendingRequest]  # taken by the runner's task between batches
 
     async def call(self, action: Callable[[], Awaitable[Any]], *, timeout: float) -> Any:
         """Run `action` in this runner's own task, between two batches, so it never races one.

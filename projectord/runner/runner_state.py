@@ -1,5 +1,6 @@
-"""What a runner knows and reports about itself: its status (for status, health and metrics), the
-progress of a rebuild, and the event a failing projection is stuck on."""
+"""What a runner knows and reports about itself: the state its parts share (`RunnerState`), its
+status (for status, health and metrics), the progress of a rebuild, the event a failing projection
+is stuck on, and the wake-up signals it waits on."""
 
 from __future__ import annotations
 
@@ -7,8 +8,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+from psycopg_pool import AsyncConnectionPool
+from structlog.stdlib import BoundLogger
+
 from projectord.checkpoint import START, Checkpoint
+from projectord.daemon.heartbeat import Heartbeat
 from projectord.event_store import Event
+from projectord.projection import Projection
+from projectord.queries import Queries
+from projectord.runner.batch import BatchTransaction
+from projectord.runner.checkpoint_store import CheckpointStore
+from projectord.runner.error_policy import ErrorPolicy
+from projectord.runner.handler_timeout import HandlerClock
+from projectord.schema.foreign_owner import ForeignOwnerError
 
 
 @dataclass
@@ -80,3 +93,53 @@ class RunnerStatus:
             self.held_back_since = None
         elif self.held_back_since is None:
             self.held_back_since = time.monotonic()
+
+
+class Wakeup:
+    """A wake-up signal that is never lost: `set` before `wait` makes the next `wait` return."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float) -> bool:
+        with anyio.move_on_after(timeout):
+            await self._event.wait()
+        woke = self._event.is_set()
+        if woke:
+            self._event = anyio.Event()
+        return woke
+
+
+class RunnerState:
+    """The state ProjectionRunner's parts share (projectord/runner/loop.py sets it up; the parts
+    are projectord/runner/failures.py and projectord/runner/operator_requests.py)."""
+
+    name: str
+    projection: Projection
+    types: list[str]
+    pool: AsyncConnectionPool
+    queries: Queries
+    checkpoints: CheckpointStore
+    batches: BatchTransaction
+    policy: ErrorPolicy
+    owner: str | None
+    read_model_schema: str | None
+    status: RunnerStatus
+    heartbeat: Heartbeat
+    clock: HandlerClock
+    wakeup: Wakeup
+    control: Wakeup
+    failed: bool
+    paused: bool
+    refused: ForeignOwnerError | None
+    stuck: StuckEvent | None
+    _failures: int
+    _transient_failures: int
+    _stopping: bool
+    _persisted: Checkpoint | None
+    _position: Checkpoint
+    _persisted_at: float
+    _log: BoundLogger
