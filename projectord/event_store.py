@@ -18,6 +18,7 @@ from psycopg import AsyncConnection
 from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
+from projectord.checkpoint import Checkpoint
 from projectord.logs import get_logger
 from projectord.queries import Queries
 from projectord.tracing import with_trace_context
@@ -131,8 +132,8 @@ class Event:
         return value
 
     @property
-    def commit_position(self) -> tuple[int, int]:
-        return (self.transaction_id, self.global_position)
+    def commit_position(self) -> Checkpoint:
+        return Checkpoint(self.transaction_id, self.global_position)
 
     def _fields(self) -> tuple[Any, ...]:
         return (

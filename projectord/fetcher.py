@@ -29,14 +29,13 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from projectord.checkpoint import Checkpoint
 from projectord.database import deadline
 from projectord.event_store import Event
 from projectord.logs import get_logger
 from projectord.queries import Queries
 
 log = get_logger("projectord.fetcher")
-
-Checkpoint = tuple[int, int]  # (transaction_id, global_position)
 
 _commit_order = attrgetter("transaction_id", "global_position")
 # How long a read-ahead waits for a free connection before it gives up (seconds): it is an

@@ -41,6 +41,7 @@ from projectord.logs import configure_logging
 from projectord.projection import Projection
 from projectord.queries import Queries
 from projectord.runner.catch_up import wait_for_projections
+from projectord.runner.checkpoint_store import CheckpointStore
 from projectord.samples import NOTED, Deposit, Withdraw, demo_aggregates, demo_projections
 from projectord.schema.bootstrap import bootstrap
 
@@ -237,16 +238,16 @@ async def _live_view(
 
 
 async def _position(conn: Any, queries: Queries, projection: Projection) -> tuple[int, str, int]:
-    cur = await conn.execute(queries["read_position"], {"name": projection.name})
-    row = await cur.fetchone()
-    if row is None:
+    stored = await CheckpointStore(queries).read(conn, projection.name)
+    if stored is None:
         return 0, "starting", 0
+    txid, position = stored.checkpoint
     cur = await conn.execute(
         queries["count_unapplied"],
-        {"txid": row[0], "position": row[1], "types": list(projection.event_types)},
+        {"txid": str(txid), "position": position, "types": list(projection.event_types)},
     )
     lag = await cur.fetchone()
-    return int(row[3]), str(row[2]), int(lag[0]) if lag else 0
+    return stored.applied_total, stored.state, int(lag[0]) if lag else 0
 
 
 FOLD_CHECKS = {

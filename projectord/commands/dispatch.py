@@ -26,6 +26,7 @@ import anyio
 import psycopg
 from psycopg import AsyncConnection
 
+from projectord.checkpoint import Checkpoint
 from projectord.commands.aggregate import (
     Change,
     CommandHandler,
@@ -39,7 +40,7 @@ from projectord.event_store import ConcurrencyError, EventStore, NewEvent
 from projectord.logs import get_logger
 from projectord.projection import Projection
 from projectord.queries import Queries
-from projectord.runner.catch_up import Position, wait_for_positions
+from projectord.runner.catch_up import wait_for_positions
 from projectord.tracing import dispatch_span, record_dispatch
 from projectord.upcasting import SchemaVersionTooNew, UpcastFailed
 
@@ -299,19 +300,19 @@ def failed(command: Command, error: str) -> Command:
     return command
 
 
-def event_positions(command: Command, projections: Sequence[Projection]) -> dict[str, Position]:
+def event_positions(command: Command, projections: Sequence[Projection]) -> dict[str, Checkpoint]:
     """Per projection, the commit position of the last of the command's events it consumes."""
     result = command.result or {}
     if not result.get("events"):
         return {}
     txid = int(result["transaction_id"])
-    targets: dict[str, Position] = {}
+    targets: dict[str, Checkpoint] = {}
     for projection in projections:
         mine = [
             e["global_position"] for e in result["events"] if e["type"] in projection.event_types
         ]
         if mine:
-            targets[projection.name] = (txid, max(mine))
+            targets[projection.name] = Checkpoint(txid, max(mine))
     return targets
 
 

@@ -25,7 +25,8 @@ from projectord.control.server import Arg, Operation, RequestError
 from projectord.control.status import DB_TIMEOUT, StatusReporter
 from projectord.database import describe_error
 from projectord.logs import get_logger
-from projectord.runner.loop import NothingToSkip, ProjectionRunner, RunnerBusy, UndeclaredWrites
+from projectord.runner.loop import ProjectionRunner
+from projectord.runner.operator_requests import NothingToSkip, RunnerBusy, UndeclaredWrites
 from projectord.schema.foreign_owner import ForeignOwnerError
 
 log = get_logger("projectord.control.operations")
@@ -95,12 +96,9 @@ class Operations:
         async with reporter.db_limiter:
             with self._database_errors(), anyio.fail_after(DB_TIMEOUT):
                 async with reporter.pool.connection(timeout=DB_TIMEOUT) as conn:
-                    await conn.execute(reporter.queries["ensure_position"], {"name": name})
-                    cur = await conn.execute(
-                        reporter.queries["set_projection_state"], {"name": name, "state": state}
-                    )
-                    row = await cur.fetchone()
-        assert row is not None
+                    await reporter.checkpoints.ensure(conn, name)
+                    now = await reporter.checkpoints.set_state(conn, name, state)
+        assert now is not None
         self.runners[name].nudge()
         log.info(
             "projection.paused" if state == "paused" else "projection.resumed", projection=name

@@ -22,10 +22,12 @@ import anyio
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from projectord.checkpoint import START
 from projectord.daemon.listener import NotificationListener
 from projectord.daemon.ownership import default_instance_name
 from projectord.database import describe_error
 from projectord.queries import Queries
+from projectord.runner.checkpoint_store import CheckpointStore
 from projectord.runner.loop import ProjectionRunner
 
 DB_TIMEOUT = 5.0  # seconds a status or health request waits for the database
@@ -46,6 +48,7 @@ class StatusReporter:
         self.runners = {runner.name: runner for runner in runners}
         self.pool = pool
         self.queries = queries
+        self.checkpoints = CheckpointStore(queries)
         self.listener = listener
         self.dsn = dsn
         self.instance = instance or default_instance_name()
@@ -95,16 +98,15 @@ class StatusReporter:
 
     async def _read_positions(self, conn: AsyncConnection[Any]) -> dict[str, dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
-        cur = await conn.execute(self.queries["read_positions"])
-        for name, txid, position, state, applied, error, updated_at, owner in await cur.fetchall():
-            if name in self.runners:
-                found[name] = {
-                    "checkpoint": (int(txid), int(position)),
-                    "state": state,
-                    "applied_total": int(applied),
-                    "last_error": error,
-                    "updated_at": updated_at,
-                    "owner": owner,
+        for stored in await self.checkpoints.read_all(conn):
+            if stored.name in self.runners:
+                found[stored.name] = {
+                    "checkpoint": stored.checkpoint,
+                    "state": stored.state,
+                    "applied_total": stored.applied_total,
+                    "last_error": stored.last_error,
+                    "updated_at": stored.updated_at,
+                    "owner": stored.owner,
                 }
         return found
 
@@ -122,7 +124,7 @@ class StatusReporter:
         async with conn.pipeline():
             usage = await conn.execute(self.queries["notification_queue_usage"])
             for runner in runners:
-                row = found.setdefault(runner.name, {"checkpoint": (0, 0)})
+                row = found.setdefault(runner.name, {"checkpoint": START})
                 txid, position = row["checkpoint"]
                 params = {"txid": str(txid), "position": position, "types": runner.types}
                 asked.append((row, await conn.execute(self.queries["projection_lag"], params)))

@@ -15,6 +15,7 @@ from typing import Any
 from psycopg import AsyncConnection
 
 from projectord.queries import Queries
+from projectord.runner.checkpoint_store import CheckpointStore
 
 DOCS = "docs/ordering.md, 'Transaction ids from another cluster'"
 
@@ -25,10 +26,12 @@ class ForeignTransactionIds(Exception):
 
 async def check_transaction_ids(conn: AsyncConnection[Any], queries: Queries) -> None:
     """Raise `ForeignTransactionIds` if events or checkpoints are ahead of this server's ids."""
+    # The checkpoints first: one that moves meanwhile stays below the next id read after it.
+    newest_checkpoint = await CheckpointStore(queries).newest_transaction_id(conn)
     cur = await conn.execute(queries["transaction_ids_ahead"])
     row = await cur.fetchone()
     assert row is not None
-    next_id, newest_event, newest_checkpoint = row
+    next_id, newest_event = row
     found = []
     if newest_event is not None and newest_event >= next_id:
         found.append(f"events up to transaction id {newest_event}")

@@ -36,6 +36,7 @@ from projectord.backoff import jittered_delay
 from projectord.database import condemn, connect, deadline, describe_error, reap
 from projectord.logs import get_logger
 from projectord.queries import Queries
+from projectord.runner.checkpoint_store import CheckpointStore
 
 log = get_logger("projectord.daemon.ownership")
 
@@ -65,6 +66,7 @@ class Ownership:
         self.instance = instance
         self.names = list(names)
         self.queries = Queries(schema)
+        self.checkpoints = CheckpointStore(self.queries)
         self.interval = interval
         self._acquired = acquired
         self._released = released
@@ -173,7 +175,7 @@ class Ownership:
                 break
             if name not in self.owned and await self._take(conn, name, keys):
                 self.owned.append(name)
-                await self._query(conn, "record_owner", {"name": name, "owner": self.instance})
+                await self._record_owner(conn, name)
                 log.info(
                     "ownership.acquired",
                     projection=name,
@@ -193,13 +195,11 @@ class Ownership:
         if not self.owned:
             return
         async with deadline(conn, "ownership's owners"):
-            cur = await conn.execute(self.queries["owners"], {"names": self.owned})
-            rows = await cur.fetchall()
-        recorded = {str(name): owner for name, owner in rows}
+            recorded = await self.checkpoints.owners(conn, self.owned)
         for name in list(self.owned):
             if recorded.get(name) == self.instance:
                 continue
-            await self._query(conn, "record_owner", {"name": name, "owner": self.instance})
+            await self._record_owner(conn, name)
             log.warning(
                 "ownership.reclaimed",
                 projection=name,
@@ -239,6 +239,10 @@ class Ownership:
     ) -> int | None:
         async with deadline(conn, f"ownership's {query}"):
             return await rekey(conn, self.queries, purpose, name, key, query=query)
+
+    async def _record_owner(self, conn: AsyncConnection[Any], name: str) -> None:
+        async with deadline(conn, "ownership's record_owner"):
+            await self.checkpoints.record_owner(conn, name, self.instance)
 
     async def _query(
         self, conn: AsyncConnection[Any], name: str, params: dict[str, Any]

@@ -14,41 +14,41 @@ from typing import Any
 
 import anyio
 
+from projectord.checkpoint import Checkpoint
 from projectord.projection import Projection
 from projectord.queries import Queries
-
-Position = tuple[int, int]  # (transaction_id, global_position), compared in commit order
+from projectord.runner.checkpoint_store import CheckpointStore
 
 POLL_INTERVAL = 0.05  # seconds between checkpoint reads while waiting
 
 
 async def latest_positions(
     conn: Any, queries: Queries, projections: Sequence[Projection]
-) -> dict[str, Position]:
+) -> dict[str, Checkpoint]:
     """Per projection, the last committed event of its types (none: the projection is left out)."""
-    targets: dict[str, Position] = {}
+    targets: dict[str, Checkpoint] = {}
     for projection in projections:
         cur = await conn.execute(
             queries["latest_event_of_types"], {"types": list(projection.event_types)}
         )
         row = await cur.fetchone()
         if row is not None:
-            targets[projection.name] = (int(row[0]), int(row[1]))
+            targets[projection.name] = Checkpoint.parse(row[0], row[1])
     return targets
 
 
 async def wait_for_positions(
-    conn: Any, queries: Queries, targets: Mapping[str, Position], *, timeout: float
+    conn: Any, queries: Queries, targets: Mapping[str, Checkpoint], *, timeout: float
 ) -> list[str]:
     """Wait until each named projection's checkpoint has reached its target. Returns the names
     still behind when `timeout` ran out (empty: all caught up)."""
+    store = CheckpointStore(queries)
     behind = dict(targets)
     deadline = time.monotonic() + timeout
     while behind:
         for name, target in list(behind.items()):
-            cur = await conn.execute(queries["read_position"], {"name": name})
-            row = await cur.fetchone()
-            if row is not None and (int(row[0]), int(row[1])) >= target:
+            stored = await store.read(conn, name)
+            if stored is not None and stored.checkpoint >= target:
                 del behind[name]
         if not behind or time.monotonic() >= deadline:
             break

@@ -25,9 +25,11 @@ from typing import Any
 import anyio
 from psycopg import AsyncConnection
 
+from projectord.checkpoint import START
 from projectord.event_store import Event
 from projectord.projection import Projection
 from projectord.queries import Queries
+from projectord.runner.checkpoint_store import CheckpointStore
 from projectord.runner.error_policy import ErrorPolicy, backoff, is_transient
 from projectord.runner.handler_timeout import run_handler
 
@@ -137,9 +139,8 @@ class DeadLetterRetry:
                     },
                 )
             else:
-                await conn.execute(
-                    queries["mark_retried"], {"id": letter_id, "projection": projection.name}
-                )
+                await CheckpointStore(queries).count_retried(conn, projection.name)
+                await conn.execute(queries["mark_retried"], {"id": letter_id})
         if handler_error is not None:
             raise RetryFailed(
                 f"dead letter {letter_id}: {projection.name} failed again on event "
@@ -181,9 +182,7 @@ async def _lock_letter(
 async def _check_passed(
     conn: AsyncConnection[Any], queries: Queries, name: str, event: Event, letter_id: int
 ) -> None:
-    cur = await conn.execute(queries["lock_position"], {"name": name})
-    row = await cur.fetchone()
-    checkpoint = (int(row[0]), int(row[1])) if row else (0, 0)
+    checkpoint = await CheckpointStore(queries).lock(conn, name) or START
     if checkpoint < event.commit_position:
         raise RetryRefused(
             f"dead letter {letter_id}: {name} has not passed event {event.event_id} (position "

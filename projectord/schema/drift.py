@@ -28,6 +28,7 @@ from projectord.config import Settings
 from projectord.database import connect
 from projectord.projection import Projection
 from projectord.queries import Queries
+from projectord.runner.checkpoint_store import CheckpointStore
 from projectord.schema.catalog import ColumnShape, TableShape, declared_shapes, read_shapes
 from projectord.schema.drift_comparison import compare, data_questions
 from projectord.schema.drift_items import Drift, DriftError
@@ -189,12 +190,9 @@ class _LiveDataProbe:
         return sql.Identifier(self.schema, table)
 
     async def _applied_events(self, projection: Projection) -> bool:
-        cur = await self.conn.execute(
-            self.queries["projection_has_applied_events"],
-            {"name": projection.name, "types": list(projection.event_types)},
+        return await CheckpointStore(self.queries).has_applied_events(
+            self.conn, projection.name, projection.event_types
         )
-        row = await cur.fetchone()
-        return bool(row and row[0])
 
     async def _rows(self, table: str) -> bool:
         query = sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(self._table_ident(table))

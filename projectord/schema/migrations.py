@@ -21,6 +21,7 @@ from psycopg import AsyncConnection, sql
 from projectord.daemon.foreign_ids import check_transaction_ids
 from projectord.projection import Projection
 from projectord.queries import Queries, quote_ident, sql_dir
+from projectord.runner.checkpoint_store import CheckpointStore
 
 # How long `init` waits for any one lock (seconds): the init lock, a table a migration alters, a
 # positions row. Past it, init fails saying what it waited for, instead of hanging.
@@ -143,9 +144,10 @@ async def _initialise_once(
         await check_transaction_ids(conn, queries)
         step.what = f"the read-model schema {read_model_schema}"
         done += await create_projection_tables(conn, read_model_schema, projections)
+        checkpoints = CheckpointStore(queries)
         for projection in projections:
             step.what = f"the positions row of {projection.name}"
-            await conn.execute(queries["ensure_position"], {"name": projection.name})
+            await checkpoints.ensure(conn, projection.name)
     return done
 
 

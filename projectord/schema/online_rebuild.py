@@ -42,6 +42,7 @@ import psycopg
 from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 
+from projectord.checkpoint import Checkpoint
 from projectord.config import Settings
 from projectord.daemon.ownership import take_keyed_lock
 from projectord.database import connect, make_pool
@@ -50,6 +51,7 @@ from projectord.logs import get_logger
 from projectord.projection import Projection
 from projectord.queries import Queries
 from projectord.runner.catch_up import latest_positions
+from projectord.runner.checkpoint_store import CheckpointStore
 from projectord.runner.error_policy import ErrorPolicy
 from projectord.runner.loop import ProjectionRunner
 from projectord.schema.migrations import create_projection_tables
@@ -77,7 +79,7 @@ class _SwapNotReady(Exception):
 class ShadowNames:
     schema: str  # where the fresh tables are built
     retired: str  # where the old tables go for the moment of the swap
-    checkpoint: str  # the shadow runner's row in projection_positions
+    checkpoint: str  # the name of the shadow runner's checkpoint (its positions row)
 
     @classmethod
     def of(cls, read_model_schema: str, projection: str) -> ShadowNames:
@@ -170,6 +172,7 @@ class _OnlineRebuild:
         self.schema = settings.read_model_schema
         self.names = ShadowNames.of(self.schema, projection.name)
         self.queries = Queries(settings.schema)
+        self.checkpoints = CheckpointStore(self.queries)
         self.tables = list(projection.tables)
         self.guard = ShadowGuard(
             projection.name, self.queries["tables_written_outside"], self.names.schema
@@ -222,14 +225,14 @@ class _OnlineRebuild:
                 ):
                     await control.execute(statement)
             for name in (self.projection.name, self.names.checkpoint):
-                await control.execute(self.queries["ensure_position"], {"name": name})
+                await self.checkpoints.ensure(control, name)
 
     async def _discard_shadow(self, control: AsyncConnection[Any]) -> None:
         try:
             await control.execute(
                 sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(self._shadow_schema)
             )
-            await control.execute(self.queries["delete_position"], {"name": self.names.checkpoint})
+            await self.checkpoints.delete(control, self.names.checkpoint)
             await control.execute(
                 self.queries["delete_shadow_dead_letters"], {"shadow": self.names.checkpoint}
             )
@@ -242,11 +245,11 @@ class _OnlineRebuild:
 
     async def _fill_and_swap(
         self, control: AsyncConnection[Any], pool: AsyncConnectionPool
-    ) -> tuple[tuple[int, int], int]:
+    ) -> tuple[Checkpoint, int]:
         for attempt in range(1, SWAP_ATTEMPTS + 1):
             runner = self.shadow_runner(pool)
             stopped = anyio.Event()
-            outcome: tuple[tuple[int, int], int] | None = None
+            outcome: tuple[Checkpoint, int] | None = None
             failure: Exception | None = None
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(_run_until_stopped, runner, stopped)
@@ -322,7 +325,7 @@ class _OnlineRebuild:
 
     async def _swap(
         self, control: AsyncConnection[Any], runner: ProjectionRunner, stopped: anyio.Event
-    ) -> tuple[tuple[int, int], int]:
+    ) -> tuple[Checkpoint, int]:
         async with control.transaction():
             await control.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(SWAP_LOCK_TIMEOUT))
             owners = await self._owners(control, self.schema)
@@ -343,12 +346,10 @@ class _OnlineRebuild:
             )
             await self._carry_over(control, owners)
             await self._move_tables(control, owners)
-            cur = await control.execute(
-                self.queries["take_over_position"],
-                {"name": self.projection.name, "shadow": self.names.checkpoint},
+            taken = await self.checkpoints.take_over(
+                control, self.projection.name, self.names.checkpoint
             )
-            row = await cur.fetchone()
-            await control.execute(self.queries["delete_position"], {"name": self.names.checkpoint})
+            await self.checkpoints.delete(control, self.names.checkpoint)
             await control.execute(
                 self.queries["resolve_by_rebuild"], {"projection": self.projection.name}
             )
@@ -356,8 +357,8 @@ class _OnlineRebuild:
                 self.queries["adopt_shadow_dead_letters"],
                 {"name": self.projection.name, "shadow": self.names.checkpoint},
             )
-        assert row is not None
-        return (int(row[0]), int(row[1])), int(row[2])
+        assert taken is not None
+        return taken
 
     async def _owners(self, conn: AsyncConnection[Any], schema: str) -> dict[str, bool]:
         """The live tables that exist → whether projectord's role owns them."""

@@ -22,20 +22,8 @@ LEFT JOIN {schema}.events e ON e.event_id = d.event_id
 WHERE d.id = %(id)s
 FOR UPDATE OF d;
 
--- name: lock_position
--- Holds the projection's checkpoint still while a dead letter is re-applied: no batch, rebuild or
--- skip of it commits in between, so "caught up past the event" stays true until the commit.
-SELECT transaction_id::text::bigint, global_position
-FROM {schema}.projection_positions
-WHERE name = %(name)s
-FOR UPDATE;
-
 -- name: mark_retried
-WITH counted AS (
-    UPDATE {schema}.projection_positions
-    SET applied_total = applied_total + 1, updated_at = now()
-    WHERE name = %(projection)s
-)
+-- The retry's transaction also counts the event as applied (count_retried, positions.sql).
 UPDATE {schema}.dead_letters SET resolved_at = now(), resolution = 'retried' WHERE id = %(id)s;
 
 -- name: resolve_by_rebuild

@@ -1,28 +1,7 @@
--- name: set_projection_state
--- Pause or resume. The runner's compare-and-set checks the state, so once a pause has committed
--- no batch of this projection commits. Returns nothing for an unknown projection.
-UPDATE {schema}.projection_positions
-SET state = %(state)s, updated_at = now()
-WHERE name = %(name)s
-RETURNING state;
-
--- name: reset_position
--- The checkpoint part of a rebuild (the caller empties the tables in the same transaction).
-UPDATE {schema}.projection_positions
-SET transaction_id = '0', global_position = 0, applied_total = 0, last_error = NULL,
-    state = 'running', updated_at = now()
-WHERE name = %(name)s;
-
 -- name: insert_dead_letter
--- Part of `skip` (and of `on_error = "skip"`): record the stuck event and clear the projection's
--- error (a `failed` projection runs again), in the transaction that also moves its checkpoint
--- past the event.
-WITH cleared AS (
-    UPDATE {schema}.projection_positions
-    SET last_error = NULL, updated_at = now(),
-        state = CASE WHEN state = 'failed' THEN 'running' ELSE state END
-    WHERE name = %(projection)s
-)
+-- Part of `skip` (and of `on_error = "skip"`): record the stuck event, in the transaction that
+-- also clears the projection's error (clear_failure, positions.sql) and moves its checkpoint past
+-- the event.
 INSERT INTO {schema}.dead_letters
     (projection, event_id, global_position, transaction_id, event_type, error_type,
      error_message, traceback, attempts)

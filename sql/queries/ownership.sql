@@ -88,12 +88,3 @@ WHERE k.purpose = %(purpose)s AND k.name = %(name)s AND k.key = %(key)s::bigint
         AND l.objid = (k.key & 4294967295)::oid
         AND NOT pg_has_role(a.usesysid, current_user, 'MEMBER'))
 RETURNING k.key;
-
--- name: owners
--- Whom the positions rows name, so a daemon that holds a projection's lock can take the row back
--- when it names someone else (a race with a rekey, or an old daemon) and its runner stands by.
-SELECT name, owner FROM {schema}.projection_positions WHERE name = ANY(%(names)s::text[]);
-
--- name: record_owner
-INSERT INTO {schema}.projection_positions AS p (name, owner) VALUES (%(name)s, %(owner)s)
-ON CONFLICT (name) DO UPDATE SET owner = excluded.owner;

@@ -1,8 +1,12 @@
+-- The positions table, projection_positions: one row per projection, its checkpoint and state.
+-- Every statement on it is here, and only projectord/runner/checkpoint_store.py runs them.
+
 -- name: ensure_position
 INSERT INTO {schema}.projection_positions (name) VALUES (%(name)s) ON CONFLICT (name) DO NOTHING;
 
 -- name: read_position
-SELECT transaction_id::text, global_position, state, applied_total, last_error, owner
+SELECT name, transaction_id::text, global_position, state, applied_total, last_error, updated_at,
+       owner
 FROM {schema}.projection_positions WHERE name = %(name)s;
 
 -- name: read_positions
@@ -32,7 +36,7 @@ SELECT CASE WHEN EXISTS (
 -- A committed pause (or a `failed` state) also makes it roll back: no batch commits after `pause`
 -- has answered (an operator's `skip` passes even_if_paused). So does a change of owner: a runner
 -- whose daemon lost the projection to another instance cannot commit after the new owner took
--- over (projectord/ownership.py records the owner; NULL when no daemon ever owned the row).
+-- over (projectord/daemon/ownership.py records the owner; NULL when no daemon ever owned the row).
 -- A row that does not match raises SQLSTATE PJ001 (sql/migrations/0008_checkpoint_moved_error.sql):
 -- the error, not a row count, is what stops the batch, so COMMIT may be sent along with it.
 WITH moved AS (
@@ -65,3 +69,83 @@ SET state = CASE WHEN state = 'running' THEN 'failed' ELSE state END,
     last_error = %(error)s, updated_at = now()
 WHERE name = %(name)s AND owner IS NOT DISTINCT FROM %(owner)s
 RETURNING state;
+
+-- name: delete_position
+DELETE FROM {schema}.projection_positions WHERE name = %(name)s;
+
+-- name: take_over_position
+-- The swap: the live projection continues from where its shadow stopped, with the shadow's count.
+UPDATE {schema}.projection_positions AS live
+SET transaction_id = shadow.transaction_id,
+    global_position = shadow.global_position,
+    applied_total = shadow.applied_total,
+    last_error = NULL,
+    updated_at = now()
+FROM {schema}.projection_positions AS shadow
+WHERE live.name = %(name)s AND shadow.name = %(shadow)s
+RETURNING live.transaction_id::text, live.global_position, live.applied_total;
+
+-- name: lock_position
+-- Holds the projection's checkpoint still while a dead letter is re-applied: no batch, rebuild or
+-- skip of it commits in between, so "caught up past the event" stays true until the commit.
+SELECT transaction_id::text::bigint, global_position
+FROM {schema}.projection_positions
+WHERE name = %(name)s
+FOR UPDATE;
+
+-- name: set_projection_state
+-- Pause or resume. The runner's compare-and-set checks the state, so once a pause has committed
+-- no batch of this projection commits. Returns nothing for an unknown projection.
+UPDATE {schema}.projection_positions
+SET state = %(state)s, updated_at = now()
+WHERE name = %(name)s
+RETURNING state;
+
+-- name: reset_position
+-- The checkpoint part of a rebuild (the caller empties the tables in the same transaction).
+UPDATE {schema}.projection_positions
+SET transaction_id = '0', global_position = 0, applied_total = 0, last_error = NULL,
+    state = 'running', updated_at = now()
+WHERE name = %(name)s;
+
+-- name: owners
+-- Whom the positions rows name, so a daemon that holds a projection's lock can take the row back
+-- when it names someone else (a race with a rekey, or an old daemon) and its runner stands by.
+SELECT name, owner FROM {schema}.projection_positions WHERE name = ANY(%(names)s::text[]);
+
+-- name: record_owner
+INSERT INTO {schema}.projection_positions AS p (name, owner) VALUES (%(name)s, %(owner)s)
+ON CONFLICT (name) DO UPDATE SET owner = excluded.owner;
+
+-- name: projection_has_applied_events
+-- Whether the projection's checkpoint is past any event of its types: then its tables hold state
+-- computed from events, and a table recreated empty would be wrong.
+SELECT EXISTS (
+    SELECT 1
+    FROM {schema}.projection_positions p
+    JOIN {schema}.events e
+      ON (e.transaction_id, e.global_position) <= (p.transaction_id, p.global_position)
+    WHERE p.name = %(name)s AND e.type = ANY(%(types)s::text[])
+);
+
+-- name: count_retried
+-- A dead letter re-applied (projectord/runner/dead_letters.py): one event more applied, in the
+-- retry's transaction, which holds the row (lock_position).
+UPDATE {schema}.projection_positions
+SET applied_total = applied_total + 1, updated_at = now()
+WHERE name = %(name)s;
+
+-- name: clear_failure
+-- Part of `skip` (and of `on_error = "skip"`), with insert_dead_letter: clear the projection's
+-- error (a `failed` projection runs again), in the transaction that also moves its checkpoint
+-- past the event.
+UPDATE {schema}.projection_positions
+SET last_error = NULL, updated_at = now(),
+    state = CASE WHEN state = 'failed' THEN 'running' ELSE state END
+WHERE name = %(name)s;
+
+-- name: newest_checkpoint_transaction
+-- The highest transaction id of any checkpoint (projectord/daemon/foreign_ids.py): read before
+-- the server's next id, so a checkpoint that moves in between is still below that id.
+SELECT p.transaction_id::text::bigint FROM {schema}.projection_positions p
+ORDER BY p.transaction_id DESC LIMIT 1;

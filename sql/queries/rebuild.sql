@@ -5,21 +5,6 @@ INSERT INTO {schema}.lock_keys AS k (purpose, name) VALUES ('rebuild', %(key)s)
 ON CONFLICT (purpose, name) DO UPDATE SET key = k.key
 RETURNING key;
 
--- name: delete_position
-DELETE FROM {schema}.projection_positions WHERE name = %(name)s;
-
--- name: take_over_position
--- The swap: the live projection continues from where its shadow stopped, with the shadow's count.
-UPDATE {schema}.projection_positions AS live
-SET transaction_id = shadow.transaction_id,
-    global_position = shadow.global_position,
-    applied_total = shadow.applied_total,
-    last_error = NULL,
-    updated_at = now()
-FROM {schema}.projection_positions AS shadow
-WHERE live.name = %(name)s AND shadow.name = %(shadow)s
-RETURNING live.transaction_id::text, live.global_position, live.applied_total;
-
 -- name: table_grants
 -- Privileges others hold on a table (not its owner's), to carry over to the table replacing it.
 SELECT CASE WHEN a.grantee = 0::oid THEN 'public' ELSE pg_get_userbyid(a.grantee) END, a.privilege_type

@@ -27,7 +27,7 @@ DELETE FROM {schema}.projection_writes WHERE projection = %(name)s;
 -- name: tables_written_outside
 -- The shadow's guard, in an online rebuild's batch transaction: tables written outside the
 -- shadow schema. The batch is rolled back when there is one. It runs at the end of the handler,
--- before the checkpoint's compare-and-set writes projection_positions.
+-- before the checkpoint's compare-and-set.
 SELECT table_schema || '.' || table_name
 FROM {schema}.tables_written()
 WHERE table_schema <> %(shadow)s

@@ -18,7 +18,9 @@ from projectord import Event, Projection, Table
 from projectord.database import connect, make_pool
 from projectord.fetcher import Fetcher
 from projectord.queries import Queries
-from projectord.runner.loop import BatchFailed, CheckpointMoved, ProjectionRunner
+from projectord.runner.batch import BatchFailed
+from projectord.runner.checkpoint_store import CheckpointMoved
+from projectord.runner.loop import ProjectionRunner
 from tests.support.harness import TENANT, TestDatabase, credits
 from tests.support.projections import Ledger
 
@@ -166,7 +168,7 @@ def test_a_handler_using_copy_runs_without_the_pipeline(db: TestDatabase) -> Non
         credits(db, 3)
         second = await runner.step()
         assert len(first.events) == 7 and len(second.events) == 3
-        return runner._pipelined
+        return runner.batches.pipelined
 
     assert with_runner(db, CopiedCredits(), body) is False
     # amounts 1..7, then 1..3

@@ -108,7 +108,7 @@ def test_the_shadow_runner_has_the_live_runners_settings() -> None:
         runner = _OnlineRebuild("postgresql://nowhere", settings, Skippy()).shadow_runner(pool)
         assert runner.policy == ErrorPolicy(on_error="skip", max_attempts=3, handler_timeout=7.0)
         assert runner.projection.pipeline is False
-        assert runner.observe_writes is False  # the guard checks every batch instead
+        assert runner.batches.observe_writes is False  # the guard checks every batch instead
 
     anyio.run(shadow_runner)
 
