@@ -1,14 +1,16 @@
 -- name: arm_wakeups
 -- From now on, appends notify (sql/migrations/0017_one_notifier_per_wakeup.sql): take every armed
 -- stripe (K, 64..191) in share mode, which waits for every writer that decided not to notify
--- because no listener was armed; then take and release every "silent while armed" stripe
--- (K, 192..319), which waits for every writer that stayed silent because another commit was
--- notifying (the lateral reference makes the second part run after the first, once). Returns once
--- all of them have ended; the connection's lock_timeout bounds the wait.
-SELECT pg_catalog.count(pg_advisory_unlock_shared(armed.key, silent.stripe))
+-- because no listener was armed; then wait for every writer holding a "silent while armed" stripe
+-- (K, 192..319), each taken in share mode and released at once (CASE orders the two): held for
+-- longer, it would make every writer that stays silent meanwhile notify instead, all at once.
+-- The lateral reference makes the second part run after the first, once. Returns once all of
+-- them have ended; the connection's lock_timeout bounds the wait.
+SELECT pg_catalog.count(CASE WHEN pg_advisory_lock_shared(armed.key, silent.stripe)::text IS NOT NULL
+                             THEN pg_advisory_unlock_shared(armed.key, silent.stripe) END)
 FROM (SELECT hashtext(%(channel)s) AS key,
              pg_catalog.count(pg_advisory_lock_shared(hashtext(%(channel)s), stripe)::text) AS held
-      FROM pg_catalog.generate_series(64, 319) AS stripe) AS armed,
+      FROM pg_catalog.generate_series(64, 191) AS stripe) AS armed,
      LATERAL (SELECT stripe FROM pg_catalog.generate_series(192, 319) AS stripe
               WHERE armed.held IS NOT NULL) AS silent;
 
