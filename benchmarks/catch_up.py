@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     tune_for_batches()  # as the daemon does; the reference loop, in this process, gains too
     banner("catch-up")
     with (
-        server(args.database_url) as admin_url,
+        server(args.database_url, fsync_off=args.fsync_off) as admin_url,
         fresh_database(admin_url, [Balances(), NaiveBalances()]) as url,
     ):
         print(f"server: {server_description(url)}")

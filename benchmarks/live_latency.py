@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     banner("live latency")
     settings = ["track_commit_timestamp=on"]
     with (
-        server(args.database_url, settings=settings) as admin_url,
+        server(args.database_url, settings=settings, fsync_off=args.fsync_off) as admin_url,
         fresh_database(admin_url, [LatencyProbe()]) as url,
         tempfile.TemporaryDirectory(prefix="projectord-latency-") as tmp,
     ):
