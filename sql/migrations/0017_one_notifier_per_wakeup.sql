@@ -17,22 +17,25 @@
 -- (K, 64 + t) and (K, s) exclusively without waiting. Taken: no listener is armed; it keeps them
 -- until it ends, and an arming waits for it. Not taken: a listener is armed or arming (or another
 -- writer has the stripe), and at commit the deferred function below decides:
---   * the listener disarmed since (both stripes taken now): nothing to do, as above;
---   * a listener of the previous release is armed on (K, s), or the transaction is SERIALIZABLE
---     (it may still fail after this decision), or its stripes are taken: NOTIFY;
+--   * (K, 64 + t) taken now: no listener of this protocol is armed (any more): nothing to do;
+--   * a listener of the previous release is armed (it holds (K, s) in share mode, where a writer
+--     sharing the stripe holds it exclusively), or the transaction is SERIALIZABLE (it may still
+--     fail after this decision): NOTIFY;
 --   * else it takes (K, 192 + t), then tries the token. Taken: NOTIFY (the token is held until
 --     the commit is flushed, so no other commit notifies meanwhile). Not taken: another commit is
---     notifying right now; this one stays silent.
+--     notifying right now; this one stays silent. Its stripe not taken (another writer's): NOTIFY.
 -- The listener (projectord/listener.py) disarms on every notification, lets its runners read,
 -- and arms again: it takes (K, 64 + t) in share mode for every t, which waits for every
 -- transaction that decided not to notify because no listener was armed, then takes and releases
 -- (K, 192 + t) in share mode, which waits for every transaction that stayed silent while it was
 -- armed: each took that stripe before it found the token taken, so before the notifying commit
 -- ended and woke the listener. The runners' read after arming sees all of them.
--- The one case the next wake-up does not cover: a notifying transaction that fails after this
--- decision (a later deferred constraint of its own, a termination during COMMIT) while another
--- stayed silent; the next append's wake-up or the listener's poll (poll_interval) finds that
--- event. Writers never wait; isolation levels do not matter: the decision reads no table.
+-- What the next wake-up does not cover: a notifying transaction that fails after this decision
+-- (a later deferred constraint of its own, a termination during COMMIT) while another stayed
+-- silent; and, while a daemon of the previous release still runs, a writer sharing its old stripe
+-- with another while that daemon arms. The next append's wake-up or the listener's poll
+-- (poll_interval) finds those events. Writers never wait; isolation levels do not matter: the
+-- decision reads no table.
 DO $migration$
 DECLARE
     channel text := 'projectord_' || current_schema();
@@ -46,11 +49,17 @@ BEGIN
         DECLARE
             pid integer := pg_catalog.pg_backend_pid();
         BEGIN
-            IF pg_catalog.pg_try_advisory_xact_lock(%1$s, 64 + pid %% 128)
-               AND pg_catalog.pg_try_advisory_xact_lock(%1$s, pid %% 64) THEN
-                RETURN NULL;
-            END IF;
-            IF pg_catalog.pg_try_advisory_xact_lock(%1$s, pid %% 64)
+            IF pg_catalog.pg_try_advisory_xact_lock(%1$s, 64 + pid %% 128) THEN
+                -- No listener armed (or another writer has this stripe and will hold the next
+                -- arming as long as this one): nothing to do, unless a listener of the previous
+                -- release is armed: it holds the old stripe in share mode, where a writer
+                -- sharing that stripe holds it exclusively.
+                IF pg_catalog.pg_try_advisory_xact_lock(%1$s, pid %% 64)
+                   OR NOT pg_catalog.pg_try_advisory_xact_lock_shared(%1$s, pid %% 64) THEN
+                    RETURN NULL;
+                END IF;
+            ELSIF (pg_catalog.pg_try_advisory_xact_lock(%1$s, pid %% 64)
+                   OR NOT pg_catalog.pg_try_advisory_xact_lock_shared(%1$s, pid %% 64))
                AND pg_catalog.current_setting('transaction_isolation') <> 'serializable'
                AND pg_catalog.pg_try_advisory_xact_lock(%1$s, 192 + pid %% 128)
                AND NOT pg_catalog.pg_try_advisory_xact_lock(%1$s, 320) THEN
