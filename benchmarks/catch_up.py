@@ -219,7 +219,7 @@ def report(
         ratios = [r / ref for r, ref in zip(rates["runner"], rates["reference"], strict=True)]
         print(
             f"  runner / reference: {median(ratios):.2f}x"
-            f" (rounds {min(ratios):.2f}-{max(ratios):.2f}; target >= 0.80x)"
+            f" (rounds {min(ratios):.2f}-{max(ratios):.2f}; target >= 0.90x)"
         )
     if "runner" in rates:
         print(f"  runner target >= 100,000 events/s: {_verdict(median(rates['runner']), 100_000)}")
