@@ -8,15 +8,16 @@ works; a listener that cannot hear itself reconnects.
 
 Appends notify only while the listener is *armed*, and then only one commit at a time
 (sql/migrations/0017_one_notifier_per_wakeup.sql has the protocol): every NOTIFY holds a
-cluster-wide lock through its commit's flush, so notifying commits cannot group-commit. A runner
-that has read while the listener was disarmed calls `request_arm` and polls on a short backoff.
-Arming completes once every append that decided not to notify has ended; the listener then wakes
-the runners, and a read begun after that may be followed by a sleep. The first notification
-disarms the listener (and wakes every runner): appends that stayed silent while another commit
-notified are covered by the next arming, which waits for them, so a runner reads once more,
-after arming, before it sleeps. Arming takes the channel's advisory lock stripes on this
-connection, so if the connection dies the server releases them and the writers stop notifying: a
-lost connection wakes every runner too.
+cluster-wide lock through its commit's flush, so notifying commits cannot group-commit. Arming
+completes once every append that decided not to notify (no listener was armed) has ended; the
+listener then wakes the runners, and a read begun after that may be followed by a sleep. Armed,
+a commit notifies only if no other commit is notifying at that moment; the others stay silent.
+So on each notification the listener first waits for those silent appends to end (a sweep, one
+statement), then wakes the runners: their read sees every append of that moment, and they may
+sleep after it, still armed. A runner that read while the listener was not armed calls
+`request_arm` and polls on a short backoff. Arming takes the channel's advisory lock stripes on
+this connection, so if the connection dies the server releases them and the writers stop
+notifying: a lost connection wakes every runner too.
 
 The listener also polls for every runner, one cheap query each `poll_interval` (the safety net for
 appends that notify nobody: a trigger disabled, `session_replication_role = replica`). Runners
@@ -91,7 +92,7 @@ class NotificationListener:
         self.armed = False  # holds the stripes: appends notify
         self._arming = False  # the arming statement is running
         self._arm_wanted = False
-        self._disarm_wanted = False
+        self._sweep_wanted = False  # a notification came while armed: sweep, then wake
         self._waiting: anyio.CancelScope | None = None  # the wait for notifications, if any
         self._probe_sent = 0.0  # monotonic time of the probe not heard yet; 0: none pending
 
@@ -130,51 +131,64 @@ class NotificationListener:
             self.wake()
 
     def _heard(self) -> None:
-        """A notification: disarm (if armed, or arming right now) and wake the runners. Appends
-        that stayed silent because this one notified are covered only by the next arming, so
-        the runners read while disarmed and ask for it (see the module's doc)."""
+        """A notification. Armed (or arming), the listener first waits for the appends that
+        stayed silent because this one notified (a sweep), then wakes the runners, so their
+        read sees those appends too and may be followed by a sleep. Otherwise: wake them now."""
         if self.armed or self._arming:
-            self.armed = False
-            self._disarm_wanted = True
-        self.wake()
+            self._sweep_wanted = True
+            if self._waiting is not None:
+                self._waiting.cancel()
+        else:
+            self.wake()
 
     def _lost(self) -> None:
         """The connection is gone, and with it the stripes: wake everyone, end any attempt."""
         self.connected = False
-        self.armed = self._arm_wanted = self._disarm_wanted = False
+        self.armed = self._arm_wanted = self._sweep_wanted = False
         self.wake()
 
-    async def _arm_or_disarm(self, conn: psycopg.AsyncConnection[object]) -> None:
-        if self._arm_wanted or self._disarm_wanted:
+    async def _arm_or_sweep(self, conn: psycopg.AsyncConnection[object]) -> None:
+        if self._arm_wanted or self._sweep_wanted:
             async with deadline(conn, "the listener's arming"):
-                await self._arm_or_disarm_now(conn)
+                await self._arm_or_sweep_now(conn)
 
-    async def _arm_or_disarm_now(self, conn: psycopg.AsyncConnection[object]) -> None:
-        if self._disarm_wanted:
-            self._disarm_wanted = False
-            await conn.execute(self.queries["disarm_wakeups"])
+    async def _arm_or_sweep_now(self, conn: psycopg.AsyncConnection[object]) -> None:
         if self._arm_wanted:
             self._arm_wanted = False
-            if self.armed:  # asked twice
-                return
-            self._arming = True
-            try:
-                await conn.execute(self.queries["arm_wakeups"], {"channel": self.channel})
-            except psycopg.errors.LockNotAvailable:  # a writer kept its stripe: asked again later
-                log.debug("listener.arm_timed_out")
-                await conn.execute(self.queries["disarm_wakeups"])
-                return
-            finally:
-                self._arming = False
-            if self._disarm_wanted:
-                # Notified while arming: an append may have stayed silent after the part of the
-                # arming that waits for such appends. Disarm; the woken runners ask again.
-                self._disarm_wanted = False
-                await conn.execute(self.queries["disarm_wakeups"])
+            if not self.armed:
+                self._arming = True
+                try:
+                    await conn.execute(self.queries["arm_wakeups"], {"channel": self.channel})
+                except psycopg.errors.LockNotAvailable:  # a writer kept its stripe
+                    log.debug("listener.arm_timed_out")
+                    await self._disarm(conn)
+                    return
+                finally:
+                    self._arming = False
+                self.armed = True
+                if not self._sweep_wanted:
+                    self.wake()  # the runners' last read before sleeping begins now
+                    return
+        if self._sweep_wanted:
+            self._sweep_wanted = False
+            if not self.armed:
                 self.wake()
                 return
-            self.armed = True
-            self.wake()  # the runners' last read before sleeping begins now
+            try:
+                await conn.execute(self.queries["sweep_wakeups"], {"channel": self.channel})
+            except psycopg.errors.LockNotAvailable:  # a silent writer is still open
+                # Disarmed, the runners read and ask for arming again, which waits for it.
+                log.debug("listener.sweep_timed_out")
+                await self._disarm(conn)
+                return
+            self.wake()
+
+    async def _disarm(self, conn: psycopg.AsyncConnection[object]) -> None:
+        """Release every stripe and wake the runners: disarmed, they read and ask for arming
+        again, which waits for the appends that kept the arming or sweep from completing."""
+        self.armed = False
+        await conn.execute(self.queries["disarm_wakeups"])
+        self.wake()
 
     async def run(self) -> None:
         failures = 0
@@ -221,12 +235,12 @@ class NotificationListener:
             while True:
                 self.heartbeat.beat()
                 await self._poll(conn)
-                await self._arm_or_disarm(conn)
+                await self._arm_or_sweep(conn)
                 # A deliberate wait, bounded: the probe below catches a connection gone silent.
                 # `request_arm` cuts it short.
                 try:
                     with self.heartbeat.waiting(), anyio.CancelScope() as self._waiting:
-                        if not (self._arm_wanted or self._disarm_wanted):
+                        if not (self._arm_wanted or self._sweep_wanted):
                             heard = await self._wait_for_notifications(conn)
                             if heard:
                                 # Let the woken runners send their reads before this loop's

@@ -76,7 +76,9 @@ def test_arming_waits_for_writers_that_decided_not_to_notify(db: TestDatabase) -
         finally:
             stop.set()
             thread.join()
-        # The arming session is gone, and its stripes with it: no notifications any more.
+        # The arming session is gone (once the server has ended it), and its stripes with it: no
+        # notifications any more.
+        wait_until(lambda: armed_listeners(db) == 0, timeout=5)
         append_sql(writer, "Credited", {"account": 1, "amount": 16})
         writer.commit()
         assert notifications(listener) == 0
@@ -112,7 +114,9 @@ class Arming:
         self.thread.join()
 
 
-def test_one_commit_notifies_and_the_silent_one_holds_the_next_arming(db: TestDatabase) -> None:
+def test_one_commit_notifies_and_the_silent_one_holds_the_sweep_and_the_next_arming(
+    db: TestDatabase,
+) -> None:
     with (
         db.connect(autocommit=True) as listener,
         db.connect() as notifier,
@@ -130,14 +134,32 @@ def test_one_commit_notifies_and_the_silent_one_holds_the_next_arming(db: TestDa
             decide_now(silent)
             notifier.commit()
             assert notifications(listener) == 1
-        # Woken and disarmed (the first arming's session is gone), the listener arms again: that
-        # waits for the silent writer, so the runners' read after it sees the silent event.
-        with Arming(db) as second:
-            assert not second.done.wait(0.5), "armed while a silent writer was open"
+            # Woken, the listener sweeps before it wakes its runners: that waits for the silent
+            # writer, so the runners' read after it sees the silent event.
+            sweeping = threading.Thread(
+                target=lambda: reader.execute(QUERIES["sweep_wakeups"], {"channel": CHANNEL})
+            )
+            sweeping.start()
+            sweeping.join(0.5)
+            assert sweeping.is_alive(), "swept while a silent writer was open"
             silent.commit()
-            assert second.done.wait(5)
+            sweeping.join(5)
+            assert not sweeping.is_alive()
             assert reader.execute("SELECT count(*) FROM projectord.events").fetchone() == (2,)
         assert notifications(listener) == 0, "the silent writer notified"
+        # A silent writer also holds an arming (after a sweep that timed out, the listener
+        # disarms and arms again).
+        with Arming(db) as second:
+            assert second.done.wait(5)
+            append_sql(notifier, "Credited", {"account": 1, "amount": 1})
+            append_sql(silent, "Credited", {"account": 2, "amount": 2})
+            decide_now(notifier)
+            decide_now(silent)
+            notifier.commit()
+        with Arming(db) as third:
+            assert not third.done.wait(0.5), "armed while a silent writer was open"
+            silent.commit()
+            assert third.done.wait(5)
 
 
 def test_every_commit_notifies_while_a_listener_of_the_previous_release_is_armed(
@@ -175,25 +197,20 @@ def test_no_wake_up_is_lost_when_the_daemon_goes_to_sleep_during_an_append(
 ) -> None:
     db.init(SLOW)
     env = {"PROJECTORD_POLL_INTERVAL": "600"}  # only a wake-up can apply the events in time
-    with DaemonProcess(db.url, SLOW, state_dir, extra_env=env), db.connect() as writer:
-        wait_until(lambda: armed_listeners(db) == 1, timeout=10)  # idle: armed
-        # A slow batch keeps the runner busy; its notification disarmed the listener, so from
-        # now on appends do not notify.
-        append_sql(writer, "Slow", {"sleep": 1.5})
-        writer.commit()
-        wait_until(lambda: armed_listeners(db) == 0, timeout=5)
-        # Meanwhile a writer appends (and decides not to notify), and stays open until well after
-        # the runner has finished the slow batch and tried to go to sleep.
+    with db.connect() as writer:
+        # No listener armed yet: the append decides not to notify, and stays open while the
+        # daemon starts, reads and tries to go to sleep (each arming times out meanwhile).
         append_sql(writer, "Slow", {})
-        time.sleep(2.5)
-        assert slow_applied(db) == 1
-        writer.commit()
-        committed = time.monotonic()
-        wait_until(lambda: slow_applied(db) == 2, timeout=5)
-        took = time.monotonic() - committed
-        assert took < 1.5, f"applied {took:.2f}s after the commit: a wake-up was lost"
-        # And the daemon is armed again, asleep.
-        wait_until(lambda: armed_listeners(db) == 1, timeout=5)
+        with DaemonProcess(db.url, SLOW, state_dir, extra_env=env):
+            time.sleep(2.5)
+            assert slow_applied(db) == 0
+            writer.commit()
+            committed = time.monotonic()
+            wait_until(lambda: slow_applied(db) == 1, timeout=5)
+            took = time.monotonic() - committed
+            assert took < 1.5, f"applied {took:.2f}s after the commit: a wake-up was lost"
+            # And the daemon is armed, asleep.
+            wait_until(lambda: armed_listeners(db) == 1, timeout=5)
 
 
 def test_no_wake_up_is_lost_for_a_writer_that_stayed_silent_while_another_notified(

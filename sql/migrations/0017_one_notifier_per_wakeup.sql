@@ -3,10 +3,11 @@
 -- With durable commits (fsync on) 0006's protocol cost 8 writers 75 % of their appends: a NOTIFY
 -- holds a cluster-wide lock from before its commit until the commit is flushed, so notifying
 -- commits flush one after another, and an armed listener made every append notify until the
--- notifications came faster than it could count. Now a listener is woken by one commit and then
--- disarmed, and commits that find it armed while another one is already notifying stay silent,
--- covered by the next arming. The decision is taken when the transaction commits (a deferred
--- constraint trigger), so a transaction that rolls back never holds the right to notify for long.
+-- notifications came faster than it could count. Now, while a listener is armed, a commit that
+-- finds another one notifying at that moment stays silent, covered by the sweep the listener runs
+-- on that notification before it wakes its runners. The decision is taken when the transaction
+-- commits (a deferred constraint trigger), so a transaction that rolls back rarely holds the
+-- right to notify, and never for long.
 --
 -- Advisory locks, all on key K = hashtext(channel), stripe s = pid % 64 and t = pid % 128:
 --   (K, s)        the stripes of 0006 (s in 0..63), which a listener of the previous release arms on;
@@ -24,12 +25,14 @@
 --   * else it takes (K, 192 + t), then tries the token. Taken: NOTIFY (the token is held until
 --     the commit is flushed, so no other commit notifies meanwhile). Not taken: another commit is
 --     notifying right now; this one stays silent. Its stripe not taken (another writer's): NOTIFY.
--- The listener (projectord/listener.py) disarms on every notification, lets its runners read,
--- and arms again: it takes (K, 64 + t) in share mode for every t, which waits for every
--- transaction that decided not to notify because no listener was armed, then takes and releases
--- (K, 192 + t) in share mode, which waits for every transaction that stayed silent while it was
--- armed: each took that stripe before it found the token taken, so before the notifying commit
--- ended and woke the listener. The runners' read after arming sees all of them.
+-- The listener (projectord/listener.py) arms by taking (K, 64 + t) in share mode for every t,
+-- which waits for every transaction that decided not to notify because no listener was armed,
+-- then taking and releasing (K, 192 + t) for every t. On each notification, still armed, it first
+-- sweeps: takes and releases (K, 192 + t) in share mode for every t, which waits for every
+-- transaction that stayed silent because that commit was notifying (each took its stripe before
+-- it found the token taken, so before the notifying commit ended and woke the listener), and only
+-- then wakes its runners: their read sees all of them, and they may sleep after it. One that
+-- stays silent later found another commit holding the token, whose notification sweeps again.
 -- What the next wake-up does not cover: a notifying transaction that fails after this decision
 -- (a later deferred constraint of its own, a termination during COMMIT) while another stayed
 -- silent; and, while a daemon of the previous release still runs, a writer sharing its old stripe

@@ -14,6 +14,15 @@ FROM (SELECT hashtext(%(channel)s) AS key,
      LATERAL (SELECT stripe FROM pg_catalog.generate_series(192, 319) AS stripe
               WHERE armed.held IS NOT NULL) AS silent;
 
+-- name: sweep_wakeups
+-- After a notification, armed: wait for every writer that stayed silent because another commit
+-- was notifying (each holds its "silent while armed" stripe (K, 192..319) until it ends), each
+-- stripe taken in share mode and released at once. The connection's lock_timeout bounds it.
+SELECT pg_catalog.count(CASE WHEN pg_advisory_lock_shared(hashtext(%(channel)s), stripe)::text
+                                  IS NOT NULL
+                             THEN pg_advisory_unlock_shared(hashtext(%(channel)s), stripe) END)
+FROM pg_catalog.generate_series(192, 319) AS stripe;
+
 -- name: disarm_wakeups
 -- Appends stop notifying: release the stripes (the listener's connection holds no other advisory
 -- lock). Closing the connection releases them too.
