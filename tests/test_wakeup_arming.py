@@ -304,3 +304,20 @@ def test_one_poll_serves_every_projection(db: TestDatabase, state_dir: Path) -> 
                 timeout=10,
             )
             assert took < 1.5, f"applied after {took:.2f}s: the shared poll did not wake them"
+
+
+def test_a_rolled_back_savepoint_does_not_take_the_transactions_wake_up_with_it(
+    db: TestDatabase,
+) -> None:
+    """Only a transaction's first append found armed queues the commit-time decision; if a
+    rolled-back savepoint takes that append back, the next append queues it again."""
+    with db.connect(autocommit=True) as listener, db.connect() as writer, Arming(db) as arming:
+        listener.execute(f'LISTEN "{CHANNEL}"')
+        assert arming.done.wait(5)
+        writer.execute("SAVEPOINT before")
+        append_sql(writer, "Credited", {"account": 1, "amount": 1})
+        writer.execute("ROLLBACK TO SAVEPOINT before")
+        append_sql(writer, "Credited", {"account": 1, "amount": 2})
+        append_sql(writer, "Credited", {"account": 1, "amount": 4})
+        writer.commit()
+        assert notifications(listener) == 1

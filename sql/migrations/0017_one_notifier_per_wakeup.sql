@@ -17,7 +17,9 @@
 -- An appending transaction, for each row (the WHEN clause, no PL/pgSQL on this path), takes
 -- (K, 64 + t) and (K, s) exclusively without waiting. Taken: no listener is armed; it keeps them
 -- until it ends, and an arming waits for it. Not taken: a listener is armed or arming (or another
--- writer has the stripe), and at commit the deferred function below decides:
+-- writer has the stripe), and at commit the deferred function below decides, once per transaction
+-- (the WHEN clause queues only the transaction's first such row: a transaction-local setting
+-- holds its id, read before it is set; a rolled-back savepoint takes both back):
 --   * (K, 64 + t) taken now: no listener of this protocol is armed (any more): nothing to do;
 --   * a listener of the previous release is armed (it holds (K, s) in share mode, where a writer
 --     sharing the stripe holds it exclusively), or the transaction is SERIALIZABLE (it may still
@@ -80,7 +82,11 @@ BEGIN
             DEFERRABLE INITIALLY DEFERRED
             FOR EACH ROW
             WHEN (NOT (pg_catalog.pg_try_advisory_xact_lock(%1$s, 64 + pg_catalog.pg_backend_pid() %% 128)
-                       AND pg_catalog.pg_try_advisory_xact_lock(%1$s, pg_catalog.pg_backend_pid() %% 64)))
+                       AND pg_catalog.pg_try_advisory_xact_lock(%1$s, pg_catalog.pg_backend_pid() %% 64))
+                  AND pg_catalog.current_setting('projectord.wakeup_queued', true)
+                      IS DISTINCT FROM pg_catalog.set_config('projectord.wakeup_queued',
+                                                             pg_catalog.pg_current_xact_id()::text,
+                                                             true))
             EXECUTE FUNCTION notify_events_appended()
     $trigger$, hashtext(channel));
 END;
