@@ -58,14 +58,18 @@ GROUP BY aggregate_id
 
 
 @contextmanager
-def server(database_url: str | None, *, settings: Sequence[str] = ()) -> Iterator[str]:
-    """An admin URL: the given server's, or a throwaway embedded server's (fsync off, like the
-    tests). `settings` are `name=value` server settings the benchmark needs (embedded only)."""
+def server(
+    database_url: str | None, *, settings: Sequence[str] = (), fsync_off: bool = False
+) -> Iterator[str]:
+    """An admin URL: the given server's, or a throwaway embedded server's with the default
+    durability (fsync, synchronous_commit and full_page_writes on), as production runs. With
+    `fsync_off` (`--fsync-off`) the embedded server runs as the tests do: figures that are never
+    the targets. `settings` are `name=value` server settings the benchmark needs (embedded only)."""
     if database_url:
         yield database_url
         return
     with tempfile.TemporaryDirectory(prefix="projectord-bench-") as tmp:
-        embedded = EmbeddedPostgres(Path(tmp) / "pgdata", durable=False)
+        embedded = EmbeddedPostgres(Path(tmp) / "pgdata", durable=not fsync_off)
         url = embedded.start()
         try:
             if settings:
@@ -139,6 +143,12 @@ def argument_parser(doc: str | None) -> argparse.ArgumentParser:
         "--database-url", help="a server to create throwaway databases on (default: embedded)"
     )
     parser.add_argument("--smoke", action="store_true", help="small sizes, for CI")
+    parser.add_argument(
+        "--fsync-off",
+        action="store_true",
+        help="the embedded server without durability (fsync off): a second, labelled figure,"
+        " never a target",
+    )
     return parser
 
 
@@ -180,7 +190,10 @@ def server_description(url: str) -> str:
         ).fetchone()
     assert row is not None
     transport = "a unix socket" if row[3] else "TCP"
-    return f"PostgreSQL {row[0]} over {transport}, fsync={row[1]}, synchronous_commit={row[2]}"
+    label = "" if row[1] == "on" else " (NOT DURABLE: these figures are not the targets)"
+    return (
+        f"PostgreSQL {row[0]} over {transport}, fsync={row[1]}, synchronous_commit={row[2]}{label}"
+    )
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         args.small, args.large, args.rounds = 20_000, 200_000, 1
     banner("fetch-scale")
     sizes = (args.small, args.large)
-    with server(args.database_url) as admin_url, ExitStack() as stack:
+    with server(args.database_url, fsync_off=args.fsync_off) as admin_url, ExitStack() as stack:
         urls = {}
         for size in sizes:
             url = stack.enter_context(fresh_database(admin_url))

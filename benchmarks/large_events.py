@@ -125,7 +125,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         if value
     }
-    with server(args.database_url) as admin_url, tempfile.TemporaryDirectory() as tmp:
+    with (
+        server(args.database_url, fsync_off=args.fsync_off) as admin_url,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         print(f"server: {server_description(admin_url)}")
         with fresh_database(admin_url, projections()) as url:
             started = time.perf_counter()

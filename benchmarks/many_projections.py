@@ -97,7 +97,10 @@ def main(argv: list[str] | None = None) -> None:
         args.events, args.rounds, args.idle_seconds = 2000, 1, 5
     banner("many-projections")
     results: dict[int, list[tuple[float, float, float]]] = {1: [], args.projections: []}
-    with server(args.database_url) as admin_url, tempfile.TemporaryDirectory() as tmp:
+    with (
+        server(args.database_url, fsync_off=args.fsync_off) as admin_url,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         print(f"server: {server_description(admin_url)}")
         print(f"history: {args.events:,} events in one transaction, committed once all sleep")
         for round_ in range(args.rounds):

@@ -99,6 +99,7 @@ def append_with_pgbench(
     state_dir: Path,
     rate: int | None = None,
     append_script: str = APPEND_SCRIPT,
+    extra: Sequence[str] = (),
 ) -> float:
     """Single-event transactions from `clients` connections for `seconds`, at `rate` per second
     in all (a Poisson schedule) or as fast as they go; returns the transactions per second."""
@@ -107,7 +108,7 @@ def append_with_pgbench(
     command = [pgbench_path(), "-n", "-c", str(clients), "-j", str(min(clients, 2))]
     if rate:
         command += ["-R", str(rate)]
-    command += ["-T", str(max(1, round(seconds))), "-f", str(script), url]
+    command += [*extra, "-T", str(max(1, round(seconds))), "-f", str(script), url]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     for line in result.stdout.splitlines():
         if line.startswith("tps ="):

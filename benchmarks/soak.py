@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         args.burst_minutes, args.rebuild_minutes, args.warm_up_minutes = 0.25, 0.5, 0.25
     banner("soak")
     with (
-        server(args.database_url) as admin_url,
+        server(args.database_url, fsync_off=args.fsync_off) as admin_url,
         fresh_database(admin_url, soak_projections()) as url,
         tempfile.TemporaryDirectory(prefix="projectord-soak-") as tmp,
     ):

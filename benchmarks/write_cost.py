@@ -1,20 +1,24 @@
-"""Write-side benchmark: what the wake-up mechanism costs the writers.
+"""Write-side benchmark: what the wake-up mechanism (and the store's ordering trigger) costs the
+writers, with the real daemon running a projection of their events.
 
-8 pgbench clients append single-event transactions as fast as they can while the real daemon runs
-a projection of those events. Modes, in interleaved rounds:
-- `none`: the events trigger disabled (the daemon only polls): the writers' ceiling.
-- `always`: a trigger that notifies in every appending transaction (projectord's first design).
-- `projectord`: the installed trigger, which notifies only while a listener sleeps.
-- `unordered`: as `projectord`, without the store's ordering trigger (`events_ordered`, which
-  sets `transaction_id` and checks each aggregate's version order): what that trigger costs.
-- `overwrite`: as `projectord`, with an ordering trigger that only sets `transaction_id`: what
-  the version-order check costs beyond it.
-Each NOTIFY takes a cluster-wide lock at commit and holds it through the commit's flush, so
-notifying in every transaction serialises the writers' commits.
+pgbench appends, in interleaved rounds of each mode:
+- `none`: the wake-up trigger disabled (the daemon only polls, every 20 ms): the reference.
+- `projectord`: the installed triggers, as shipped.
+- `unordered`: as `projectord`, without the store's ordering trigger (`events_ordered`, which sets
+  `transaction_id` and checks each aggregate's version order): what that trigger costs.
+- `always` (only with `--modes`): a NOTIFY in every appending transaction.
 
-    python -m benchmarks.write_cost                    # 6 rounds of 8 s per mode
+Two measures:
+- saturating writers: 8, 32 and 64 pgbench clients as fast as they go, 1 and 10 events per
+  transaction; appends per second against `none`, and whether the daemon has caught up (every
+  event applied) at the end of each round, and how long that took;
+- paced writers: 500 and 2000 transactions a second (Poisson, 8 clients, 1 event each); the
+  writers' transaction latency (INSERT + commit) p50/p99 from pgbench's per-transaction log,
+  against `none`.
+
+    python -m benchmarks.write_cost                    # durable embedded server
+    python -m benchmarks.write_cost --database-url postgresql://postgres@127.0.0.1/postgres
     python -m benchmarks.write_cost --smoke            # CI: short
-    python -m benchmarks.write_cost --next-version     # each append extends an existing aggregate
 """
 
 from __future__ import annotations
@@ -30,19 +34,15 @@ from benchmarks.bench_db import (
     banner,
     fresh_database,
     median,
+    percentile,
+    scalar,
     server,
     server_description,
 )
-from benchmarks.processes import (
-    APPEND_SCRIPT,
-    NEXT_VERSION_SCRIPT,
-    append_with_pgbench,
-    daemon,
-)
+from benchmarks.processes import TENANT, append_with_pgbench, daemon
 from benchmarks.projections import Pings
 from projectord.runner.loop import BUSY_READ_PAUSE
 
-MODES = ("none", "always", "projectord", "unordered", "overwrite")
 POLL = str(BUSY_READ_PAUSE)
 ALWAYS_NOTIFY = """
 CREATE OR REPLACE FUNCTION projectord.notify_events_appended() RETURNS trigger
@@ -53,124 +53,206 @@ BEGIN
 END;
 $$
 """
-INSTALLED = """
-SELECT pg_get_functiondef('projectord.notify_events_appended()'::regprocedure)
+ALWAYS_TRIGGER = """
+CREATE TRIGGER bench_always_notify AFTER INSERT ON projectord.events
+FOR EACH STATEMENT EXECUTE FUNCTION projectord.bench_always_notify()
 """
-INSTALLED_ORDER = """
-SELECT pg_get_functiondef('projectord.order_appended_event()'::regprocedure)
-"""
-OVERWRITE_ONLY = """
-CREATE OR REPLACE FUNCTION projectord.order_appended_event() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    NEW.transaction_id := pg_current_xact_id();
-    RETURN NEW;
-END;
-$$
-"""
+ALWAYS_FUNCTION = ALWAYS_NOTIFY.replace("notify_events_appended", "bench_always_notify")
+# `per` events in one INSERT, each version 1 of a new aggregate; `clock` for the latency probe.
+APPEND_MANY = (
+    "INSERT INTO projectord.events (tenant_id, aggregate_id, version, type, payload)"
+    f" SELECT '{TENANT}', gen_random_uuid(), 1, 'Pinged',"
+    " jsonb_build_object('clock', extract(epoch FROM clock_timestamp()))"
+    " FROM generate_series(1, {per});\n"
+)
 
 
-def set_order_mode(conn: psycopg.Connection[object], mode: str, installed_order: str) -> None:
-    """The store's ordering trigger as installed, disabled (`unordered`) or reduced to setting
-    `transaction_id` (`overwrite`)."""
-    conn.execute(OVERWRITE_ONLY if mode == "overwrite" else installed_order)
-    action = "DISABLE" if mode == "unordered" else "ENABLE"
-    conn.execute(f"ALTER TABLE projectord.events {action} TRIGGER events_ordered")
-
-
-def set_mode(url: str, mode: str, installed: str, installed_order: str) -> None:
+def set_mode(url: str, mode: str) -> None:
+    """The wake-up trigger on or off (or replaced by a NOTIFY per statement), and the ordering
+    trigger on or off."""
     with psycopg.connect(url, autocommit=True) as conn:
-        set_order_mode(conn, mode, installed_order)
-        if mode == "none":
-            conn.execute("ALTER TABLE projectord.events DISABLE TRIGGER events_appended")
-            return
-        conn.execute(ALWAYS_NOTIFY if mode == "always" else installed)
-        conn.execute("ALTER TABLE projectord.events ENABLE TRIGGER events_appended")
+        conn.execute("DROP TRIGGER IF EXISTS bench_always_notify ON projectord.events")
+        wake = "DISABLE" if mode in ("none", "always") else "ENABLE"
+        order = "DISABLE" if mode == "unordered" else "ENABLE"
+        conn.execute(f"ALTER TABLE projectord.events {wake} TRIGGER events_appended")
+        conn.execute(f"ALTER TABLE projectord.events {order} TRIGGER events_ordered")
+        if mode == "always":
+            conn.execute(ALWAYS_FUNCTION)
+            conn.execute(ALWAYS_TRIGGER)
+
+
+def caught_up(url: str, deadline: float = 60.0) -> float:
+    """Seconds until the daemon has applied every event appended so far."""
+    started = time.monotonic()
+    with psycopg.connect(url, autocommit=True) as conn:
+        total = scalar(conn, "SELECT count(*) FROM projectord.events")
+        while scalar(conn, "SELECT coalesce(sum(n), 0) FROM pings") < total:
+            if time.monotonic() - started > deadline:
+                raise SystemExit(f"the daemon did not catch up within {deadline:.0f}s")
+            time.sleep(0.01)
+    return time.monotonic() - started
+
+
+def paced_latencies(
+    url: str, rate: int, clients: int, seconds: float, state_dir: Path
+) -> tuple[float, list[float]]:
+    """pgbench at `rate` tx/s with a per-transaction log: (tps, latencies in ms)."""
+    for old in state_dir.glob("paced.*"):
+        old.unlink()
+    tps = append_with_pgbench(
+        url,
+        clients=clients,
+        seconds=seconds,
+        state_dir=state_dir,
+        rate=rate,
+        append_script=APPEND_MANY.replace("{per}", "1"),
+        extra=["-l", "--log-prefix", str(state_dir / "paced")],
+    )
+    latencies = []
+    for log in state_dir.glob("paced.*"):
+        for line in log.read_text().splitlines():
+            fields = line.split()
+            latencies.append(int(fields[2]) / 1000)
+    return tps, latencies
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argument_parser(__doc__)
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", default="8,32,64", help="saturating pgbench clients")
+    parser.add_argument("--per-transaction", default="1,10", help="events per transaction")
+    parser.add_argument("--rates", default="500,2000", help="paced writers: tx/s (empty: none)")
+    parser.add_argument("--paced-clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=8)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument(
-        "--next-version",
-        action="store_true",
-        help="append the next version of each client's own aggregate, not a new aggregate",
-    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--modes", default="none,projectord,unordered")
     args = parser.parse_args(argv)
     if args.smoke:
         args.seconds, args.rounds = min(args.seconds, 2), 1
+        args.clients, args.per_transaction, args.rates = "8", "1,10", "500"
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if "none" not in modes:
+        modes.insert(0, "none")
+    clients = [int(c) for c in args.clients.split(",") if c]
+    pers = [int(p) for p in args.per_transaction.split(",") if p]
+    rates = [int(r) for r in args.rates.split(",") if r]
     banner("write-side")
     with (
-        server(args.database_url) as admin_url,
+        server(args.database_url, fsync_off=args.fsync_off) as admin_url,
         fresh_database(admin_url, [Pings()]) as url,
         tempfile.TemporaryDirectory(prefix="projectord-write-") as tmp,
     ):
         state_dir = Path(tmp)
         print(f"server: {server_description(url)}")
         print(
-            f"writers: pgbench, {args.clients} clients, one event per transaction,"
-            f" {args.seconds:.0f} s per round; the daemon runs `pings` throughout, reading"
-            f" about every {POLL} s when it gets no wake-ups"
+            f"writers: pgbench, {args.seconds:.0f} s per round, modes {', '.join(modes)} in"
+            f" interleaved rounds; the daemon runs `pings` throughout (with the wake-up trigger"
+            f" disabled it polls every {POLL} s)"
         )
-        with psycopg.connect(url, autocommit=True) as conn:
-            row = conn.execute(INSTALLED).fetchone()
-            order_row = conn.execute(INSTALLED_ORDER).fetchone()
-            assert row is not None and order_row is not None
-            installed, installed_order = row[0], order_row[0]
-        script = NEXT_VERSION_SCRIPT if args.next_version else APPEND_SCRIPT
-        print(
-            "appends: "
-            + (
-                "the next version of an existing aggregate"
-                if args.next_version
-                else "version 1 of a new aggregate"
-            )
-        )
-        rates: dict[str, list[float]] = {mode: [] for mode in MODES}
-        # The daemon reads about every 20 ms in every mode: with the trigger disabled its
-        # listener polls that often, and with busy writers (no wake-ups) a runner pauses as long
-        # between two short batches (projectord/runner/loop.py, BUSY_READ_PAUSE). So the modes
-        # differ
-        # only by the trigger, not by how often the daemon works next to the writers.
+        rates_by: dict[tuple[int, int, str], list[float]] = {}
+        catch_up_by: dict[tuple[int, int, str], list[float]] = {}
+        paced_by: dict[tuple[int, str], list[float]] = {}
         with daemon(url, "benchmarks.projections:pings", state_dir, poll_interval=POLL):
-            for round_ in range(args.rounds):
-                turn = round_ % len(MODES)
-                order = MODES[turn:] + MODES[:turn]
-                line = []
-                for mode in order:
-                    set_mode(url, mode, installed, installed_order)
-                    time.sleep(0.5)  # let the daemon catch up between rounds
-                    tps = append_with_pgbench(
-                        url,
-                        clients=args.clients,
-                        seconds=args.seconds,
-                        state_dir=state_dir,
-                        append_script=script,
-                    )
-                    rates[mode].append(tps)
-                    line.append(f"{mode} {tps:,.0f}")
-                print(f"round {round_ + 1}: " + " | ".join(line) + " appends/s", flush=True)
-            set_mode(url, "projectord", installed, installed_order)
-    print(f"\nsummary: median of {args.rounds} interleaved rounds")
-    for mode in MODES:
-        ratios = [r / base for r, base in zip(rates[mode], rates["none"], strict=True)]
+            for n_clients in clients:
+                for per in pers:
+                    script = APPEND_MANY.replace("{per}", str(per))
+                    for round_ in range(args.rounds):
+                        order = modes[round_ % len(modes) :] + modes[: round_ % len(modes)]
+                        line = []
+                        for mode in order:
+                            set_mode(url, mode)
+                            caught_up(url)
+                            tps = append_with_pgbench(
+                                url,
+                                clients=n_clients,
+                                seconds=args.seconds,
+                                state_dir=state_dir,
+                                append_script=script,
+                            )
+                            took = caught_up(url)
+                            key = (n_clients, per, mode)
+                            rates_by.setdefault(key, []).append(tps * per)
+                            catch_up_by.setdefault(key, []).append(took)
+                            line.append(f"{mode} {tps * per:,.0f} (caught up {took:.2f}s)")
+                        print(
+                            f"{n_clients:>2} clients x {per:>2} events/tx, round {round_ + 1}: "
+                            + " | ".join(line)
+                            + " events/s",
+                            flush=True,
+                        )
+            for rate in rates:
+                for round_ in range(args.rounds):
+                    order = modes[round_ % len(modes) :] + modes[: round_ % len(modes)]
+                    line = []
+                    for mode in order:
+                        set_mode(url, mode)
+                        caught_up(url)
+                        tps, latencies = paced_latencies(
+                            url, rate, args.paced_clients, args.seconds, state_dir
+                        )
+                        caught_up(url)
+                        paced_by.setdefault((rate, mode), []).extend(latencies)
+                        line.append(
+                            f"{mode} p50 {percentile(latencies, 0.5):.2f}"
+                            f" p99 {percentile(latencies, 0.99):.2f} ms ({tps:,.0f} tx/s)"
+                        )
+                    print(f"paced {rate} tx/s, round {round_ + 1}: " + " | ".join(line), flush=True)
+            set_mode(url, "projectord")
+    report(args, modes, clients, pers, rates, rates_by, catch_up_by, paced_by)
+
+
+def report(
+    args: object,
+    modes: list[str],
+    clients: list[int],
+    pers: list[int],
+    rates: list[int],
+    rates_by: dict[tuple[int, int, str], list[float]],
+    catch_up_by: dict[tuple[int, int, str], list[float]],
+    paced_by: dict[tuple[int, str], list[float]],
+) -> None:
+    rounds = getattr(args, "rounds", 1)
+    print(f"\nsummary: saturating writers, median of {rounds} interleaved rounds (events/s)")
+    worst = None
+    for n_clients in clients:
+        for per in pers:
+            base = rates_by[(n_clients, per, "none")]
+            parts = []
+            for mode in modes:
+                values = rates_by[(n_clients, per, mode)]
+                ratios = [v / b for v, b in zip(values, base, strict=True)]
+                parts.append(
+                    f"{mode} {median(values):,.0f} ({median(ratios):.2f}x,"
+                    f" {min(ratios):.2f}-{max(ratios):.2f})"
+                )
+                if mode == "projectord":
+                    worst = median(ratios) if worst is None else min(worst, median(ratios))
+            took = max(catch_up_by[(n_clients, per, "projectord")], default=0.0)
+            print(
+                f"  {n_clients:>2} clients x {per:>2}/tx: "
+                + " | ".join(parts)
+                + f"; caught up within {took:.2f}s after the writers stopped"
+            )
+    if worst is not None:
+        verdict = "met" if worst >= 0.9 else "NOT met"
         print(
-            f"  {mode:<11} {median(rates[mode]):>9,.0f} appends/s"
-            f"   vs none: {median(ratios):.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f})"
+            f"  projectord vs none, worst configuration: {worst:.2f}x (target >= 0.90x): {verdict}"
         )
-    ratios = [r / base for r, base in zip(rates["projectord"], rates["none"], strict=True)]
-    cost = 1 - median(ratios)
-    verdict = "met" if cost <= 0.10 else "NOT met"
-    print(f"  wake-up cost with projectord's trigger: {cost:.0%} (target <= 10%): {verdict}")
-    for label, mode, reference in (
-        ("the ordering trigger (transaction_id + version-order check)", "projectord", "unordered"),
-        ("setting transaction_id alone", "overwrite", "unordered"),
-        ("the version-order check beyond it", "projectord", "overwrite"),
-    ):
-        pairs = zip(rates[mode], rates[reference], strict=True)
-        print(f"  cost of {label}: {1 - median([r / b for r, b in pairs]):.1%}")
+    if rates:
+        print("summary: paced writers, transaction latency (INSERT + commit), all rounds pooled")
+        for rate in rates:
+            base = paced_by[(rate, "none")]
+            parts = []
+            for mode in modes:
+                values = paced_by[(rate, mode)]
+                p99 = percentile(values, 0.99)
+                parts.append(
+                    f"{mode} p50 {percentile(values, 0.5):.2f} p99 {p99:.2f} ms"
+                    f" ({p99 / percentile(base, 0.99):.2f}x)"
+                )
+            print(f"  {rate} tx/s: " + " | ".join(parts))
+            mine = percentile(paced_by[(rate, "projectord")], 0.99) / percentile(base, 0.99)
+            verdict = "met" if mine <= 1.1 else "NOT met"
+            print(f"  {rate} tx/s: projectord p99 vs none {mine:.2f}x (target <= 1.10x): {verdict}")
 
 
 if __name__ == "__main__":

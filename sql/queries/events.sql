@@ -4,7 +4,7 @@
 -- the snapshot's xmin has ended, so no event can later appear at or behind a checkpoint taken here.
 -- The horizon row is always returned (LEFT JOIN), with NULL event columns when the batch is empty.
 -- No outer ORDER BY: the lateral join is a nested loop over the single horizon row, which keeps
--- the index order, and an outer sort would cost more than the scan (tests/test_query_plan.py).
+-- the index order, and an outer sort would cost more than the scan (tests/integration/test_query_plan.py).
 -- `held_back` says some committed events sit beyond the horizon, waiting for an older transaction.
 -- Columns come in the forms cheapest to turn into an `Event` (projectord/fetcher.py): payload and
 -- metadata as JSON text and recorded_at as epoch microseconds, decoded only if a handler reads

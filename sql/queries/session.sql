@@ -27,7 +27,7 @@ SELECT pg_notification_queue_usage();
 
 -- name: session_working
 -- Whether a session (pid and start time) is running a statement, not waiting for its client: a
--- pipelined batch's answer is awaited for as long as this holds (projectord/commit_watch.py).
+-- pipelined batch's answer is awaited for as long as this holds (projectord/runner/commit_watch.py).
 -- `ClientRead`/`ClientWrite` waits mean the server waits for a client that is gone or silent.
 SELECT EXISTS (
     SELECT FROM pg_catalog.pg_stat_activity a
