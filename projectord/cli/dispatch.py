@@ -55,7 +55,6 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     configure_logging(settings.log_format, settings.log_level)
     install(load_upcasters(settings.upcasters))  # appends record the current versions
-    install(load_upcasters(settings.upcasters))  # appends record the current versions
     registry = _registry(settings)
     wait_for = _projections_to_wait_for(settings, args.wait)
     command = Command(args.tenant, args.type, _payload(args.payload), id=args.id or uuid.uuid4())
