@@ -118,3 +118,12 @@ def test_a_payload_number_json_cannot_hold_is_refused_not_turned_into_null(
     assert result.returncode == 2, result
     assert_one_line(result.stderr)
     assert "--payload is not valid JSON" in result.stderr
+
+
+def test_a_config_file_that_is_not_utf8_is_a_configuration_error(tmp_path: Path) -> None:
+    config = tmp_path / "projectord.toml"
+    config.write_bytes(b'log_level = "\xff"\n')
+    result = projectord("health", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2, result
+    assert_one_line(result.stderr)
+    assert f"config file {config}: cannot be read" in result.stderr
