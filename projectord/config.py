@@ -180,6 +180,8 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
             tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:  # unreadable, or not UTF-8 (SIGHUP too)
+            raise ConfigError(f"config file {path}: cannot be read: {exc}") from None
     settings_cls: type[Settings] = Settings
     if path:
         settings_cls = type(

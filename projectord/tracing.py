@@ -111,13 +111,16 @@ def record_dispatch(span: Any, command: Any) -> None:
 
 
 def _links(events: Sequence[Event]) -> list[Any]:
-    """One link per distinct trace context among the events (in order, at most MAX_LINKS)."""
+    """One link per distinct trace context among the events (in order, at most MAX_LINKS).
+
+    Metadata a plain SQL writer stored may be any JSON (`null`, a string, an array): such an
+    event has no link, never a failed batch, which it would not be untraced."""
     assert _propagator is not None
     seen: set[tuple[int, int]] = set()
     links = []
     for event in events:
         metadata = event.metadata
-        if "traceparent" not in metadata:
+        if not isinstance(metadata, dict) or "traceparent" not in metadata:
             continue
         carrier = {key: str(metadata[key]) for key in TRACE_KEYS if key in metadata}
         context = trace.get_current_span(_propagator.extract(carrier)).get_span_context()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import uuid
 from collections.abc import Sequence
@@ -54,7 +55,6 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     configure_logging(settings.log_format, settings.log_level)
     install(load_upcasters(settings.upcasters))  # appends record the current versions
-    install(load_upcasters(settings.upcasters))  # appends record the current versions
     registry = _registry(settings)
     wait_for = _projections_to_wait_for(settings, args.wait)
     command = Command(args.tenant, args.type, _payload(args.payload), id=args.id or uuid.uuid4())
@@ -92,13 +92,26 @@ def _projections_to_wait_for(settings: Settings, names: Sequence[str]) -> list[P
 
 
 def _payload(text: str) -> dict[str, Any]:
+    """The `--payload` object. NaN, Infinity and numbers past a double (1e999) are refused: they
+    are not JSON, Python's reader takes them anyway, and the stores would write them as null."""
     try:
-        payload = json.loads(text)
+        payload = json.loads(text, parse_constant=_not_json, parse_float=_finite)
     except ValueError as exc:
         raise CommandError(f"--payload is not valid JSON: {exc}", EXIT_USAGE) from None
     if not isinstance(payload, dict):
         raise CommandError("--payload must be a JSON object, e.g. '{\"amount\": 5}'", EXIT_USAGE)
     return payload
+
+
+def _not_json(constant: str) -> float:
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is too large for a JSON number")
+    return number
 
 
 async def _dispatch(

@@ -13,6 +13,7 @@ The server runs in its own threads, so a busy event loop does not make scrapes t
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -24,6 +25,9 @@ import orjson
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
 STALE_AFTER = 30.0  # seconds; the monitor looks every 5
+# How long a client may take to send its request (seconds): each connection holds a thread, and
+# a client that stalls (slowloris) would hold it forever; a scraper sends its request at once.
+REQUEST_TIMEOUT = 10.0
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -82,8 +86,17 @@ def endpoint_app(registry: CollectorRegistry, verdicts: HealthVerdicts) -> WSGIA
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client dropped for stalling is routine, not a traceback on stderr."""
+        if not isinstance(sys.exc_info()[1], TimeoutError):
+            super().handle_error(request, client_address)
+
 
 class _QuietHandler(WSGIRequestHandler):
+    def setup(self) -> None:
+        self.timeout = REQUEST_TIMEOUT  # read here, so a test may shorten it
+        super().setup()
+
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes and probes every few seconds would drown the log."""
 

@@ -111,4 +111,17 @@ def test_sighup_rereads_the_configuration(db: TestDatabase, state_dir: Path) -> 
         # Still running, with the settings it had.
         credit(db)
         wait_until(lambda: db.scalar("SELECT count(*) FROM applied_log") == 3, timeout=10)
+
+        # A file that is not UTF-8 (a stray byte of an editor) is refused the same way; it
+        # raised UnicodeDecodeError through the signal loop and took the daemon down.
+        config.write_bytes(b'log_level = "\xff"\n')
+        daemon.process.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda: sum(e["event"] == "config.reload_failed" for e in daemon.log_events()) == 2,
+            timeout=10,
+        )
+        failed = [e for e in daemon.log_events() if e["event"] == "config.reload_failed"][-1]
+        assert "cannot be read" in failed["error"]
+        credit(db)
+        wait_until(lambda: db.scalar("SELECT count(*) FROM applied_log") == 4, timeout=10)
         assert daemon.stop() == 0

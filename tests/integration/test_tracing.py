@@ -25,7 +25,8 @@ from projectord.queries import Queries
 from projectord.runner.loop import BatchFailed, ProjectionRunner
 from projectord.samples import Account, demo_projections
 from tests.support.harness import TENANT, TestDatabase
-from tests.support.ops_support import credit
+from tests.support.ops_projections import ledger_and_picky
+from tests.support.ops_support import credit, ledger_rows
 from tests.support.projections import Picky
 
 SAMPLES = "projectord.samples:demo_projections"
@@ -154,3 +155,34 @@ def test_without_an_sdk_nothing_is_traced_or_stored(db: TestDatabase) -> None:
     dispatch_all(db, [deposit(5)])
     assert db.scalar("SELECT count(*) FROM projectord.events WHERE metadata ? 'traceparent'") == 0
     assert apply_all(db, demo_projections()) == []
+
+
+def test_metadata_a_foreign_writer_left_odd_never_breaks_a_batch(
+    db: TestDatabase, spans: InMemorySpanExporter
+) -> None:
+    """A plain SQL writer may store any JSON as metadata: `null`, a string, an array, a garbled
+    `traceparent`. Linking a batch span reads the metadata of every event; an event the links
+    cannot use gets none, and the batch applies as it would untraced."""
+    db.init("tests.support.ops_projections:ledger_and_picky")
+    odd = [
+        "null",
+        '"traceparent"',
+        '["traceparent"]',
+        "7",
+        '{"traceparent": "garbage"}',
+        '{"traceparent": {"nested": 1}, "tracestate": [1]}',
+    ]
+    with db.connect() as conn:
+        for metadata in odd:
+            conn.execute(
+                "INSERT INTO projectord.events (tenant_id, aggregate_id, version, type, payload,"
+                " metadata) VALUES (%s, gen_random_uuid(), 1, 'Credited',"
+                ' \'{"account": 1, "amount": 1}\', %s::jsonb)',
+                (TENANT, metadata),
+            )
+    projection = next(p for p in ledger_and_picky() if p.name == "ledger")
+    assert apply_all(db, [projection]) == []
+    assert ledger_rows(db) == [(1, len(odd), len(odd))]
+    (span,) = named(spans, "projectord.batch")
+    assert span.attributes["projectord.batch.outcome"] == "committed"
+    assert list(span.links) == []

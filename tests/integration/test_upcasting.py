@@ -10,6 +10,8 @@ run on; and a store from before migration 0018 upgrades in place while writers a
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
@@ -444,3 +446,60 @@ def test_a_store_from_before_0018_upgrades_in_place_while_writers_append(
     assert dict(db.rows("SELECT event_id, payload FROM shapes_seen")) == {
         event_id: up.v3(100 * n) for n, event_id in enumerate(old, 1)
     }
+
+
+def test_upgrading_behind_a_long_reader_never_stalls_the_writers(
+    store_before_0018: TestDatabase,
+) -> None:
+    """0018's ALTER TABLE needs ACCESS EXCLUSIVE on the events table. Waiting for it behind a
+    long reader (a report, pg_dump, a slow batch) queued every append behind the wait, up to
+    `init`'s lock timeout (30 s). It now tries for the lock briefly, again and again, so appends
+    go on between tries, and takes it once the reader is gone."""
+    db = store_before_0018
+    config = {"PROJECTORD_DATABASE_URL": db.url, "PROJECTORD_PROJECTIONS": PRICED_AND_LEDGER}
+    waiting_for_events = (
+        "SELECT count(*) FROM pg_catalog.pg_locks WHERE NOT granted"
+        " AND relation = 'projectord.events'::regclass AND mode = 'AccessExclusiveLock'"
+    )
+    upgraded: list[Any] = []
+    with db.connect() as reader:
+        reader.execute("SELECT count(*) FROM projectord.events")  # its transaction stays open
+        init = threading.Thread(target=lambda: upgraded.append(run_cli("init", env=config)))
+        init.start()
+        try:
+            wait_until(lambda: db.scalar(waiting_for_events) > 0, timeout=30)
+            with db.connect(autocommit=True) as writer:
+                writer.execute("SET statement_timeout = '5s'")
+                started = time.monotonic()
+                for price in range(10):
+                    insert_priced(writer, {"amount": price}, None)
+                took = time.monotonic() - started
+            assert took < 5, f"10 appends took {took:.1f}s behind init's lock wait"
+            assert not upgraded, "init finished while the reader still held the table"
+        finally:
+            reader.rollback()
+            init.join(timeout=60)
+    assert upgraded[0].returncode == 0, upgraded[0].stderr
+    assert db.rows("SELECT DISTINCT schema_version FROM projectord.events") == [(1,)]
+    assert db.scalar("SELECT count(*) FROM projectord.events") == 10
+
+
+def test_upgrading_behind_a_reader_that_stays_gives_up_after_the_lock_timeout(
+    store_before_0018: TestDatabase,
+) -> None:
+    """The brief tries end with `init`'s usual one line once its lock timeout has passed."""
+    db = store_before_0018
+    config = {
+        "PROJECTORD_DATABASE_URL": db.url,
+        "PROJECTORD_PROJECTIONS": PRICED_AND_LEDGER,
+        "PROJECTORD_INIT_LOCK_TIMEOUT": "1",
+    }
+    with db.connect() as reader:
+        reader.execute("SELECT count(*) FROM projectord.events")
+        started = time.monotonic()
+        refused = run_cli("init", env=config)
+        took = time.monotonic() - started
+    assert refused.returncode != 0 and took < 20, (refused, took)
+    assert "0018_event_schema_version" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert db.scalar("SELECT count(*) FROM projectord.schema_migrations WHERE version = 18") == 0

@@ -94,3 +94,36 @@ def test_an_unexpected_error_is_one_line_too(tmp_path: Path) -> None:
     assert result.returncode == 1, result
     assert_one_line(result.stderr)
     assert "RuntimeError: boom when called" in result.stderr
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_a_payload_number_json_cannot_hold_is_refused_not_turned_into_null(
+    number: str, tmp_path: Path
+) -> None:
+    """Python's json module reads NaN, Infinity and 1e999 (as inf); none is JSON, and the command
+    store then wrote them as null: the command ran with a value the operator never gave."""
+    result = projectord(
+        "dispatch",
+        "Deposit",
+        "--tenant",
+        "00000000-0000-0000-0000-000000000001",
+        "--payload",
+        f'{{"amount": {number}}}',
+        "--database-url",
+        UNREACHABLE,
+        "--aggregates",
+        "projectord.samples:demo_aggregates",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result
+    assert_one_line(result.stderr)
+    assert "--payload is not valid JSON" in result.stderr
+
+
+def test_a_config_file_that_is_not_utf8_is_a_configuration_error(tmp_path: Path) -> None:
+    config = tmp_path / "projectord.toml"
+    config.write_bytes(b'log_level = "\xff"\n')
+    result = projectord("health", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2, result
+    assert_one_line(result.stderr)
+    assert f"config file {config}: cannot be read" in result.stderr
