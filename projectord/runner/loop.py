@@ -153,6 +153,7 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
         self._persisted = None
         self._reload = False
         self._failures = self._transient_failures = 0
+        self._isolate_now = False
         self.paused = self.failed = self.standby = False
         self.refused = None
         self.stuck = None
