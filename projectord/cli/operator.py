@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from projectord.cli.daemon_requests import ask, control_client
 from projectord.cli.exits import EXIT_OK, HEALTH_EXIT, HEALTH_EXIT_HELP
@@ -66,32 +67,38 @@ def cmd_health(args: argparse.Namespace) -> int:
     return HEALTH_EXIT[result["status"]]
 
 
-def cmd_pause(args: argparse.Namespace) -> int:
+def _ask_about(args: argparse.Namespace, operation: str) -> dict[str, Any] | None:
+    """One request about the projection `args.name`. With `--json` its result is printed as it
+    came and None returned: the caller then prints nothing of its own."""
     with control_client(args) as client:
-        result = ask(client, "pause", name=args.name)
+        result = ask(client, operation, name=args.name)
     if args.json:
         print(json.dumps(result))
-        return EXIT_OK
-    print(f"paused {args.name}: no batch of it commits until `projectord resume {args.name}`")
+        return None
+    return result
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    if _ask_about(args, "pause") is not None:
+        print(f"paused {args.name}: no batch of it commits until `projectord resume {args.name}`")
     return EXIT_OK
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    with control_client(args) as client:
-        result = ask(client, "resume", name=args.name)
-    if args.json:
-        print(json.dumps(result))
-        return EXIT_OK
-    print(f"resumed {args.name}")
+    if _ask_about(args, "resume") is not None:
+        print(f"resumed {args.name}")
     return EXIT_OK
 
 
 def cmd_skip(args: argparse.Namespace) -> int:
-    with control_client(args) as client:
-        result = ask(client, "skip", name=args.name)
-    if args.json:
-        print(json.dumps(result))
-        return EXIT_OK
+    result = _ask_about(args, "skip")
+    if result is not None:
+        event = result["dead_lettered"]
+        print(
+            f"moved event {event['event_id']} ({event['event_type']}, position "
+            f"{event['global_position']}) of {args.name} to the dead letters; it goes on"
+        )
+    return EXIT_OK
     event = result["dead_lettered"]
     print(
         f"moved event {event['event_id']} ({event['event_type']}, position "
