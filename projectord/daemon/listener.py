@@ -6,18 +6,19 @@ and every (re)connection wakes every runner for a catch-up read, because notific
 it was away are gone. A notification it sends itself every `probe_interval` proves the path still
 works; a listener that cannot hear itself reconnects.
 
-Appends notify only while the listener is *armed*, and then only one commit at a time
-(sql/migrations/0017_one_notifier_per_wakeup.sql has the protocol): every NOTIFY holds a
-cluster-wide lock through its commit's flush, so notifying commits cannot group-commit. Arming
-completes once every append that decided not to notify (no listener was armed) has ended; the
-listener then wakes the runners, and a read begun after that may be followed by a sleep. Armed,
-a commit notifies only if no other commit is notifying at that moment; the others stay silent.
-So on each notification the listener first waits for those silent appends to end (a sweep, one
-statement), then wakes the runners: their read sees every append of that moment, and they may
-sleep after it, still armed. A runner that read while the listener was not armed calls
-`request_arm` and polls on a short backoff. Arming takes the channel's advisory lock stripes on
-this connection, so if the connection dies the server releases them and the writers stop
-notifying: a lost connection wakes every runner too.
+Appends notify only while the listener is *armed* (sql/migrations/0006_notify_only_when_asleep.sql
+has the protocol): a busy daemon needs no wake-ups, and every NOTIFY costs the writers a
+serialised commit. A runner that finds nothing new while the listener is disarmed calls
+`request_arm` and polls on a short backoff. Arming completes once every append that decided not
+to notify has ended; the listener then wakes the runners, and a read begun after that may be
+followed by a sleep. The listener stays armed while notifications are rare: each one wakes the
+runners at the cost of one round trip to the writer. Once they come faster than `DISARM_RATE` a
+second, writers are busy enough for the serialised commits to cost them, and the runners, busy
+too, read again soon after every batch: the listener disarms (waking every runner, so none
+that read while armed sleeps through the disarm) and refuses to arm again for a while
+(`REARM_COOLDOWN`: 1 s, doubling while the writers stay busy). Arming takes the channel's
+advisory lock stripes on this connection, so if the connection dies the server releases them and
+the writers stop notifying: a lost connection wakes every runner too.
 
 The listener also polls for every runner, one cheap query each `poll_interval` (the safety net for
 appends that notify nobody: a trigger disabled, `session_replication_role = replica`). Runners
@@ -49,6 +50,18 @@ PROBE_PAYLOAD = "probe"
 ARM_LOCK_TIMEOUT = "200ms"
 # While the listener polls for them, idle runners poll on their own this many times less often.
 RUNNER_POLL_FACTOR = 12
+# Notifications a second above which the listener disarms (counted over DISARM_WINDOW seconds).
+# Below it a notification is cheap for writers (benchmarks/write_cost.py: a NOTIFY in every
+# append halves the throughput of 8 writers going flat out, at about 7000 appends/s here) and is
+# the fastest wake-up (benchmarks/live_latency.py).
+DISARM_RATE = 5000
+DISARM_WINDOW = 0.1
+# After disarming for the rate, arming is refused for a while (seconds): without it, a runner
+# whose types are not being written would arm again at once, and busy writers would notify again.
+# The wait doubles each time an arming is tripped again within REARM_QUIET seconds (the writers
+# are still busy), up to the cap, and starts over after a longer quiet arming.
+REARM_COOLDOWN = (1.0, 16.0)
+REARM_QUIET = 5.0
 # PostgreSQL's identifier limit (NAMEDATALEN - 1), which channel names share.
 MAX_IDENTIFIER_BYTES = 63
 
@@ -90,9 +103,13 @@ class NotificationListener:
         self._polled_at = 0.0
         self._poll_since = 0  # the horizon of the last poll: later commits have xids above it
         self.armed = False  # holds the stripes: appends notify
-        self._arming = False  # the arming statement is running
+        self._window_start = 0.0  # notifications heard since then (the rate that disarms)
+        self._window_heard = 0
+        self._rearm_after = 0.0  # monotonic time before which `arm` refuses (REARM_COOLDOWN)
+        self._cooldown = REARM_COOLDOWN[0]
+        self._armed_at = 0.0
         self._arm_wanted = False
-        self._sweep_wanted = False  # a notification came while armed: sweep, then wake
+        self._disarm_wanted = False
         self._waiting: anyio.CancelScope | None = None  # the wait for notifications, if any
         self._probe_sent = 0.0  # monotonic time of the probe not heard yet; 0: none pending
 
@@ -101,8 +118,8 @@ class NotificationListener:
         that decided not to notify to end, which takes as long as the writers' transactions,
         and the runners poll meanwhile. Once armed, the listener wakes every runner, and a read
         that begins after that sees every event that did not notify. Ignored while not
-        connected."""
-        if self.armed or not self.connected:
+        connected, and for REARM_COOLDOWN after a disarm for the rate."""
+        if self.armed or not self.connected or time.monotonic() < self._rearm_after:
             return
         self._arm_wanted = True
         if self._waiting is not None:
@@ -131,64 +148,50 @@ class NotificationListener:
             self.wake()
 
     def _heard(self) -> None:
-        """A notification. Armed (or arming), the listener first waits for the appends that
-        stayed silent because this one notified (a sweep), then wakes the runners, so their
-        read sees those appends too and may be followed by a sleep. Otherwise: wake them now."""
-        if self.armed or self._arming:
-            self._sweep_wanted = True
-            if self._waiting is not None:
-                self._waiting.cancel()
-        else:
-            self.wake()
+        """A notification: wake the runners; if they come fast, disarm (see the module's doc)."""
+        now = time.monotonic()
+        if now - self._window_start > DISARM_WINDOW:
+            self._window_start, self._window_heard = now, 0
+        self._window_heard += 1
+        if self.armed and self._window_heard > DISARM_RATE * DISARM_WINDOW:
+            self.armed = False
+            self._disarm_wanted = True
+            if now - self._armed_at < REARM_QUIET:
+                self._cooldown = min(self._cooldown * 2, REARM_COOLDOWN[1])
+            else:
+                self._cooldown = REARM_COOLDOWN[0]
+            self._rearm_after = now + self._cooldown
+            log.debug("listener.disarmed", heard=self._window_heard, cooldown=self._cooldown)
+        self.wake()
 
     def _lost(self) -> None:
         """The connection is gone, and with it the stripes: wake everyone, end any attempt."""
         self.connected = False
-        self.armed = self._arm_wanted = self._sweep_wanted = False
+        self.armed = self._arm_wanted = self._disarm_wanted = False
         self.wake()
 
-    async def _arm_or_sweep(self, conn: psycopg.AsyncConnection[object]) -> None:
-        if self._arm_wanted or self._sweep_wanted:
+    async def _arm_or_disarm(self, conn: psycopg.AsyncConnection[object]) -> None:
+        if self._arm_wanted or self._disarm_wanted:
             async with deadline(conn, "the listener's arming"):
-                await self._arm_or_sweep_now(conn)
+                await self._arm_or_disarm_now(conn)
 
-    async def _arm_or_sweep_now(self, conn: psycopg.AsyncConnection[object]) -> None:
+    async def _arm_or_disarm_now(self, conn: psycopg.AsyncConnection[object]) -> None:
+        if self._disarm_wanted:
+            self._disarm_wanted = False
+            await conn.execute(self.queries["disarm_wakeups"])
         if self._arm_wanted:
             self._arm_wanted = False
-            if not self.armed:
-                self._arming = True
-                try:
-                    await conn.execute(self.queries["arm_wakeups"], {"channel": self.channel})
-                except psycopg.errors.LockNotAvailable:  # a writer kept its stripe
-                    log.debug("listener.arm_timed_out")
-                    await self._disarm(conn)
-                    return
-                finally:
-                    self._arming = False
-                self.armed = True
-                if not self._sweep_wanted:
-                    self.wake()  # the runners' last read before sleeping begins now
-                    return
-        if self._sweep_wanted:
-            self._sweep_wanted = False
-            if not self.armed:
-                self.wake()
+            if self.armed:  # asked twice
                 return
             try:
-                await conn.execute(self.queries["sweep_wakeups"], {"channel": self.channel})
-            except psycopg.errors.LockNotAvailable:  # a silent writer is still open
-                # Disarmed, the runners read and ask for arming again, which waits for it.
-                log.debug("listener.sweep_timed_out")
-                await self._disarm(conn)
+                await conn.execute(self.queries["arm_wakeups"], {"channel": self.channel})
+            except psycopg.errors.LockNotAvailable:  # a writer kept its stripe: asked again later
+                log.debug("listener.arm_timed_out")
+                await conn.execute(self.queries["disarm_wakeups"])
                 return
-            self.wake()
-
-    async def _disarm(self, conn: psycopg.AsyncConnection[object]) -> None:
-        """Release every stripe and wake the runners: disarmed, they read and ask for arming
-        again, which waits for the appends that kept the arming or sweep from completing."""
-        self.armed = False
-        await conn.execute(self.queries["disarm_wakeups"])
-        self.wake()
+            self.armed = True
+            self._armed_at = time.monotonic()
+            self.wake()  # the runners' last read before sleeping begins now
 
     async def run(self) -> None:
         failures = 0
@@ -234,12 +237,12 @@ class NotificationListener:
             while True:
                 self.heartbeat.beat()
                 await self._poll(conn)
-                await self._arm_or_sweep(conn)
+                await self._arm_or_disarm(conn)
                 # A deliberate wait, bounded: the probe below catches a connection gone silent.
                 # `request_arm` cuts it short.
                 try:
                     with self.heartbeat.waiting(), anyio.CancelScope() as self._waiting:
-                        if not (self._arm_wanted or self._sweep_wanted):
+                        if not (self._arm_wanted or self._disarm_wanted):
                             heard = await self._wait_for_notifications(conn)
                             if heard:
                                 # Let the woken runners send their reads before this loop's

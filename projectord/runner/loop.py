@@ -52,10 +52,8 @@ HELD_BACK_POLL = (0.001, 0.25)
 # gains from it (it rescans less), and every transaction, the daemon's own included, moves the
 # horizon: at 5 s, 50 idle projections committed 10 checkpoint transactions a second forever.
 HORIZON_PERSIST_INTERVAL = 60.0
-# After a read while the listener was disarmed, wait at most this long (seconds) for the arming
-# it asks for to wake the runner (projectord/daemon/listener.py; normally within a commit's
-# time). An arming that timed out (a writer kept its stripe) wakes nobody: the runner reads again
-# after this pause.
+# While the listener is disarmed (writers are busy), pause this long between two short batches
+# (seconds): a few more events per batch, far fewer turns of the loop.
 BUSY_READ_PAUSE = 0.02
 
 
@@ -344,14 +342,18 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
         with self.heartbeat.waiting():
             if not armed and self.listener is not None:
                 # Appends notify only while the listener is armed, and it was not when this batch
-                # was read: an append may have stayed silent since, covered only by the next
-                # arming (listener.py). Ask for it and read again once it wakes the runners; a
-                # read begun while armed may be followed by a sleep.
-                self.listener.request_arm()
+                # was read. While batches bring events, more are likely: read again at once. Once
+                # a read finds none, ask for the listener to be armed and poll on a short backoff
+                # meanwhile; arming wakes the runners, and a read begun while armed may be
+                # followed by a sleep (listener.py).
                 if applied:
-                    await self.wakeup.wait(BUSY_READ_PAUSE)
+                    # Writers are busy (else the listener would be armed): gather a few more
+                    # events per batch instead of spinning on small ones, which would take the
+                    # CPU the writers and the server need.
+                    await self.control.wait(BUSY_READ_PAUSE)
                     return
-                held_back = True  # nothing new: poll on the short backoff until armed
+                self.listener.request_arm()
+                held_back = True
             if held_back:
                 await self.wakeup.wait(self._held_back_wait)
                 self._held_back_wait = min(self._held_back_wait * 2, HELD_BACK_POLL[1])

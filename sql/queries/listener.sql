@@ -1,27 +1,9 @@
 -- name: arm_wakeups
--- From now on, appends notify (sql/migrations/0017_one_notifier_per_wakeup.sql): take every armed
--- stripe (K, 64..191) in share mode, which waits for every writer that decided not to notify
--- because no listener was armed; then wait for every writer holding a "silent while armed" stripe
--- (K, 192..319), each taken in share mode and released at once (CASE orders the two): held for
--- longer, it would make every writer that stays silent meanwhile notify instead, all at once.
--- The lateral reference makes the second part run after the first, once. Returns once all of
--- them have ended; the connection's lock_timeout bounds the wait.
-SELECT pg_catalog.count(CASE WHEN pg_advisory_lock_shared(armed.key, silent.stripe)::text IS NOT NULL
-                             THEN pg_advisory_unlock_shared(armed.key, silent.stripe) END)
-FROM (SELECT hashtext(%(channel)s) AS key,
-             pg_catalog.count(pg_advisory_lock_shared(hashtext(%(channel)s), stripe)::text) AS held
-      FROM pg_catalog.generate_series(64, 191) AS stripe) AS armed,
-     LATERAL (SELECT stripe FROM pg_catalog.generate_series(192, 319) AS stripe
-              WHERE armed.held IS NOT NULL) AS silent;
-
--- name: sweep_wakeups
--- After a notification, armed: wait for every writer that stayed silent because another commit
--- was notifying (each holds its "silent while armed" stripe (K, 192..319) until it ends), each
--- stripe taken in share mode and released at once. The connection's lock_timeout bounds it.
-SELECT pg_catalog.count(CASE WHEN pg_advisory_lock_shared(hashtext(%(channel)s), stripe)::text
-                                  IS NOT NULL
-                             THEN pg_advisory_unlock_shared(hashtext(%(channel)s), stripe) END)
-FROM pg_catalog.generate_series(192, 319) AS stripe;
+-- From now on, appends notify (sql/migrations/0006_notify_only_when_asleep.sql): take every stripe
+-- of the channel's advisory lock in share mode, in order. Returns once every writer that decided
+-- not to notify has ended; the connection's lock_timeout bounds the wait.
+SELECT pg_catalog.count(pg_advisory_lock_shared(hashtext(%(channel)s), stripe)::text)
+FROM generate_series(0, 63) AS stripe;
 
 -- name: disarm_wakeups
 -- Appends stop notifying: release the stripes (the listener's connection holds no other advisory
@@ -38,13 +20,13 @@ SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS horizon,
                  ORDER BY e.transaction_id DESC LIMIT 1) >= %(since)s::xid8, false) AS new;
 
 -- name: armed_listeners
--- How many listeners are armed: the sessions holding armed stripe 64 in share mode.
+-- How many listeners are armed: the sessions holding stripe 0 in share mode.
 SELECT count(*)
 FROM pg_locks
 WHERE locktype = 'advisory' AND granted AND mode = 'ShareLock' AND objsubid = 2
   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND classid = hashtext(%(channel)s)::oid
-  AND objid = 64::oid;
+  AND objid = 0::oid;
 
 -- name: wakeup_strangers
 -- Sessions of other roles than the daemon's holding the channel's wake-up stripes with no xid of

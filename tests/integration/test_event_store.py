@@ -53,7 +53,7 @@ def test_events_table_matches_the_contract(db: TestDatabase) -> None:
         "metadata": "jsonb",
         "recorded_at": "timestamp with time zone",
         "transaction_id": "xid8",
-        "schema_version": "integer",  # the payload's shape (migration 0018, docs/upcasting.md)
+        "schema_version": "integer",  # the payload's shape (migration 0017, docs/upcasting.md)
     }
 
 

@@ -4,7 +4,7 @@ plain SQL as a foreign writer would), upcasters v1→v2→v3, and handlers writt
 Projections (`handle` and `on`), aggregates and dead-letter retries see only v3; the stored rows
 stay as written; an upcaster that raises is a poison event (bisected, paused, skipped); an event
 newer than the code stops its projection with the reason in status and health while the others
-run on; and a store from before migration 0018 upgrades in place while writers append.
+run on; and a store from before migration 0017 upgrades in place while writers append.
 """
 
 from __future__ import annotations
@@ -370,8 +370,8 @@ other_v1.add(up.PRICED, 1, lambda payload: payload)
 
 
 @pytest.fixture
-def store_before_0018(pg_admin_url: str) -> Iterator[TestDatabase]:
-    """A store as `init` of the code before migration 0018 left it, with the projections' tables."""
+def store_before_0017(pg_admin_url: str) -> Iterator[TestDatabase]:
+    """A store as `init` of the code before migration 0017 left it, with the projections' tables."""
     with temporary_database(pg_admin_url, "pd_upcast") as name:
         url = make_conninfo(pg_admin_url, dbname=name)
         prepare_for_daemon_role(url)
@@ -388,7 +388,7 @@ def store_before_0018(pg_admin_url: str) -> Iterator[TestDatabase]:
                         " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
                     )
                     for migration in migrations():
-                        if migration.version >= 18:
+                        if migration.version >= 17:
                             break
                         await conn.execute(migration.sql.encode())
                         await conn.execute(
@@ -403,10 +403,10 @@ def store_before_0018(pg_admin_url: str) -> Iterator[TestDatabase]:
         yield TestDatabase(url, name)
 
 
-def test_a_store_from_before_0018_upgrades_in_place_while_writers_append(
-    store_before_0018: TestDatabase, state_dir: Path
+def test_a_store_from_before_0017_upgrades_in_place_while_writers_append(
+    store_before_0017: TestDatabase, state_dir: Path
 ) -> None:
-    db = store_before_0018
+    db = store_before_0017
     assert (
         db.scalar(
             "SELECT count(*) FROM information_schema.columns WHERE table_schema = 'projectord'"
@@ -427,7 +427,7 @@ def test_a_store_from_before_0018_upgrades_in_place_while_writers_append(
         assert upgraded.returncode == 0, upgraded.stderr
         during = db.scalar(credited)
         wait_until(lambda: db.scalar(credited) > during + 20, timeout=30)  # they carry on
-    assert 18 in [v for (v,) in db.rows("SELECT version FROM projectord.schema_migrations")]
+    assert 17 in [v for (v,) in db.rows("SELECT version FROM projectord.schema_migrations")]
     # No rewrite (the same file) and no update (the same tuples); every row, old or appended
     # meanwhile, is version 1.
     assert db.scalar("SELECT pg_relation_filenode('projectord.events')") == relfilenode
@@ -449,13 +449,13 @@ def test_a_store_from_before_0018_upgrades_in_place_while_writers_append(
 
 
 def test_upgrading_behind_a_long_reader_never_stalls_the_writers(
-    store_before_0018: TestDatabase,
+    store_before_0017: TestDatabase,
 ) -> None:
-    """0018's ALTER TABLE needs ACCESS EXCLUSIVE on the events table. Waiting for it behind a
+    """0017's ALTER TABLE needs ACCESS EXCLUSIVE on the events table. Waiting for it behind a
     long reader (a report, pg_dump, a slow batch) queued every append behind the wait, up to
     `init`'s lock timeout (30 s). It now tries for the lock briefly, again and again, so appends
     go on between tries, and takes it once the reader is gone."""
-    db = store_before_0018
+    db = store_before_0017
     config = {"PROJECTORD_DATABASE_URL": db.url, "PROJECTORD_PROJECTIONS": PRICED_AND_LEDGER}
     waiting_for_events = (
         "SELECT count(*) FROM pg_catalog.pg_locks WHERE NOT granted"
@@ -485,10 +485,10 @@ def test_upgrading_behind_a_long_reader_never_stalls_the_writers(
 
 
 def test_upgrading_behind_a_reader_that_stays_gives_up_after_the_lock_timeout(
-    store_before_0018: TestDatabase,
+    store_before_0017: TestDatabase,
 ) -> None:
     """The brief tries end with `init`'s usual one line once its lock timeout has passed."""
-    db = store_before_0018
+    db = store_before_0017
     config = {
         "PROJECTORD_DATABASE_URL": db.url,
         "PROJECTORD_PROJECTIONS": PRICED_AND_LEDGER,
@@ -500,6 +500,6 @@ def test_upgrading_behind_a_reader_that_stays_gives_up_after_the_lock_timeout(
         refused = run_cli("init", env=config)
         took = time.monotonic() - started
     assert refused.returncode != 0 and took < 20, (refused, took)
-    assert "0018_event_schema_version" in refused.stderr, refused.stderr
+    assert "0017_event_schema_version" in refused.stderr, refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
-    assert db.scalar("SELECT count(*) FROM projectord.schema_migrations WHERE version = 18") == 0
+    assert db.scalar("SELECT count(*) FROM projectord.schema_migrations WHERE version = 17") == 0

@@ -100,7 +100,7 @@ def test_a_63_character_schema_appends_and_wakes_while_the_listener_is_armed(
     assert run_cli("init", "--database-url", db.url, env=env).returncode == 0
     armed = (
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
-        " AND mode = 'ShareLock' AND objid = 64"
+        " AND mode = 'ShareLock' AND objid = 0"
         " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
     )
     daemon_env = {"PROJECTORD_SCHEMA": schema, "PROJECTORD_POLL_INTERVAL": "600"}
