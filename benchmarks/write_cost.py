@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -79,6 +80,15 @@ def set_mode(url: str, mode: str) -> None:
         if mode == "always":
             conn.execute(ALWAYS_FUNCTION)
             conn.execute(ALWAYS_TRIGGER)
+
+
+def modes_in_turn(url: str, modes: list[str], round_: int) -> Iterator[str]:
+    """This round's rotation of the modes (so that none always runs first), each set up, with the
+    daemon caught up, before its measurement starts."""
+    for mode in modes[round_ % len(modes) :] + modes[: round_ % len(modes)]:
+        set_mode(url, mode)
+        caught_up(url)
+        yield mode
 
 
 def caught_up(url: str, deadline: float = 60.0) -> float:
@@ -156,11 +166,8 @@ def main(argv: list[str] | None = None) -> None:
                 for per in pers:
                     script = APPEND_MANY.replace("{per}", str(per))
                     for round_ in range(args.rounds):
-                        order = modes[round_ % len(modes) :] + modes[: round_ % len(modes)]
                         line = []
-                        for mode in order:
-                            set_mode(url, mode)
-                            caught_up(url)
+                        for mode in modes_in_turn(url, modes, round_):
                             tps = append_with_pgbench(
                                 url,
                                 clients=n_clients,
@@ -181,11 +188,8 @@ def main(argv: list[str] | None = None) -> None:
                         )
             for rate in rates:
                 for round_ in range(args.rounds):
-                    order = modes[round_ % len(modes) :] + modes[: round_ % len(modes)]
                     line = []
-                    for mode in order:
-                        set_mode(url, mode)
-                        caught_up(url)
+                    for mode in modes_in_turn(url, modes, round_):
                         tps, latencies = paced_latencies(
                             url, rate, args.paced_clients, args.seconds, state_dir
                         )
