@@ -29,7 +29,7 @@ from projectord.commands.dispatch import Dispatcher
 from projectord.commands.store import Command, CommandStatus
 from projectord.database import connect
 from projectord.event_store import Event, EventStore
-from projectord.schema.migrations import create_projection_tables, migrations
+from projectord.schema.migrations import create_projection_tables
 from projectord.upcasting import (
     SchemaVersionTooNew,
     Upcasters,
@@ -44,6 +44,7 @@ from tests.support.harness import (
     TestDatabase,
     Writers,
     append_sql,
+    apply_migrations_up_to,
     as_daemon_role,
     prepare_for_daemon_role,
     run_cli,
@@ -379,23 +380,7 @@ def store_before_0017(pg_admin_url: str) -> Iterator[TestDatabase]:
         async def old_init() -> None:
             async with await connect(as_daemon_role(url), autocommit=True) as conn:
                 async with conn.transaction():
-                    cur = await conn.execute("SELECT to_regnamespace('projectord') IS NULL")
-                    if (await cur.fetchone() or (False,))[0]:  # made for a least-privilege role
-                        await conn.execute("CREATE SCHEMA projectord")
-                    await conn.execute("SET LOCAL search_path TO projectord")
-                    await conn.execute(
-                        "CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
-                        " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-                    )
-                    for migration in migrations():
-                        if migration.version >= 17:
-                            break
-                        await conn.execute(migration.sql.encode())
-                        await conn.execute(
-                            "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
-                            (migration.version, migration.name),
-                        )
-                    await conn.execute("SET LOCAL search_path TO DEFAULT")
+                    await apply_migrations_up_to(conn, 16)
                     projections = [*up.priced_and_ledger()]
                     await create_projection_tables(conn, "public", projections)
 

@@ -26,6 +26,7 @@ from tests.support.harness import (
     DaemonProcess,
     TestDatabase,
     Writers,
+    apply_migrations_up_to,
     as_daemon_role,
     bulk_credits,
     prepare_for_daemon_role,
@@ -56,22 +57,7 @@ def old_store(url: str) -> None:
     async def run() -> None:
         conn = await connect(as_daemon_role(url), autocommit=True)
         async with conn, conn.transaction():
-            await conn.execute("CREATE SCHEMA IF NOT EXISTS projectord")
-            await conn.execute("SET LOCAL search_path TO projectord")
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                " version integer PRIMARY KEY, name text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            for migration in migrations():
-                if migration.version > OLD_MAIN:
-                    break
-                await conn.execute(migration.sql.encode())
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
-                    (migration.version, migration.name),
-                )
-            await conn.execute("SET LOCAL search_path TO DEFAULT")
+            await apply_migrations_up_to(conn, OLD_MAIN)
             await create_projection_tables(conn, "public", [Ledger()])
 
     anyio.run(run)

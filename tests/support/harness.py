@@ -27,6 +27,7 @@ from projectord.config import load_settings
 from projectord.database import connect
 from projectord.projection import load_projections
 from projectord.schema.bootstrap import bootstrap
+from projectord.schema.migrations import migrations
 
 ROOT = Path(__file__).resolve().parents[2]
 TENANT = uuid.UUID("00000000-0000-0000-0000-00000000000a")
@@ -311,3 +312,26 @@ def run_cli(
         timeout=timeout,
         input=input,
     )
+
+
+async def apply_migrations_up_to(conn: psycopg.AsyncConnection[Any], last: int) -> None:
+    """Migrations 0001 to `last` of projectord's schema, with the bookkeeping `projectord init`
+    keeps, as the init of an older release left them: the starting point of an upgrade test.
+    Run inside the caller's transaction."""
+    cur = await conn.execute("SELECT to_regnamespace('projectord') IS NULL")
+    if (await cur.fetchone() or (False,))[0]:  # else made for a least-privilege role, which
+        await conn.execute("CREATE SCHEMA projectord")  # may lack CREATE on the database
+    await conn.execute("SET LOCAL search_path TO projectord")
+    await conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY,"
+        " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+    )
+    for migration in migrations():
+        if migration.version > last:
+            break
+        await conn.execute(migration.sql.encode())
+        await conn.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+            (migration.version, migration.name),
+        )
+    await conn.execute("SET LOCAL search_path TO DEFAULT")
