@@ -2,9 +2,11 @@
 
 Every loop that retries something it does not control waits this way: a failed handler or a lost
 database in a runner (`runner/error_policy.py`), the listener's and the ownership session's
-reconnects (`daemon/listener.py`, `daemon/ownership.py`). The jitter (between half and all of
-the nominal delay) keeps daemons that lost the same server from coming back in step. One
-function, so the bounds are stated and tested once (tests/unit/test_error_policy.py).
+reconnects (`daemon/listener.py`, `daemon/ownership.py`), and the dispatcher's pause after a
+version conflict (`commands/dispatch.py`, which jitters over the whole nominal delay). The
+jitter (between half and all of the nominal delay) keeps daemons that lost the same server from
+coming back in step. One function, so the bounds are stated and tested once
+(tests/unit/test_error_policy.py).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import anyio
 import psycopg
 from psycopg import AsyncConnection
 
+from projectord.backoff import nominal_delay
 from projectord.checkpoint import Checkpoint
 from projectord.commands.aggregate import (
     Change,
@@ -326,4 +327,4 @@ def conflict(exc: Exception) -> str:
 def conflict_backoff(attempt: int) -> float:
     """A short jittered pause, so writers that lost the same race do not collide again in step."""
     first, largest = CONFLICT_BACKOFF
-    return random.uniform(0, min(largest, first * 2**attempt))
+    return random.uniform(0, nominal_delay(attempt, first, largest))
