@@ -70,10 +70,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, **overrides)
 
 
-def load(args: argparse.Namespace) -> tuple[Settings, list[Projection]]:
-    """Settings and projections, both checked before anything starts; logging configured; the
-    configured upcasters installed before any event is decoded (docs/upcasting.md)."""
+def configured(args: argparse.Namespace) -> Settings:
+    """The settings, with logging configured and the configured upcasters installed before any
+    event is decoded or appended (docs/upcasting.md)."""
     settings = settings_from_args(args)
     configure_logging(settings.log_format, settings.log_level)
     install(load_upcasters(settings.upcasters))
+    return settings
+
+
+def load(args: argparse.Namespace) -> tuple[Settings, list[Projection]]:
+    """`configured` settings and the projections, both checked before anything starts."""
+    settings = configured(args)
     return settings, load_projections(settings.projections)

@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import psycopg
 
-from projectord.cli.configuration import settings_from_args
+from projectord.cli.configuration import configured
 from projectord.cli.connection import database, open_connection
 from projectord.cli.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError
 from projectord.cli.subcommands import Subcommands
@@ -27,9 +27,7 @@ from projectord.commands.dispatch import CommandIdReused, Dispatcher, ReadModelT
 from projectord.commands.store import Command
 from projectord.config import Settings
 from projectord.database import describe_error
-from projectord.logs import configure_logging
 from projectord.projection import Projection, load_projections
-from projectord.upcasting import install, load_upcasters
 
 
 def register(subcommands: Subcommands) -> None:
@@ -52,9 +50,7 @@ def register(subcommands: Subcommands) -> None:
 
 
 def cmd_dispatch(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
-    configure_logging(settings.log_format, settings.log_level)
-    install(load_upcasters(settings.upcasters))  # appends record the current versions
+    settings = configured(args)  # with the upcasters: appends record the current versions
     registry = _registry(settings)
     wait_for = _projections_to_wait_for(settings, args.wait)
     command = Command(args.tenant, args.type, _payload(args.payload), id=args.id or uuid.uuid4())
