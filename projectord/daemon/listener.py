@@ -6,19 +6,18 @@ and every (re)connection wakes every runner for a catch-up read, because notific
 it was away are gone. A notification it sends itself every `probe_interval` proves the path still
 works; a listener that cannot hear itself reconnects.
 
-Appends notify only while the listener is *armed* (sql/migrations/0006_notify_only_when_asleep.sql
-has the protocol): a busy daemon needs no wake-ups, and every NOTIFY costs the writers a
-serialised commit. A runner that finds nothing new while the listener is disarmed calls
-`request_arm` and polls on a short backoff. Arming completes once every append that decided not
-to notify has ended; the listener then wakes the runners, and a read begun after that may be
-followed by a sleep. The listener stays armed while notifications are rare: each one wakes the
-runners at the cost of one round trip to the writer. Once they come faster than `DISARM_RATE` a
-second, writers are busy enough for the serialised commits to cost them, and the runners, busy
-too, read again soon after every batch: the listener disarms (waking every runner, so none
-that read while armed sleeps through the disarm) and refuses to arm again for a while
-(`REARM_COOLDOWN`: 1 s, doubling while the writers stay busy). Arming takes the channel's
-advisory lock stripes on this connection, so if the connection dies the server releases them and
-the writers stop notifying: a lost connection wakes every runner too.
+Appends notify only while the listener is *armed*, and then only the first of them
+(sql/migrations/0018_one_notifier_per_arming.sql has the protocol): a busy daemon needs no
+wake-ups, and every NOTIFY costs the writers a serialised commit. A runner that has caught up
+while the listener is disarmed calls `request_arm` and polls on a short backoff. Arming offers a
+wake-up to the next append, then waits for every append that decided not to notify to end; the
+listener then wakes the runners, and a read begun after that may be followed by a sleep. The
+first notification after an arming disarms it (that append took the only wake-up, and later ones
+are silent): the listener releases its stripes, wakes every runner, and arms again when a runner
+has caught up. A notification heard while arming means the wake-up was taken during it: the
+arming does not count, and the runners read and ask again. Arming holds the channel's advisory
+lock stripes on this connection, so if the connection dies the server releases them and the
+writers stop notifying: a lost connection wakes every runner too.
 
 The listener also polls for every runner, one cheap query each `poll_interval` (the safety net for
 appends that notify nobody: a trigger disabled, `session_replication_role = replica`). Runners
@@ -29,6 +28,7 @@ per poll interval, not 50.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable
 
@@ -48,20 +48,16 @@ PROBE_PAYLOAD = "probe"
 # Arming waits this long for a writer that holds its stripe (a transaction that appended and is
 # still open) before giving up; the runner then polls soon and asks again.
 ARM_LOCK_TIMEOUT = "200ms"
+# At most one arming per this many seconds. Each arming costs the writers one notifying append,
+# whose commit flushes alone, and a flush's worth of waiting for the appends that arrive while it
+# commits; under load that adds up (benchmarks/write_cost.py). Between two armings a busy runner
+# polls instead, so this is also about the most a projection trails by under load.
+MIN_ARM_INTERVAL = float(os.environ.get("PJ_ARM_INTERVAL", "0.01"))
 # While the listener polls for them, idle runners poll on their own this many times less often.
 RUNNER_POLL_FACTOR = 12
-# Notifications a second above which the listener disarms (counted over DISARM_WINDOW seconds).
-# Below it a notification is cheap for writers (benchmarks/write_cost.py: a NOTIFY in every
-# append halves the throughput of 8 writers going flat out, at about 7000 appends/s here) and is
-# the fastest wake-up (benchmarks/live_latency.py).
-DISARM_RATE = 5000
-DISARM_WINDOW = 0.1
-# After disarming for the rate, arming is refused for a while (seconds): without it, a runner
-# whose types are not being written would arm again at once, and busy writers would notify again.
-# The wait doubles each time an arming is tripped again within REARM_QUIET seconds (the writers
-# are still busy), up to the cap, and starts over after a longer quiet arming.
-REARM_COOLDOWN = (1.0, 16.0)
-REARM_QUIET = 5.0
+# An arming, in order (sql/queries/listener.sql; each statement its own transaction): offer the
+# wake-up, take the ARMED stripes, wait for the SILENT appends. The second holds on.
+ARMING = ("offer_wakeup", "arm_wakeups", "wait_for_silent_appends", "release_silent_stripes")
 # PostgreSQL's identifier limit (NAMEDATALEN - 1), which channel names share.
 MAX_IDENTIFIER_BYTES = 63
 
@@ -102,14 +98,11 @@ class NotificationListener:
         self.poll_interval = poll_interval
         self._polled_at = 0.0
         self._poll_since = 0  # the horizon of the last poll: later commits have xids above it
-        self.armed = False  # holds the stripes: appends notify
-        self._window_start = 0.0  # notifications heard since then (the rate that disarms)
-        self._window_heard = 0
-        self._rearm_after = 0.0  # monotonic time before which `arm` refuses (REARM_COOLDOWN)
-        self._cooldown = REARM_COOLDOWN[0]
-        self._armed_at = 0.0
+        self.armed = False  # holds the stripes, and no append has taken the wake-up yet
+        self.heard = 0  # notifications heard from appends, ever: an arming compares before/after
+        self._holding = False  # the ARMED stripes are held (armed, or between two armings)
+        self._next_arm_at = 0.0  # monotonic time before which no arming starts (MIN_ARM_INTERVAL)
         self._arm_wanted = False
-        self._disarm_wanted = False
         self._waiting: anyio.CancelScope | None = None  # the wait for notifications, if any
         self._probe_sent = 0.0  # monotonic time of the probe not heard yet; 0: none pending
 
@@ -118,8 +111,8 @@ class NotificationListener:
         that decided not to notify to end, which takes as long as the writers' transactions,
         and the runners poll meanwhile. Once armed, the listener wakes every runner, and a read
         that begins after that sees every event that did not notify. Ignored while not
-        connected, and for REARM_COOLDOWN after a disarm for the rate."""
-        if self.armed or not self.connected or time.monotonic() < self._rearm_after:
+        connected."""
+        if self.armed or not self.connected:
             return
         self._arm_wanted = True
         if self._waiting is not None:
@@ -148,50 +141,63 @@ class NotificationListener:
             self.wake()
 
     def _heard(self) -> None:
-        """A notification: wake the runners; if they come fast, disarm (see the module's doc)."""
-        now = time.monotonic()
-        if now - self._window_start > DISARM_WINDOW:
-            self._window_start, self._window_heard = now, 0
-        self._window_heard += 1
-        if self.armed and self._window_heard > DISARM_RATE * DISARM_WINDOW:
+        """A notification from an append: it took the arming's only wake-up, and appends after
+        it are silent. Wake every runner, and arm again (at most every MIN_ARM_INTERVAL)."""
+        self.heard += 1
+        if self.armed:
             self.armed = False
-            self._disarm_wanted = True
-            if now - self._armed_at < REARM_QUIET:
-                self._cooldown = min(self._cooldown * 2, REARM_COOLDOWN[1])
-            else:
-                self._cooldown = REARM_COOLDOWN[0]
-            self._rearm_after = now + self._cooldown
-            log.debug("listener.disarmed", heard=self._window_heard, cooldown=self._cooldown)
+            self.request_arm()
         self.wake()
 
     def _lost(self) -> None:
         """The connection is gone, and with it the stripes: wake everyone, end any attempt."""
         self.connected = False
-        self.armed = self._arm_wanted = self._disarm_wanted = False
+        self.armed = self._arm_wanted = self._holding = False
         self.wake()
 
-    async def _arm_or_disarm(self, conn: psycopg.AsyncConnection[object]) -> None:
-        if self._arm_wanted or self._disarm_wanted:
-            async with deadline(conn, "the listener's arming"):
-                await self._arm_or_disarm_now(conn)
-
-    async def _arm_or_disarm_now(self, conn: psycopg.AsyncConnection[object]) -> None:
-        if self._disarm_wanted:
-            self._disarm_wanted = False
-            await conn.execute(self.queries["disarm_wakeups"])
-        if self._arm_wanted:
+    async def _arm_when_wanted(self, conn: psycopg.AsyncConnection[object]) -> None:
+        if not self._arm_wanted or self.armed:
             self._arm_wanted = False
-            if self.armed:  # asked twice
+            return
+        async with deadline(conn, "the listener's arming"):
+            if time.monotonic() < self._next_arm_at:
+                # Too soon after the last arming: appends stop notifying meanwhile (holding the
+                # stripes, each would read `wakeups`), and the arming waits for its time.
+                await self._disarm(conn)
                 return
-            try:
-                await conn.execute(self.queries["arm_wakeups"], {"channel": self.channel})
-            except psycopg.errors.LockNotAvailable:  # a writer kept its stripe: asked again later
-                log.debug("listener.arm_timed_out")
-                await conn.execute(self.queries["disarm_wakeups"])
-                return
+            self._arm_wanted = False
+            await self._arm(conn)
+
+    async def _disarm(self, conn: psycopg.AsyncConnection[object]) -> None:
+        if self._holding:
+            await conn.execute(self.queries["disarm_wakeups"])
+            self._holding = False
+
+    async def _arm(self, conn: psycopg.AsyncConnection[object]) -> None:
+        """Offer the next append the wake-up, hold the ARMED stripes (waiting for the appends
+        that saw none held), wait for the appends that found the wake-up taken; then the
+        runners' next read may be followed by a sleep."""
+        heard = self.heard
+        channel = {"channel": self.channel}
+        try:
+            for step in ARMING:
+                if step == "arm_wakeups" and self._holding:
+                    continue  # held since the last arming
+                await conn.execute(self.queries[step], channel)
+                self._holding = self._holding or step == "arm_wakeups"
+        except psycopg.errors.LockNotAvailable:  # a writer still open: asked again later
+            log.debug("listener.arm_timed_out")
+            await self._disarm(conn)
+            return
+        finally:
+            self._next_arm_at = time.monotonic() + MIN_ARM_INTERVAL
+        if self.heard == heard:
             self.armed = True
-            self._armed_at = time.monotonic()
-            self.wake()  # the runners' last read before sleeping begins now
+        else:
+            # An append took the wake-up while arming; appends after it are silent, and only the
+            # next arming waits for them: this one does not count.
+            self._arm_wanted = True
+        self.wake()  # the runners' last read before sleeping begins now
 
     async def run(self) -> None:
         failures = 0
@@ -210,8 +216,11 @@ class NotificationListener:
                 failures = 0
 
     def _wait_time(self) -> float:
-        until_poll = self._polled_at + self.poll_interval - time.monotonic()
-        return max(0.0, min(self.probe_interval / 2, until_poll))
+        now = time.monotonic()
+        until = min(self._polled_at + self.poll_interval, now + self.probe_interval / 2)
+        if self._arm_wanted:
+            until = min(until, self._next_arm_at)
+        return max(0.0, until - now)
 
     def _connected(self, failures: int) -> None:
         self.connected = True
@@ -231,18 +240,21 @@ class NotificationListener:
             conn.add_notify_handler(self._on_notify)
             async with deadline(conn, "LISTEN"):
                 await conn.execute(f"SET lock_timeout = '{ARM_LOCK_TIMEOUT}'")
+                # Its only write is `offer_wakeup`, which a crash may lose: a new connection arms
+                # again anyway. Its commit then costs no flush.
+                await conn.execute("SET synchronous_commit = off")
                 await conn.execute(f'LISTEN "{self.channel}"')
             self._connected(failures)
             self._probe_sent = 0.0
             while True:
                 self.heartbeat.beat()
                 await self._poll(conn)
-                await self._arm_or_disarm(conn)
+                await self._arm_when_wanted(conn)
                 # A deliberate wait, bounded: the probe below catches a connection gone silent.
                 # `request_arm` cuts it short.
                 try:
                     with self.heartbeat.waiting(), anyio.CancelScope() as self._waiting:
-                        if not (self._arm_wanted or self._disarm_wanted):
+                        if not self._arm_wanted or time.monotonic() < self._next_arm_at:
                             heard = await self._wait_for_notifications(conn)
                             if heard:
                                 # Let the woken runners send their reads before this loop's

@@ -52,8 +52,9 @@ HELD_BACK_POLL = (0.001, 0.25)
 # gains from it (it rescans less), and every transaction, the daemon's own included, moves the
 # horizon: at 5 s, 50 idle projections committed 10 checkpoint transactions a second forever.
 HORIZON_PERSIST_INTERVAL = 60.0
-# While the listener is disarmed (writers are busy), pause this long between two short batches
-# (seconds): a few more events per batch, far fewer turns of the loop.
+# While the listener is disarmed (writers are busy: it arms at most every MIN_ARM_INTERVAL, see
+# listener.py), a runner whose last batch brought events waits this long at most before reading
+# again (seconds): an arming, or a notification, cuts the wait short.
 BUSY_READ_PAUSE = 0.02
 
 
@@ -342,17 +343,14 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
         with self.heartbeat.waiting():
             if not armed and self.listener is not None:
                 # Appends notify only while the listener is armed, and it was not when this batch
-                # was read. While batches bring events, more are likely: read again at once. Once
-                # a read finds none, ask for the listener to be armed and poll on a short backoff
-                # meanwhile; arming wakes the runners, and a read begun while armed may be
-                # followed by a sleep (listener.py).
-                if applied:
-                    # Writers are busy (else the listener would be armed): gather a few more
-                    # events per batch instead of spinning on small ones, which would take the
-                    # CPU the writers and the server need.
-                    await self.control.wait(BUSY_READ_PAUSE)
-                    return
+                # was read. Ask for it to be armed; arming wakes the runners, and a read begun
+                # while armed may be followed by a sleep (listener.py). Meanwhile, after a batch
+                # that brought events (writers are busy, the listener arms at most every
+                # MIN_ARM_INTERVAL) wait for that wake-up; else poll on a short backoff.
                 self.listener.request_arm()
+                if applied:
+                    await self.wakeup.wait(BUSY_READ_PAUSE)
+                    return
                 held_back = True
             if held_back:
                 await self.wakeup.wait(self._held_back_wait)

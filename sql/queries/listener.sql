@@ -1,8 +1,24 @@
+-- name: offer_wakeup
+-- The first step of an arming (sql/migrations/0018_one_notifier_per_arming.sql): the next append
+-- that finds a listener armed takes this wake-up and notifies. Waits (lock_timeout) while an append
+-- that took the previous one has not ended.
+UPDATE {schema}.wakeups SET armed = true;
+
 -- name: arm_wakeups
--- From now on, appends notify (sql/migrations/0006_notify_only_when_asleep.sql): take every stripe
--- of the channel's advisory lock in share mode, in order. Returns once every writer that decided
--- not to notify has ended; the connection's lock_timeout bounds the wait.
-SELECT pg_catalog.count(pg_advisory_lock_shared(hashtext(%(channel)s), stripe)::text)
+-- From now on, appends notify, the first one only: take every ARMED stripe in share mode, in
+-- order. Returns once every append that decided not to notify because no listener was armed has
+-- ended; the connection's lock_timeout bounds the wait.
+SELECT pg_catalog.count(pg_advisory_lock_shared(hashtext(%(channel)s || '/armed'), stripe)::text)
+FROM generate_series(0, 63) AS stripe;
+
+-- name: wait_for_silent_appends
+-- The last step of an arming: wait for every append that found a listener armed but the wake-up
+-- already taken (it holds a SILENT stripe), by taking each stripe in share mode; then let go.
+SELECT pg_catalog.count(pg_advisory_lock_shared(hashtext(%(channel)s || '/silent'), stripe)::text)
+FROM generate_series(0, 63) AS stripe;
+
+-- name: release_silent_stripes
+SELECT pg_catalog.count(pg_advisory_unlock_shared(hashtext(%(channel)s || '/silent'), stripe))
 FROM generate_series(0, 63) AS stripe;
 
 -- name: disarm_wakeups
@@ -20,12 +36,12 @@ SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS horizon,
                  ORDER BY e.transaction_id DESC LIMIT 1) >= %(since)s::xid8, false) AS new;
 
 -- name: armed_listeners
--- How many listeners are armed: the sessions holding stripe 0 in share mode.
+-- How many listeners are armed: the sessions holding ARMED stripe 0 in share mode.
 SELECT count(*)
 FROM pg_locks
 WHERE locktype = 'advisory' AND granted AND mode = 'ShareLock' AND objsubid = 2
   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND classid = hashtext(%(channel)s)::oid
+  AND classid = hashtext(%(channel)s || '/armed')::oid
   AND objid = 0::oid;
 
 -- name: wakeup_strangers
@@ -42,7 +58,8 @@ FROM pg_locks l
 JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND l.classid = hashtext(%(channel)s)::oid
+  AND l.classid IN (hashtext(%(channel)s)::oid, hashtext(%(channel)s || '/armed')::oid,
+                    hashtext(%(channel)s || '/silent')::oid)
   AND NOT pg_has_role(a.usesysid, current_user, 'MEMBER')
   AND NOT EXISTS (SELECT 1 FROM pg_locks x
                   WHERE x.pid = l.pid AND x.locktype = 'transactionid' AND x.granted)

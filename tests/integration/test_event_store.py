@@ -11,8 +11,7 @@ import pytest
 
 from projectord import ConcurrencyError, EventStore, NewEvent
 from projectord.database import connect
-from projectord.queries import Queries
-from tests.support.harness import TENANT, TestDatabase, append_sql
+from tests.support.harness import TENANT, TestDatabase, append_sql, arm_wakeups
 
 CATALOG_SNAPSHOT = """
 SELECT string_agg(
@@ -109,7 +108,7 @@ def test_one_notification_per_inserting_transaction(db: TestDatabase) -> None:
 
 
 def arm(listener: psycopg.Connection[Any]) -> None:
-    listener.execute(Queries("projectord")["arm_wakeups"], {"channel": "projectord_projectord"})
+    arm_wakeups(listener)
 
 
 def test_rolled_back_append_notifies_nothing(db: TestDatabase) -> None:

@@ -1,13 +1,16 @@
-"""Appends notify only while a listener is armed (about to sleep), and no wake-up is ever lost.
+"""Appends notify only while a listener is armed (about to sleep), only the first of them after
+each arming, and no wake-up is ever lost (sql/migrations/0018_one_notifier_per_arming.sql).
 
-The race that matters: a writer decides not to notify (no listener is armed) and stays open; the
-listener then arms, the runner reads once more and goes to sleep; the writer commits. If arming did
-not wait for that writer, its event would be invisible to the last read and no notification would
-come: the event would wait for the next poll. These tests set up exactly that interleaving.
+The races that matter: a writer decides not to notify (no listener is armed, or the arming's
+wake-up is taken) and stays open; the listener then arms, the runner reads once more and goes to
+sleep; the writer commits. If arming did not wait for that writer, its event would be invisible
+to the last read and no notification would come: the event would wait for the next poll. These
+tests set up exactly those interleavings.
 """
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from pathlib import Path
@@ -15,9 +18,16 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from projectord.daemon.listener import DISARM_RATE
+from projectord.daemon.listener import MIN_ARM_INTERVAL
 from projectord.queries import Queries
-from tests.support.harness import DaemonProcess, TestDatabase, append_sql, wait_until
+from tests.support.harness import (
+    TENANT,
+    DaemonProcess,
+    TestDatabase,
+    append_sql,
+    arm_wakeups,
+    wait_until,
+)
 from tests.support.ops_projections import Slow
 
 QUERIES = Queries("projectord")
@@ -49,7 +59,7 @@ def test_arming_waits_for_writers_that_decided_not_to_notify(db: TestDatabase) -
 
         def arm() -> None:
             with db.connect(autocommit=True) as arming:  # no lock timeout: wait as long as it takes
-                arming.execute(QUERIES["arm_wakeups"], {"channel": CHANNEL})
+                arm_wakeups(arming)
                 armed.set()
                 stop.wait(10)
 
@@ -64,13 +74,11 @@ def test_arming_waits_for_writers_that_decided_not_to_notify(db: TestDatabase) -
             # So the runner's last read before sleeping, taken now, sees the event.
             assert reader.execute("SELECT count(*) FROM projectord.events").fetchone() == (2,)
 
-            # Armed: every appending transaction notifies, whatever its isolation level.
-            append_sql(writer, "Credited", {"account": 1, "amount": 4})
-            writer.commit()
+            # Armed: the next append notifies, whatever its isolation level.
             writer.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             append_sql(writer, "Credited", {"account": 2, "amount": 8})
             writer.commit()
-            assert notifications(listener, timeout=1.0) == 2
+            assert notifications(listener, timeout=1.0) == 1
         finally:
             stop.set()
             thread.join()
@@ -78,13 +86,6 @@ def test_arming_waits_for_writers_that_decided_not_to_notify(db: TestDatabase) -
         append_sql(writer, "Credited", {"account": 1, "amount": 16})
         writer.commit()
         assert notifications(listener) == 0
-
-
-def notify_burst(conn: psycopg.Connection[object], count: int) -> None:
-    """`count` notifications on the daemon's channel at once (distinct payloads, so the server
-    does not fold them into one): to the listener, writers appending at a high rate."""
-    conn.execute("SELECT pg_notify(%s, g::text) FROM generate_series(1, %s) g", (CHANNEL, count))
-    conn.commit()
 
 
 def armed_listeners(db: TestDatabase) -> int:
@@ -100,17 +101,23 @@ def test_no_wake_up_is_lost_when_the_daemon_goes_to_sleep_during_an_append(
 ) -> None:
     db.init(SLOW)
     env = {"PROJECTORD_POLL_INTERVAL": "600"}  # only a wake-up can apply the events in time
-    with DaemonProcess(db.url, SLOW, state_dir, extra_env=env), db.connect() as writer:
+    with (
+        DaemonProcess(db.url, SLOW, state_dir, extra_env=env),
+        db.connect() as writer,
+        db.connect(autocommit=True) as blocker,
+    ):
         wait_until(lambda: armed_listeners(db) == 1, timeout=10)  # idle: armed
-        # A slow batch keeps the runner busy, and a burst of notifications (as from busy
-        # writers) disarms the listener: from now on appends do not notify.
+        # Someone holds a SILENT stripe, so no arming can complete: after the next notification
+        # the listener stays disarmed, and appends do not notify.
+        blocker.execute("SELECT pg_advisory_lock(hashtext(%s || '/silent'), 0)", (CHANNEL,))
+        # A slow batch keeps the runner busy; its append takes the wake-up.
         append_sql(writer, "Slow", {"sleep": 1.5})
         writer.commit()
-        notify_burst(writer, DISARM_RATE)
         wait_until(lambda: armed_listeners(db) == 0, timeout=5)
         # Meanwhile a writer appends (and decides not to notify), and stays open until well after
         # the runner has finished the slow batch and tried to go to sleep.
         append_sql(writer, "Slow", {})
+        blocker.execute("SELECT pg_advisory_unlock_all()")
         time.sleep(2.5)
         assert slow_applied(db) == 1
         writer.commit()
@@ -124,8 +131,8 @@ def test_no_wake_up_is_lost_when_the_daemon_goes_to_sleep_during_an_append(
 
 def test_the_listener_stays_armed_while_appends_are_rare(db: TestDatabase, state_dir: Path) -> None:
     """A few appends a second: each notifies and is applied on its wake-up alone; the listener
-    never disarms in between (that would cost a round trip to disarm and another to arm again,
-    on every event)."""
+    arms again at once each time, holding its stripes throughout (releasing them would cost a
+    round trip, and another to take them again, on every event)."""
     db.init(SLOW)
     env = {"PROJECTORD_POLL_INTERVAL": "600"}  # only a wake-up can apply the events in time
     seen_disarmed = threading.Event()
@@ -144,6 +151,7 @@ def test_the_listener_stays_armed_while_appends_are_rare(db: TestDatabase, state
         watcher.start()
         try:
             for n in range(1, 11):
+                time.sleep(MIN_ARM_INTERVAL * 5)  # the pace of rare appends
                 append_sql(writer, "Slow", {})
                 writer.commit()
                 wait_until(lambda n=n: slow_applied(db) == n, timeout=5)  # type: ignore[misc]
@@ -187,7 +195,7 @@ class Arming:
 
     def _run(self) -> None:
         with self.db.connect(autocommit=True) as arming:
-            arming.execute(QUERIES["arm_wakeups"], {"channel": CHANNEL})
+            arm_wakeups(arming)
             self.done.set()
             self.stop.wait(10)
 
@@ -264,3 +272,142 @@ def test_a_notifier_that_decided_early_and_rolls_back_loses_no_wake_up(db: TestD
             silent.commit()
             notifier.rollback()
             assert notifications(listener, timeout=1.0) >= 1, "no wake-up for a committed event"
+
+
+def test_only_the_first_append_after_an_arming_notifies(db: TestDatabase) -> None:
+    with (
+        db.connect(autocommit=True) as listener,
+        db.connect(autocommit=True) as arming,
+        db.connect() as writer,
+    ):
+        listener.execute(f'LISTEN "{CHANNEL}"')
+        for _ in range(2):
+            arm_wakeups(arming)
+            for n in range(3):
+                append_sql(writer, "Credited", {"account": 1, "amount": n})
+                writer.commit()
+            # One notifying commit per arming: the others are silent, and held the next arming.
+            assert notifications(listener) == 1
+            assert db.scalar("SELECT armed FROM projectord.wakeups") is False
+
+
+def test_arming_waits_for_an_append_that_found_the_wake_up_taken(db: TestDatabase) -> None:
+    with (
+        db.connect(autocommit=True) as listener,
+        db.connect(autocommit=True) as arming,
+        db.connect() as first,
+        db.connect() as silent,
+        db.connect(autocommit=True) as reader,
+    ):
+        listener.execute(f'LISTEN "{CHANNEL}"')
+        arm_wakeups(arming)
+        append_sql(first, "Credited", {"account": 1, "amount": 1})
+        first.commit()  # took the wake-up
+        append_sql(silent, "Credited", {"account": 1, "amount": 2})  # silent, and open
+        assert notifications(listener) == 1
+        with Arming(db) as again:
+            # The listener heard the first, and arms again before its runners sleep: that waits
+            # for the silent append, so the last read before the sleep sees its event.
+            assert not again.done.wait(0.5), "armed while a silent append was open"
+            silent.commit()
+            assert again.done.wait(5)
+            assert reader.execute("SELECT count(*) FROM projectord.events").fetchone() == (2,)
+        assert notifications(listener, timeout=0.2) == 0  # silent indeed
+
+
+def test_an_append_never_waits_long_for_an_open_notifier(db: TestDatabase) -> None:
+    """A notifier that stays open (it appended, then does other work) holds the wake-up's row;
+    an append that finds it so waits at most a few milliseconds, then notifies on its own."""
+    with (
+        db.connect(autocommit=True) as listener,
+        db.connect(autocommit=True) as arming,
+        db.connect() as notifier,
+        db.connect() as other,
+    ):
+        listener.execute(f'LISTEN "{CHANNEL}"')
+        arm_wakeups(arming)
+        append_sql(notifier, "Credited", {"account": 1, "amount": 1})  # took it, still open
+        started = time.monotonic()
+        append_sql(other, "Credited", {"account": 2, "amount": 2})
+        waited = time.monotonic() - started
+        other.commit()
+        assert waited < 0.5, f"an append waited {waited:.2f}s for another writer"
+        assert notifications(listener) == 1  # its own: the notifier has not committed
+        notifier.rollback()
+
+
+def test_a_listener_of_the_previous_release_hears_every_append(db: TestDatabase) -> None:
+    """During a rolling upgrade, a daemon of the release before 0018 arms the old way (0006's
+    stripes) and expects a notification from every append while armed."""
+    with (
+        db.connect(autocommit=True) as listener,
+        db.connect(autocommit=True) as old_arming,
+        db.connect() as writer,
+    ):
+        listener.execute(f'LISTEN "{CHANNEL}"')
+        old_arming.execute(
+            "SELECT count(pg_advisory_lock_shared(hashtext(%s), stripe)::text)"
+            " FROM generate_series(0, 63) AS stripe",
+            (CHANNEL,),
+        )
+        for n in range(3):
+            append_sql(writer, "Credited", {"account": 1, "amount": n})
+            writer.commit()
+        assert notifications(listener, timeout=1.0) == 3
+
+
+def test_concurrent_writers_that_stay_open_or_roll_back_lose_no_wake_up(
+    db: TestDatabase, state_dir: Path
+) -> None:
+    """Rounds of six writers: one appends and commits (taking the wake-up, if the daemon is armed),
+    then the five others append at once, each holding its transaction open for a random while, one
+    in ten rolling back. After each commit the writer waits for the daemon to apply its event; the
+    next round starts once every writer is done, so nothing comes after a round's appends to make
+    up for a wake-up it lost. With a 600 s poll, only a wake-up applies an event in time."""
+    db.init(SLOW)
+    env = {"PROJECTORD_POLL_INTERVAL": "600"}
+    failures: list[str] = []
+    writers = 6
+    barrier = threading.Barrier(writers)
+
+    def write(seed: int) -> None:
+        rng = random.Random(seed)
+        with db.connect() as writer, db.connect(autocommit=True) as reader:
+            for round_ in range(25):
+                barrier.wait(timeout=30)
+                leads = round_ % writers == seed
+                if not leads:
+                    barrier.wait(timeout=30)  # the leader has committed
+                row = writer.execute(
+                    "INSERT INTO projectord.events (tenant_id, aggregate_id, version, type)"
+                    " VALUES (%s, gen_random_uuid(), 1, 'Slow') RETURNING event_id",
+                    (TENANT,),
+                ).fetchone()
+                assert row is not None
+                if leads:
+                    writer.commit()
+                    barrier.wait(timeout=30)
+                else:
+                    time.sleep(rng.uniform(0, 0.02))  # open, as a writer doing other work
+                    if rng.random() < 0.1:
+                        writer.rollback()
+                        continue
+                    writer.commit()
+                committed = time.monotonic()
+                while not reader.execute(
+                    "SELECT 1 FROM slow_seen WHERE event_id = %s", (row[0],)
+                ).fetchone():
+                    if time.monotonic() - committed > 2.0:
+                        failures.append(f"event {row[0]} not applied 2 s after its commit")
+                        barrier.abort()
+                        return
+                    time.sleep(0.005)
+
+    with DaemonProcess(db.url, SLOW, state_dir, extra_env=env):
+        wait_until(lambda: armed_listeners(db) == 1, timeout=10)
+        threads = [threading.Thread(target=write, args=(seed,)) for seed in range(writers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert failures == []

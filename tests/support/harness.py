@@ -24,8 +24,10 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 
 from projectord.config import load_settings
+from projectord.daemon.listener import ARMING
 from projectord.database import connect
 from projectord.projection import load_projections
+from projectord.queries import Queries
 from projectord.schema.bootstrap import bootstrap
 from projectord.schema.migrations import migrations
 
@@ -169,6 +171,14 @@ class Writers:
         self.stop.set()
         for thread in self.threads:
             thread.join()
+
+
+def arm_wakeups(conn: psycopg.Connection[Any], channel: str = "projectord_projectord") -> None:
+    """Arm the wake-ups on `conn` (autocommit) exactly as the daemon's listener does: from now on
+    the next append notifies, and every append that did not has ended."""
+    queries = Queries("projectord")
+    for step in ARMING:
+        conn.execute(queries[step], {"channel": channel})
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> float:
