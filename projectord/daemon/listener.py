@@ -57,7 +57,7 @@ MIN_ARM_INTERVAL = float(os.environ.get("PJ_ARM_INTERVAL", "0.01"))
 RUNNER_POLL_FACTOR = 12
 # An arming, in order (sql/queries/listener.sql; each statement its own transaction): offer the
 # wake-up, take the ARMED stripes, wait for the SILENT appends. The second holds on.
-ARMING = ("offer_wakeup", "arm_wakeups", "wait_for_silent_appends", "release_silent_stripes")
+ARMING = ("offer_wakeup", "arm_wakeups", "wait_for_silent_appends")
 # PostgreSQL's identifier limit (NAMEDATALEN - 1), which channel names share.
 MAX_IDENTIFIER_BYTES = 63
 

@@ -13,13 +13,13 @@ FROM generate_series(0, 63) AS stripe;
 
 -- name: wait_for_silent_appends
 -- The last step of an arming: wait for every append that found a listener armed but the wake-up
--- already taken (it holds a SILENT stripe), by taking each stripe in share mode; then let go.
-SELECT pg_catalog.count(pg_advisory_lock_shared(hashtext(%(channel)s || '/silent'), stripe)::text)
-FROM generate_series(0, 63) AS stripe;
-
--- name: release_silent_stripes
+-- already taken (it holds a SILENT stripe until it ends): take each stripe in share mode, which
+-- waits for its holder, and let go of it at once (the subquery hands each stripe over as soon as
+-- it is taken). The connection's lock_timeout bounds each wait.
 SELECT pg_catalog.count(pg_advisory_unlock_shared(hashtext(%(channel)s || '/silent'), stripe))
-FROM generate_series(0, 63) AS stripe;
+FROM (SELECT stripe FROM generate_series(0, 63) AS stripe
+      WHERE pg_advisory_lock_shared(hashtext(%(channel)s || '/silent'), stripe)::text IS NOT NULL
+      OFFSET 0) AS taken;
 
 -- name: disarm_wakeups
 -- Appends stop notifying: release the stripes (the listener's connection holds no other advisory

@@ -37,8 +37,8 @@ def test_terminated_listener_reconnects_and_catches_up(db: TestDatabase, state_d
             killed = db.scalar(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                 " WHERE datname = current_database() AND application_name = 'projectord'"
-                # The listener's last statement: LISTEN, an arming's last, a disarming, its probe or its
-                # poll (ownership's advisory-lock statements are not among these).
+                # The listener's last statement: LISTEN, an arming's last, a disarming, its probe
+                # or its poll (ownership's advisory-lock statements are not among these).
                 " AND (query ILIKE 'LISTEN%%'"
                 "      OR query ILIKE '%%pg_advisory_lock_shared(hashtext%%'"
                 "      OR query ILIKE '%%pg_advisory_unlock_all%%'"
