@@ -28,7 +28,6 @@ per poll interval, not 50.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Callable
 
@@ -52,7 +51,7 @@ ARM_LOCK_TIMEOUT = "200ms"
 # whose commit flushes alone, and a flush's worth of waiting for the appends that arrive while it
 # commits; under load that adds up (benchmarks/write_cost.py). Between two armings a busy runner
 # polls instead, so this is also about the most a projection trails by under load.
-MIN_ARM_INTERVAL = float(os.environ.get("PJ_ARM_INTERVAL", "0.01"))
+MIN_ARM_INTERVAL = 0.01
 # While the listener polls for them, idle runners poll on their own this many times less often.
 RUNNER_POLL_FACTOR = 12
 # An arming, in order (sql/queries/listener.sql; each statement its own transaction): offer the

@@ -18,13 +18,15 @@
 -- again).
 --
 -- An append (this trigger, once per statement):
---   1. takes its ARMED and LEGACY stripes exclusively, without waiting: both taken, no listener is
---      armed, it does not notify, and it keeps them until it ends (arming waits for it). LEGACY
---      not taken: an old listener is armed: notify, as 0006 did.
+--   1. takes an ARMED stripe exclusively, without waiting (its own, pid % 64, or if another append
+--      holds that one, a second one), then the LEGACY stripe of the same number: both taken, no
+--      listener is armed, it does not notify, and it keeps them until it ends (arming waits for
+--      it). LEGACY not taken: an old listener is armed: notify, as 0006 did. (Appends take a
+--      LEGACY stripe only with the ARMED one of its number, so no other append holds it.)
 --   2. ARMED not taken (a listener is armed) in a REPEATABLE READ or SERIALIZABLE transaction: its
 --      snapshot may predate the arming, so it cannot trust `wakeups`: it notifies.
---   3. otherwise it takes its SILENT stripe exclusively, without waiting (another append holds
---      it: notify), and keeps it until it ends: the listener's next arming waits for it. Only
+--   3. otherwise it takes a SILENT stripe exclusively, without waiting (its own or a second one;
+--      other appends hold both: notify), and keeps it until it ends: the listener's next arming waits for it. Only
 --      then it reads `wakeups` (read first, an arming could pass the stripe between the read and
 --      the take, and miss it). Not armed: a committed append took this arming's wake-up, and its
 --      notification makes the listener arm again: this append does not notify.
@@ -61,12 +63,25 @@ BEGIN
         CREATE OR REPLACE FUNCTION notify_events_appended() RETURNS trigger
         LANGUAGE plpgsql SECURITY DEFINER AS $body$
         DECLARE
-            stripe integer := pg_catalog.pg_backend_pid() OPERATOR(pg_catalog.%%) 64;
+            pid integer := pg_catalog.pg_backend_pid();
+            stripe integer := pid OPERATOR(pg_catalog.%%) 64;
+            -- A second stripe, never the first: 1 to 63 stripes on from it. (OPERATOR() has one
+            -- precedence for all, left to right: hence the parentheses.)
+            other integer := (stripe OPERATOR(pg_catalog.+) (1 OPERATOR(pg_catalog.+)
+                ((pid OPERATOR(pg_catalog./) 64) OPERATOR(pg_catalog.%%) 63)))
+                OPERATOR(pg_catalog.%%) 64;
             is_armed boolean;
             took integer;
             outer_timeout text;
         BEGIN
-            IF pg_catalog.pg_try_advisory_xact_lock(%2$s, stripe) THEN
+            IF NOT pg_catalog.pg_try_advisory_xact_lock(%2$s, stripe) THEN
+                stripe := other;  -- another append may hold the first: try a second one
+            END IF;
+            IF stripe OPERATOR(pg_catalog.=) other
+                    AND NOT pg_catalog.pg_try_advisory_xact_lock(%2$s, stripe) THEN
+                stripe := NULL;  -- a listener holds them: armed
+            END IF;
+            IF stripe IS NOT NULL THEN
                 IF pg_catalog.pg_try_advisory_xact_lock(%4$s, stripe) THEN
                     RETURN NULL;  -- 1: no listener armed
                 END IF;
@@ -78,8 +93,9 @@ BEGIN
                 PERFORM pg_catalog.pg_notify(%5$L, '');  -- 2
                 RETURN NULL;
             END IF;
-            IF NOT pg_catalog.pg_try_advisory_xact_lock(%3$s, stripe) THEN
-                PERFORM pg_catalog.pg_notify(%5$L, '');  -- 3: the stripe is another's
+            IF NOT pg_catalog.pg_try_advisory_xact_lock(%3$s, pid OPERATOR(pg_catalog.%%) 64)
+                    AND NOT pg_catalog.pg_try_advisory_xact_lock(%3$s, other) THEN
+                PERFORM pg_catalog.pg_notify(%5$L, '');  -- 3: both stripes are others'
                 RETURN NULL;
             END IF;
             SELECT w.armed INTO is_armed FROM %1$I.wakeups w;

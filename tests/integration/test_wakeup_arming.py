@@ -411,3 +411,32 @@ def test_concurrent_writers_that_stay_open_or_roll_back_lose_no_wake_up(
         for thread in threads:
             thread.join()
     assert failures == []
+
+
+def test_two_appends_on_one_stripe_do_not_notify(db: TestDatabase) -> None:
+    """Appends pick their stripe by backend pid, so two of them may share one. With no listener
+    armed, the second takes another stripe instead of notifying (a busy pool of writers would
+    otherwise notify all the time), and arming still waits for it."""
+    with (
+        db.connect(autocommit=True) as listener,
+        db.connect() as other,
+        db.connect() as writer,
+    ):
+        listener.execute(f'LISTEN "{CHANNEL}"')
+        # An arming offered a wake-up, and the listener let go of its stripes before an append took
+        # it (too soon to arm again): common under load.
+        listener.execute("UPDATE projectord.wakeups SET armed = true")
+        pid = writer.execute("SELECT pg_backend_pid()").fetchone()
+        assert pid is not None
+        writer.commit()
+        # `other` holds the writer's own stripe, as an append of a backend with the same pid % 64.
+        other.execute(
+            "SELECT pg_advisory_xact_lock(hashtext(%s || '/armed'), %s)", (CHANNEL, pid[0] % 64)
+        )
+        append_sql(writer, "Credited", {"account": 1, "amount": 1})
+        with Arming(db) as armed:
+            assert not armed.done.wait(0.5), "armed while a silent append was open"
+            writer.commit()
+            other.rollback()
+            assert armed.done.wait(5)
+        assert notifications(listener, timeout=0.2) == 0
