@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from projectord.daemon.listener import MIN_ARM_INTERVAL
 from projectord.queries import Queries
@@ -29,6 +30,7 @@ from tests.support.harness import (
     wait_until,
 )
 from tests.support.ops_projections import Slow
+from tests.support.role_support import TemporaryRoles
 
 QUERIES = Queries("projectord")
 CHANNEL = "projectord_projectord"
@@ -440,3 +442,104 @@ def test_two_appends_on_one_stripe_do_not_notify(db: TestDatabase) -> None:
             other.rollback()
             assert armed.done.wait(5)
         assert notifications(listener, timeout=0.2) == 0
+def old_release_arming(conn: psycopg.Connection[object]) -> None:
+    """Arm as a listener of the release before 0018 does (0006's stripes, in share mode)."""
+    conn.execute(
+        "SELECT count(pg_advisory_lock_shared(hashtext(%s), stripe)::text)"
+        " FROM generate_series(0, 63) AS stripe",
+        (CHANNEL,),
+    )
+
+
+def test_a_listener_of_the_previous_release_hears_every_append_while_a_new_one_is_armed(
+    db: TestDatabase,
+) -> None:
+    """A rolling upgrade: a daemon of the new release and one of the previous release run on the
+    same database, both armed. The old one expects a notification from every append (0006);
+    appends that find the new listener's wake-up taken must not be silent to it (found by
+    review)."""
+    with (
+        db.connect(autocommit=True) as listener,
+        db.connect(autocommit=True) as old_arming,
+        db.connect(autocommit=True) as new_arming,
+        db.connect() as writer,
+    ):
+        listener.execute(f'LISTEN "{CHANNEL}"')
+        arm_wakeups(new_arming)
+        old_release_arming(old_arming)
+        for n in range(3):
+            append_sql(writer, "Credited", {"account": 1, "amount": n})
+            writer.commit()
+        assert notifications(listener, timeout=1.0) == 3, "the old listener missed appends"
+
+
+def test_an_old_release_arming_waits_for_appends_silent_under_a_new_listener(
+    db: TestDatabase,
+) -> None:
+    """The same rolling upgrade, the other half of 0006's promise: an old listener's arming waits
+    for every append that did not notify, so its runners' last read sees it. An append that is
+    silent because the new listener's wake-up was taken must hold the old arming too (found by
+    review)."""
+    with (
+        db.connect(autocommit=True) as listener,
+        db.connect(autocommit=True) as new_arming,
+        db.connect() as first,
+        db.connect() as silent,
+    ):
+        listener.execute(f'LISTEN "{CHANNEL}"')
+        arm_wakeups(new_arming)
+        append_sql(first, "Credited", {"account": 1, "amount": 1})
+        first.commit()  # took the new listener's wake-up
+        assert notifications(listener) == 1
+        append_sql(silent, "Credited", {"account": 1, "amount": 2})  # open
+        old_armed = threading.Event()
+
+        def arm_old() -> None:
+            with db.connect(autocommit=True) as old_arming:
+                old_release_arming(old_arming)
+                old_armed.set()
+
+        thread = threading.Thread(target=arm_old)
+        thread.start()
+        try:
+            notified = notifications(listener, timeout=0.5)
+            # Either the silent append notified (the old listener hears it), or the old arming
+            # waits for it to end; otherwise the old runners read, sleep, and it commits unseen.
+            assert notified or not old_armed.is_set(), (
+                "an old listener armed while a silent append was open, and it did not notify"
+            )
+        finally:
+            silent.commit()
+            thread.join(5)
+
+
+def test_a_writer_cannot_run_code_as_the_trigger_owner_through_a_temporary_type(
+    db: TestDatabase, roles: TemporaryRoles
+) -> None:
+    """The append trigger is SECURITY DEFINER. A writer that may only INSERT into events (and,
+    as every role by default, create temporary objects) must not make it run the writer's own
+    code with the owner's rights: a temporary type is looked up before pg_catalog's unless the
+    function pins its search_path (found by review: `outer_timeout text` resolved to a
+    temporary domain whose check calls the writer's function)."""
+    writer = roles.create("writer", "LOGIN")
+    with db.connect(autocommit=True) as admin:
+        admin.execute(f'GRANT USAGE ON SCHEMA projectord TO "{writer}"')
+        admin.execute(f'GRANT INSERT ON projectord.events TO "{writer}"')
+    with (
+        db.connect(autocommit=True) as arming,
+        psycopg.connect(make_conninfo(db.url, user=writer), autocommit=True) as hostile,
+    ):
+        arm_wakeups(arming)  # an armed listener: the first append takes the wake-up
+        hostile.execute("CREATE TEMP TABLE seen (who text)")
+        hostile.execute("GRANT INSERT ON seen TO PUBLIC")
+        hostile.execute(
+            "CREATE FUNCTION pg_temp.spy(v pg_catalog.text) RETURNS boolean"
+            " LANGUAGE sql AS $$ INSERT INTO pg_temp.seen VALUES (current_user) RETURNING true $$"
+        )
+        hostile.execute("CREATE DOMAIN pg_temp.text AS pg_catalog.text CHECK (pg_temp.spy(VALUE))")
+        try:
+            append_sql(hostile, "Credited", {"account": 1, "amount": 1})
+        except psycopg.Error:
+            pass  # failing its own append is the writer's business; running as owner is not
+        who = {row[0] for row in hostile.execute("SELECT who FROM pg_temp.seen").fetchall()}
+        assert who <= {writer}, f"the writer's code ran as {who - {writer}}"
