@@ -23,18 +23,23 @@
 --      listener is armed, it does not notify, and it keeps them until it ends (arming waits for
 --      it). LEGACY not taken: an old listener is armed: notify, as 0006 did. (Appends take a
 --      LEGACY stripe only with the ARMED one of its number, so no other append holds it.)
---   2. ARMED not taken (a listener is armed) in a REPEATABLE READ or SERIALIZABLE transaction: its
---      snapshot may predate the arming, so it cannot trust `wakeups`: it notifies.
---   3. otherwise it takes a SILENT stripe exclusively, without waiting (its own or a second one;
---      other appends hold both: notify), and keeps it until it ends: the listener's next arming waits for it. Only
---      then it reads `wakeups` (read first, an arming could pass the stripe between the read and
---      the take, and miss it). Not armed: a committed append took this arming's wake-up, and its
---      notification makes the listener arm again: this append does not notify.
---   4. armed: it takes the wake-up, `UPDATE wakeups SET armed = false WHERE armed`, and notifies.
---      That UPDATE waits if another append took the wake-up and has not ended (its commit is a
---      flush away): when that one commits, this one does not notify (as in 3); when it rolls
---      back, this one takes the wake-up. The wait is bounded at 5 ms (a notifier that stays open, for instance doing
---      other work after its append): then it notifies itself.
+--   2. ARMED not taken (a listener is armed): it takes a LEGACY stripe all the same (its own or a
+--      second one); none free: a listener of an earlier release is armed too, and expects a
+--      NOTIFY from every append: notify. Taken, it keeps it, so such a listener's arming waits.
+--   3. in a REPEATABLE READ or SERIALIZABLE transaction, its snapshot may predate the arming, so
+--      it cannot trust `wakeups`: it notifies.
+--   4. otherwise it takes a SILENT stripe exclusively, without waiting (its own or a second one;
+--      other appends hold both: notify), and keeps it until it ends: the listener's next arming
+--      waits for it. Only then it reads `wakeups` (read first, an arming could pass the stripe
+--      between the read and the take, and miss it). Not armed: a committed append took this
+--      arming's wake-up, and its notification makes the listener arm again: this append does
+--      not notify.
+--   5. armed and its row not locked: it takes the wake-up (locks the row, SKIP LOCKED, and sets
+--      `armed` to false) and notifies. Armed but locked: another append took the wake-up and has
+--      not ended (its commit is a flush away): it looks again every millisecond; once that one
+--      committed it does not notify (as in 4), if it rolled back this one takes the wake-up.
+--      After 5 ms (a notifier that stays open, doing other work after its append) it notifies
+--      itself. No lock wait, so no lock timeout: an append never fails here.
 -- A listener arms (sql/queries/listener.sql): sets `armed`, then takes every ARMED stripe in share
 -- mode (waiting for the appends of step 1), then every SILENT stripe in share mode and releases
 -- them (waiting for the appends of step 3), then lets its runners read once more before sleeping.
@@ -42,9 +47,11 @@
 -- Every append therefore either notifies or has ended before a read that precedes the next sleep.
 --
 -- SECURITY DEFINER: a writer that may only INSERT into `events` reads and updates `wakeups`
--- through this function alone, and no other role can lock its row (which would hold every append
--- for 5 ms) or clear it (which would silence the wake-ups). Every name below is schema-qualified,
--- operators included, so the writer's search_path cannot stand in for anything.
+-- through this function alone, and no other role can lock its row (which would make every append
+-- notify) or clear it (which would silence the wake-ups). Every name below is schema-qualified,
+-- operators and the variables' types included, so neither the writer's search_path nor its
+-- temporary schema (searched first for types, in a SECURITY DEFINER function too) can stand in
+-- for anything; a function-level SET search_path would do the same at a cost on every append.
 CREATE TABLE IF NOT EXISTS wakeups (
     one   boolean PRIMARY KEY DEFAULT true CHECK (one),
     armed boolean NOT NULL
@@ -63,16 +70,14 @@ BEGIN
         CREATE OR REPLACE FUNCTION notify_events_appended() RETURNS trigger
         LANGUAGE plpgsql SECURITY DEFINER AS $body$
         DECLARE
-            pid integer := pg_catalog.pg_backend_pid();
-            stripe integer := pid OPERATOR(pg_catalog.%%) 64;
+            pid pg_catalog.int4 := pg_catalog.pg_backend_pid();
+            stripe pg_catalog.int4 := pid OPERATOR(pg_catalog.%%) 64;
             -- A second stripe, never the first: 1 to 63 stripes on from it. (OPERATOR() has one
             -- precedence for all, left to right: hence the parentheses.)
-            other integer := (stripe OPERATOR(pg_catalog.+) (1 OPERATOR(pg_catalog.+)
+            other pg_catalog.int4 := (stripe OPERATOR(pg_catalog.+) (1 OPERATOR(pg_catalog.+)
                 ((pid OPERATOR(pg_catalog./) 64) OPERATOR(pg_catalog.%%) 63)))
                 OPERATOR(pg_catalog.%%) 64;
-            is_armed boolean;
-            took integer;
-            outer_timeout text;
+            tries pg_catalog.int4 := 0;
         BEGIN
             IF NOT pg_catalog.pg_try_advisory_xact_lock(%2$s, stripe) THEN
                 stripe := other;  -- another append may hold the first: try a second one
@@ -88,32 +93,40 @@ BEGIN
                 PERFORM pg_catalog.pg_notify(%5$L, '');  -- 1: a listener of an earlier release
                 RETURN NULL;
             END IF;
+            IF NOT pg_catalog.pg_try_advisory_xact_lock(%4$s, pid OPERATOR(pg_catalog.%%) 64)
+                    AND NOT pg_catalog.pg_try_advisory_xact_lock(%4$s, other) THEN
+                PERFORM pg_catalog.pg_notify(%5$L, '');  -- 2: a listener of an earlier release
+                RETURN NULL;
+            END IF;
             IF pg_catalog.current_setting('transaction_isolation')
                     OPERATOR(pg_catalog.<>) 'read committed' THEN
-                PERFORM pg_catalog.pg_notify(%5$L, '');  -- 2
+                PERFORM pg_catalog.pg_notify(%5$L, '');  -- 3
                 RETURN NULL;
             END IF;
             IF NOT pg_catalog.pg_try_advisory_xact_lock(%3$s, pid OPERATOR(pg_catalog.%%) 64)
                     AND NOT pg_catalog.pg_try_advisory_xact_lock(%3$s, other) THEN
-                PERFORM pg_catalog.pg_notify(%5$L, '');  -- 3: both stripes are others'
+                PERFORM pg_catalog.pg_notify(%5$L, '');  -- 4: both stripes are others'
                 RETURN NULL;
             END IF;
-            SELECT w.armed INTO is_armed FROM %1$I.wakeups w;
-            IF is_armed THEN
-                outer_timeout := pg_catalog.current_setting('lock_timeout');
-                BEGIN
-                    PERFORM pg_catalog.set_config('lock_timeout', '5ms', true);
-                    UPDATE %1$I.wakeups SET armed = false WHERE armed;
-                    GET DIAGNOSTICS took = ROW_COUNT;
-                    PERFORM pg_catalog.set_config('lock_timeout', outer_timeout, true);
-                EXCEPTION WHEN lock_not_available THEN
-                    took := 1;  -- a notifier still open: notify too
-                END;
-                IF took OPERATOR(pg_catalog.>) 0 THEN
-                    PERFORM pg_catalog.pg_notify(%5$L, '');  -- 4
+            LOOP
+                PERFORM FROM %1$I.wakeups w WHERE w.armed FOR NO KEY UPDATE SKIP LOCKED;
+                IF FOUND THEN
+                    UPDATE %1$I.wakeups SET armed = false;
+                    PERFORM pg_catalog.pg_notify(%5$L, '');  -- 5: took the wake-up
+                    RETURN NULL;
                 END IF;
-            END IF;
-            RETURN NULL;  -- 3
+                PERFORM FROM %1$I.wakeups w WHERE w.armed;
+                IF NOT FOUND THEN
+                    RETURN NULL;  -- 4: taken by an append that committed
+                END IF;
+                -- Taken by an append that has not ended: its commit is a flush away.
+                tries := tries OPERATOR(pg_catalog.+) 1;
+                IF tries OPERATOR(pg_catalog.>) 5 THEN
+                    PERFORM pg_catalog.pg_notify(%5$L, '');  -- 5: it stays open: notify too
+                    RETURN NULL;
+                END IF;
+                PERFORM pg_catalog.pg_sleep(0.001);
+            END LOOP;
         END;
         $body$
     $function$,
