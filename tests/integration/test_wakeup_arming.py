@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import psycopg
@@ -442,6 +443,8 @@ def test_two_appends_on_one_stripe_do_not_notify(db: TestDatabase) -> None:
             other.rollback()
             assert armed.done.wait(5)
         assert notifications(listener, timeout=0.2) == 0
+
+
 def old_release_arming(conn: psycopg.Connection[object]) -> None:
     """Arm as a listener of the release before 0018 does (0006's stripes, in share mode)."""
     conn.execute(
@@ -593,3 +596,97 @@ def test_appends_waiting_behind_an_open_notifier_never_fail(db: TestDatabase) ->
             for thread in threads:
                 thread.join()
     assert failures == [], f"{len(failures)} appends failed, the first: {failures[0]}"
+
+
+def test_savepoints_rolled_back_to_after_the_trigger_lose_no_wake_up(db: TestDatabase) -> None:
+    """ROLLBACK TO SAVEPOINT after the trigger ran undoes its UPDATE of `wakeups` and its
+    NOTIFY, and (on PostgreSQL 15) releases the advisory locks it took in the subtransaction;
+    the events of that subtransaction go with them. Whatever a writer does with savepoints, the
+    wake-up of an event that commits is not lost (checked by review: these held)."""
+    with (
+        db.connect(autocommit=True) as listener,
+        db.connect(autocommit=True) as arming,
+        db.connect() as writer,
+        db.connect() as other,
+    ):
+        listener.execute(f'LISTEN "{CHANNEL}"')
+        arm_wakeups(arming)
+        # The wake-up taken inside a savepoint rolled back to: it is offered again.
+        writer.execute("SAVEPOINT s")
+        append_sql(writer, "Credited", {"account": 1, "amount": 1})
+        writer.execute("ROLLBACK TO SAVEPOINT s")
+        writer.commit()
+        assert notifications(listener, timeout=0.2) == 0  # nothing committed, nothing sent
+        assert db.scalar("SELECT armed FROM projectord.wakeups") is True
+        append_sql(other, "Credited", {"account": 1, "amount": 2})
+        other.commit()
+        assert notifications(listener) == 1
+
+        # Taken at the top level, then a silent append in a savepoint rolled back to: the
+        # top-level notification stays.
+        arm_wakeups(arming)
+        append_sql(writer, "Credited", {"account": 1, "amount": 3})
+        writer.execute("SAVEPOINT s")
+        append_sql(writer, "Credited", {"account": 1, "amount": 4})
+        writer.execute("ROLLBACK TO SAVEPOINT s")
+        writer.commit()
+        assert notifications(listener) == 1
+
+        # Taken in a released savepoint, then another savepoint rolled back to.
+        arm_wakeups(arming)
+        writer.execute("SAVEPOINT a")
+        append_sql(writer, "Credited", {"account": 1, "amount": 5})
+        writer.execute("RELEASE SAVEPOINT a")
+        writer.execute("SAVEPOINT b")
+        append_sql(writer, "Credited", {"account": 1, "amount": 6})
+        writer.execute("ROLLBACK TO SAVEPOINT b")
+        writer.commit()
+        assert notifications(listener) == 1
+
+        # A silent append at the top level (the wake-up taken by a committed append), then the
+        # listener arms again: it waits for the writer even though the writer's later append,
+        # in a savepoint rolled back to, took and gave back the new wake-up (and its locks).
+        arm_wakeups(arming)
+        append_sql(other, "Credited", {"account": 2, "amount": 1})
+        other.commit()
+        assert notifications(listener) == 1
+        append_sql(writer, "Credited", {"account": 2, "amount": 2})  # silent, open
+        again = Arming(db)
+        with again:
+            assert not again.done.wait(0.3), "armed while a silent append was open"
+            writer.execute("SAVEPOINT s")
+            append_sql(writer, "Credited", {"account": 2, "amount": 3})
+            writer.execute("ROLLBACK TO SAVEPOINT s")
+            assert not again.done.wait(0.3), "armed while a silent append was open"
+            writer.commit()
+            assert again.done.wait(5)
+            # The runners' last read, now, sees the silent append's event; the wake-up is offered.
+            assert db.scalar("SELECT count(*) FROM projectord.events") == 5
+            assert db.scalar("SELECT armed FROM projectord.wakeups") is True
+
+
+def test_copy_and_exception_blocks_wake_the_listener(db: TestDatabase) -> None:
+    """COPY fires the statement trigger as INSERT does; an append inside a PL/pgSQL block whose
+    exception handler rolls it back gives the wake-up back (checked by review: these held)."""
+    with (
+        db.connect(autocommit=True) as listener,
+        db.connect(autocommit=True) as arming,
+        db.connect() as writer,
+    ):
+        listener.execute(f'LISTEN "{CHANNEL}"')
+        arm_wakeups(arming)
+        writer.execute(
+            "DO $$ BEGIN"
+            " INSERT INTO projectord.events (tenant_id, aggregate_id, version, type)"
+            f" VALUES ('{TENANT}', gen_random_uuid(), 1, 'Credited');"
+            " RAISE EXCEPTION 'undo';"
+            " EXCEPTION WHEN raise_exception THEN NULL; END $$"
+        )
+        writer.commit()
+        assert notifications(listener, timeout=0.2) == 0
+        with writer.cursor().copy(
+            "COPY projectord.events (tenant_id, aggregate_id, version, type) FROM STDIN"
+        ) as copy:
+            copy.write_row((TENANT, uuid.uuid4(), 1, "Credited"))
+        writer.commit()
+        assert notifications(listener) == 1
