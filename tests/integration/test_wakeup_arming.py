@@ -10,17 +10,19 @@ tests set up exactly those interleavings.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
 import uuid
 from pathlib import Path
 
+import anyio
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from projectord.daemon.listener import MIN_ARM_INTERVAL
+from projectord.daemon.listener import MIN_ARM_INTERVAL, NotificationListener
 from projectord.queries import Queries
 from tests.support.harness import (
     TENANT,
@@ -690,3 +692,44 @@ def test_copy_and_exception_blocks_wake_the_listener(db: TestDatabase) -> None:
             copy.write_row((TENANT, uuid.uuid4(), 1, "Credited"))
         writer.commit()
         assert notifications(listener) == 1
+
+
+def test_an_arming_that_times_out_leaves_no_stripe_held(db: TestDatabase) -> None:
+    """An arming waits 200 ms at most for a writer that holds its ARMED stripe. When it gives up,
+    the listener must hold none of the stripes it took before that one: they are session locks,
+    which the failed statement does not release, and the listener believes it holds nothing, so
+    it does not release them either (found by review). Held, they make appends of those stripes
+    behave as if it were armed (they take the wake-up the timed-out arming offered, and notify)
+    and `armed_listeners` report an armed listener that is not."""
+    with contextlib.ExitStack() as connections:
+        writer = connections.enter_context(db.connect())
+        while writer.execute("SELECT pg_backend_pid() % 64").fetchone() == (0,):
+            # Stripe 0: no stripe before it to leak; take another connection.
+            writer = connections.enter_context(db.connect())
+        append_sql(writer, "Credited", {"account": 1, "amount": 1})  # no listener armed: silent
+
+        async def main() -> tuple[bool, int]:
+            listener = NotificationListener(db.url, "projectord", lambda: None, poll_interval=3600)
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(listener.run)
+                with anyio.fail_after(10):
+                    while not listener.connected:  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+                    listener.request_arm()
+                    while listener._next_arm_at == 0.0:  # noqa: ASYNC110 - the arming ended
+                        await anyio.sleep(0.01)
+                held = await anyio.to_thread.run_sync(
+                    lambda: db.scalar(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                        " AND mode = 'ShareLock' AND classid = hashtext(%s || '/armed')::oid",
+                        (CHANNEL,),
+                    )
+                )
+                armed = listener.armed
+                tasks.cancel_scope.cancel()
+            return armed, held
+
+        armed, held = anyio.run(main)
+        writer.rollback()
+    assert not armed, "armed while a writer that did not notify was open"
+    assert held == 0, f"the listener is not armed but holds {held} ARMED stripes"
