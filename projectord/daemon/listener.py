@@ -180,10 +180,13 @@ class NotificationListener:
         channel = {"channel": self.channel}
         try:
             for step in ARMING:
-                if step == "arm_wakeups" and self._holding:
-                    continue  # held since the last arming
+                if step == "arm_wakeups":
+                    if self._holding:
+                        continue  # held since the last arming
+                    # Before the statement: if it times out, the stripes it took before the one
+                    # it waited for stay held (session locks), and _disarm must release them.
+                    self._holding = True
                 await conn.execute(self.queries[step], channel)
-                self._holding = self._holding or step == "arm_wakeups"
         except psycopg.errors.LockNotAvailable:  # a writer still open: asked again later
             log.debug("listener.arm_timed_out")
             await self._disarm(conn)
