@@ -23,11 +23,11 @@
 --      listener is armed, it does not notify, and it keeps them until it ends (arming waits for
 --      it). LEGACY not taken: an old listener is armed: notify, as 0006 did. (Appends take a
 --      LEGACY stripe only with the ARMED one of its number, so no other append holds it.)
---   2. ARMED not taken (a listener is armed): it takes a LEGACY stripe all the same (its own or a
---      second one); none free: a listener of an earlier release is armed too, and expects a
---      NOTIFY from every append: notify. Taken, it keeps it, so such a listener's arming waits.
---   3. in a REPEATABLE READ or SERIALIZABLE transaction, its snapshot may predate the arming, so
---      it cannot trust `wakeups`: it notifies.
+--   2. ARMED not taken (a listener is armed), in a REPEATABLE READ or SERIALIZABLE transaction:
+--      its snapshot may predate the arming, so it cannot trust `wakeups`: it notifies.
+--   3. otherwise it takes a LEGACY stripe all the same (its own or a second one); none free: a
+--      listener of an earlier release is armed too, and expects a NOTIFY from every append:
+--      notify. Taken, it keeps it, so such a listener's arming waits for it.
 --   4. otherwise it takes a SILENT stripe exclusively, without waiting (its own or a second one;
 --      other appends hold both: notify), and keeps it until it ends: the listener's next arming
 --      waits for it. Only then it reads `wakeups` (read first, an arming could pass the stripe
@@ -93,14 +93,14 @@ BEGIN
                 PERFORM pg_catalog.pg_notify(%5$L, '');  -- 1: a listener of an earlier release
                 RETURN NULL;
             END IF;
-            IF NOT pg_catalog.pg_try_advisory_xact_lock(%4$s, pid OPERATOR(pg_catalog.%%) 64)
-                    AND NOT pg_catalog.pg_try_advisory_xact_lock(%4$s, other) THEN
-                PERFORM pg_catalog.pg_notify(%5$L, '');  -- 2: a listener of an earlier release
-                RETURN NULL;
-            END IF;
             IF pg_catalog.current_setting('transaction_isolation')
                     OPERATOR(pg_catalog.<>) 'read committed' THEN
-                PERFORM pg_catalog.pg_notify(%5$L, '');  -- 3
+                PERFORM pg_catalog.pg_notify(%5$L, '');  -- 2
+                RETURN NULL;
+            END IF;
+            IF NOT pg_catalog.pg_try_advisory_xact_lock(%4$s, pid OPERATOR(pg_catalog.%%) 64)
+                    AND NOT pg_catalog.pg_try_advisory_xact_lock(%4$s, other) THEN
+                PERFORM pg_catalog.pg_notify(%5$L, '');  -- 3: a listener of an earlier release
                 RETURN NULL;
             END IF;
             IF NOT pg_catalog.pg_try_advisory_xact_lock(%3$s, pid OPERATOR(pg_catalog.%%) 64)
