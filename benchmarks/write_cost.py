@@ -6,6 +6,8 @@ pgbench appends, in interleaved rounds of each mode:
 - `projectord`: the installed triggers, as shipped.
 - `unordered`: as `projectord`, without the store's ordering trigger (`events_ordered`, which sets
   `transaction_id` and checks each aggregate's version order): what that trigger costs.
+- `bare` (only with `--modes`): neither trigger, so `none` against it is what the ordering
+  trigger alone costs the writers.
 - `always` (only with `--modes`): a NOTIFY in every appending transaction.
 
 Two measures:
@@ -73,8 +75,8 @@ def set_mode(url: str, mode: str) -> None:
     trigger on or off."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DROP TRIGGER IF EXISTS bench_always_notify ON projectord.events")
-        wake = "DISABLE" if mode in ("none", "always") else "ENABLE"
-        order = "DISABLE" if mode == "unordered" else "ENABLE"
+        wake = "DISABLE" if mode in ("none", "always", "bare") else "ENABLE"
+        order = "DISABLE" if mode in ("unordered", "bare") else "ENABLE"
         conn.execute(f"ALTER TABLE projectord.events {wake} TRIGGER events_appended")
         conn.execute(f"ALTER TABLE projectord.events {order} TRIGGER events_ordered")
         if mode == "always":
