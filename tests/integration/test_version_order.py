@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 
 from projectord.commands.aggregate import CommandRegistry
@@ -35,6 +36,7 @@ from tests.support.harness import (
     run_cli,
     wait_until,
 )
+from tests.support.role_support import TemporaryRoles
 
 LAST = "tests.support.order_projections:last_amount"
 INSERT = (
@@ -338,3 +340,146 @@ def seq_scans(conn: psycopg.Connection[Any]) -> int:
     ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+# A writer's own schema, put first on its search_path, with a stand-in for every function,
+# operator and type the order check uses: each one raises, so if the check (which runs with its
+# owner's rights) resolved any of its names through the writer's search_path, the append would fail
+# with "hostile code ran".
+HOSTILE_SCHEMA = """
+CREATE FUNCTION hostile.trap() RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'hostile code ran as %', current_user;
+END $$;
+CREATE FUNCTION hostile.pg_current_xact_id() RETURNS pg_catalog.xid8 LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM hostile.trap();
+    RETURN '1';
+END $$;
+CREATE FUNCTION hostile.uuid_eq(uuid, uuid) RETURNS boolean LANGUAGE sql
+    AS 'SELECT hostile.trap()';
+CREATE OPERATOR hostile.= (LEFTARG = uuid, RIGHTARG = uuid, FUNCTION = hostile.uuid_eq);
+CREATE FUNCTION hostile.int4_eq(integer, integer) RETURNS boolean LANGUAGE sql
+    AS 'SELECT hostile.trap()';
+CREATE OPERATOR hostile.= (LEFTARG = integer, RIGHTARG = integer, FUNCTION = hostile.int4_eq);
+CREATE FUNCTION hostile.int4_lt(integer, integer) RETURNS boolean LANGUAGE sql
+    AS 'SELECT hostile.trap()';
+CREATE OPERATOR hostile.< (LEFTARG = integer, RIGHTARG = integer, FUNCTION = hostile.int4_lt);
+CREATE FUNCTION hostile.xid8_gt(pg_catalog.xid8, pg_catalog.xid8) RETURNS boolean LANGUAGE sql
+    AS 'SELECT hostile.trap()';
+CREATE OPERATOR hostile.> (
+    LEFTARG = pg_catalog.xid8, RIGHTARG = pg_catalog.xid8, FUNCTION = hostile.xid8_gt
+);
+CREATE FUNCTION hostile.format(text, uuid, integer, pg_catalog.xid8, pg_catalog.xid8, integer)
+    RETURNS text LANGUAGE sql AS 'SELECT hostile.trap()::text';
+CREATE FUNCTION hostile.format(text, uuid, integer, integer)
+    RETURNS text LANGUAGE sql AS 'SELECT hostile.trap()::text';
+CREATE DOMAIN hostile.xid8 AS pg_catalog.xid8 CHECK (hostile.trap());
+"""
+# What the trigger evaluates, unqualified: each must reach the writer's stand-in.
+ARMED = [
+    "SELECT pg_current_xact_id()",
+    "SELECT gen_random_uuid() = gen_random_uuid()",
+    "SELECT 1 = 1",
+    "SELECT 1 < 2",
+    "SELECT pg_catalog.pg_current_xact_id() > pg_catalog.pg_current_xact_id()",
+    "SELECT format('%s', gen_random_uuid(), 1, pg_catalog.pg_current_xact_id(),"
+    " pg_catalog.pg_current_xact_id(), 1)",
+    "SELECT format('%s', gen_random_uuid(), 1, 1)",
+    "SELECT '1'::xid8",
+]
+HOSTILE_PATH = "hostile, pg_catalog"
+
+
+def hostile_writer(db: TestDatabase, roles: TemporaryRoles) -> str:
+    """A writer as docs/security-roles.md sets one up (USAGE on the schema, INSERT on events and
+    nothing else), with a schema of its own holding the stand-ins; its connection URL."""
+    writer = roles.create("writer", "LOGIN")
+    with db.connect(autocommit=True) as conn:
+        conn.execute(f'GRANT USAGE ON SCHEMA projectord TO "{writer}"')
+        conn.execute(f'GRANT INSERT ON projectord.events TO "{writer}"')
+        conn.execute(f'CREATE SCHEMA hostile AUTHORIZATION "{writer}"')
+    url = make_conninfo(db.url, user=writer)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(HOSTILE_SCHEMA)
+        conn.execute(f"SET search_path = {HOSTILE_PATH}")
+        for query in ARMED:  # the stand-ins do shadow pg_catalog's objects in this session
+            with pytest.raises(psycopg.errors.RaiseException, match="hostile code ran"):
+                conn.execute(query)
+    return url
+
+
+def appends_as_a_hostile_writer(db: TestDatabase, conn: psycopg.Connection[Any]) -> None:
+    """Every path of the check, as the writer: accepted versions (one statement, a COPY), a
+    refusal for order (40001) and one for a version below the latest (23514)."""
+    account = uuid.uuid4()
+    conn.execute(
+        "INSERT INTO projectord.events (tenant_id, aggregate_id, version, type, transaction_id)"
+        " VALUES (%s, %s, 1, 'Deposited', '1'), (%s, %s, 2, 'Deposited', '1')",
+        (TENANT, account, TENANT, account),
+    )
+    with conn.cursor().copy(
+        "COPY projectord.events (tenant_id, aggregate_id, version, type) FROM STDIN"
+    ) as copy:
+        copy.write_row((TENANT, account, 3, "Deposited"))
+    (own,) = conn.execute("SELECT pg_catalog.pg_current_xact_id()").fetchone() or (None,)
+    conn.commit()
+    assert db.rows(
+        "SELECT version, transaction_id FROM projectord.events WHERE aggregate_id = %s"
+        " ORDER BY version",
+        (account,),
+    ) == [(1, own), (2, own), (3, own)]
+
+    conn.execute("SELECT pg_catalog.pg_current_xact_id()")  # the writer's id, taken first
+    with db.connect(autocommit=True) as other:
+        insert(other, account, 4, 4)  # a newer transaction
+    with pytest.raises(psycopg.errors.SerializationFailure) as refused:
+        conn.execute(
+            "INSERT INTO projectord.events (tenant_id, aggregate_id, version, type)"
+            " VALUES (%s, %s, 5, 'Deposited')",
+            (TENANT, account),
+        )
+    conn.rollback()
+    message = refused.value.diag.message_primary or ""
+    assert f"aggregate {account}: version 5 cannot be appended by transaction" in message
+    assert "that appended version 4: an aggregate's versions must come from ever" in message
+
+    gap = uuid.uuid4()
+    with pytest.raises(psycopg.errors.CheckViolation) as below:
+        conn.execute(
+            "INSERT INTO projectord.events (tenant_id, aggregate_id, version, type)"
+            " VALUES (%s, %s, 2, 'Deposited'), (%s, %s, 1, 'Deposited')",
+            (TENANT, gap, TENANT, gap),
+        )
+    conn.rollback()
+    assert below.value.diag.message_primary == (
+        f"aggregate {gap}: version 1 is below its latest version 2 and cannot be ordered after it"
+    )
+
+
+def test_a_writers_search_path_cannot_run_its_code_in_the_order_check(
+    db: TestDatabase, roles: TemporaryRoles
+) -> None:
+    """The check runs with its owner's rights and pins no search_path (0020): every name in it
+    is schema-qualified, so a writer's own functions, operators and types placed first on its
+    search_path are never called, whether the session compiled the check before or after setting
+    that path."""
+    url = hostile_writer(db, roles)
+    with psycopg.connect(url) as conn:
+        insert(conn, uuid.uuid4(), 1, 1)  # compiled and planned under the default search_path
+        conn.commit()
+        conn.execute(f"SET search_path = {HOSTILE_PATH}")
+        conn.commit()
+        appends_as_a_hostile_writer(db, conn)
+    with psycopg.connect(url, options=f"-c search_path={HOSTILE_PATH.replace(' ', '')}") as conn:
+        appends_as_a_hostile_writer(db, conn)  # compiled under the writer's path
+
+
+def test_the_order_check_runs_as_its_owner_with_one_setting(db: TestDatabase) -> None:
+    """SECURITY DEFINER (a writer may only INSERT, the check reads the table), and no setting
+    but enable_seqscan (the plan guard above): a pinned search_path would be set and reset for
+    every appended row again, 12-16 % of the check's instructions on PostgreSQL 15."""
+    assert db.rows(
+        "SELECT prosecdef, proconfig FROM pg_catalog.pg_proc"
+        " WHERE oid = 'projectord.order_appended_event'::regproc"
+    ) == [(True, ["enable_seqscan=off"])]
