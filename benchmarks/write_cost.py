@@ -46,7 +46,7 @@ from benchmarks.processes import TENANT, append_with_pgbench, daemon
 from benchmarks.projections import Pings
 from projectord.runner.loop import BUSY_READ_PAUSE
 
-POLL = str(BUSY_READ_PAUSE)
+POLL = str(BUSY_READ_PAUSE[1])
 ALWAYS_NOTIFY = """
 CREATE OR REPLACE FUNCTION projectord.notify_events_appended() RETURNS trigger
 LANGUAGE plpgsql AS $$

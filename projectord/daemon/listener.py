@@ -47,11 +47,16 @@ PROBE_PAYLOAD = "probe"
 # Arming waits this long for a writer that holds its stripe (a transaction that appended and is
 # still open) before giving up; the runner then polls soon and asks again.
 ARM_LOCK_TIMEOUT = "200ms"
-# At most one arming per this many seconds. Each arming costs the writers one notifying append,
-# whose commit flushes alone, and a flush's worth of waiting for the appends that arrive while it
-# commits; under load that adds up (benchmarks/write_cost.py). Between two armings a busy runner
-# polls instead, so this is also about the most a projection trails by under load.
-MIN_ARM_INTERVAL = 0.01
+# How long the listener waits before it arms again (seconds). Each arming costs the writers one
+# notifying append, whose commit flushes alone, and up to a flush's worth of waiting for the
+# appends that arrive while it commits: nothing while appends are rare, a tenth of busy writers'
+# throughput at one arming every 10 ms (benchmarks/write_cost.py). So the pause adapts: an
+# arming whose wake-up is taken within QUICK_TAKE of it (or while it is made) means busy writers,
+# and the pause doubles, from the first figure up to the second; one that waits longer means rare
+# appends, and the next arming follows at once. Between two armings a busy runner polls instead
+# (loop.py), so the second figure is about the most a projection trails busy writers by.
+ARM_PAUSE = (0.005, 0.04)
+QUICK_TAKE = 0.002
 # While the listener polls for them, idle runners poll on their own this many times less often.
 RUNNER_POLL_FACTOR = 12
 # An arming, in order (sql/queries/listener.sql; each statement its own transaction): offer the
@@ -100,7 +105,9 @@ class NotificationListener:
         self.armed = False  # holds the stripes, and no append has taken the wake-up yet
         self.heard = 0  # notifications heard from appends, ever: an arming compares before/after
         self._holding = False  # the ARMED stripes are held (armed, or between two armings)
-        self._next_arm_at = 0.0  # monotonic time before which no arming starts (MIN_ARM_INTERVAL)
+        self._next_arm_at = 0.0  # monotonic time before which no arming starts (ARM_PAUSE)
+        self._arm_pause = 0.0  # the pause after the last arming: 0 while appends are rare
+        self._armed_at = 0.0  # monotonic time the last arming completed
         self._arm_wanted = False
         self._waiting: anyio.CancelScope | None = None  # the wait for notifications, if any
         self._probe_sent = 0.0  # monotonic time of the probe not heard yet; 0: none pending
@@ -141,12 +148,23 @@ class NotificationListener:
 
     def _heard(self) -> None:
         """A notification from an append: it took the arming's only wake-up, and appends after
-        it are silent. Wake every runner, and arm again (at most every MIN_ARM_INTERVAL)."""
+        it are silent. Wake every runner, and arm again (after ARM_PAUSE, if the writers are
+        busy)."""
         self.heard += 1
         if self.armed:
             self.armed = False
+            self._pause_after(quick=time.monotonic() - self._armed_at < QUICK_TAKE)
             self.request_arm()
         self.wake()
+
+    def _pause_after(self, *, quick: bool) -> None:
+        """Set when the next arming may start: a wake-up taken quickly doubles the pause, one
+        that waited clears it (ARM_PAUSE)."""
+        if quick:
+            self._arm_pause = min(max(self._arm_pause * 2, ARM_PAUSE[0]), ARM_PAUSE[1])
+        else:
+            self._arm_pause = 0.0
+        self._next_arm_at = time.monotonic() + self._arm_pause
 
     def _lost(self) -> None:
         """The connection is gone, and with it the stripes: wake everyone, end any attempt."""
@@ -192,10 +210,12 @@ class NotificationListener:
             await self._disarm(conn)
             return
         finally:
-            self._next_arm_at = time.monotonic() + MIN_ARM_INTERVAL
+            self._next_arm_at = time.monotonic() + self._arm_pause
         if self.heard == heard:
             self.armed = True
+            self._armed_at = time.monotonic()
         else:
+            self._pause_after(quick=True)
             # An append took the wake-up while arming; appends after it are silent, and only the
             # next arming waits for them: this one does not count.
             self._arm_wanted = True

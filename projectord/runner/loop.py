@@ -52,10 +52,13 @@ HELD_BACK_POLL = (0.001, 0.25)
 # gains from it (it rescans less), and every transaction, the daemon's own included, moves the
 # horizon: at 5 s, 50 idle projections committed 10 checkpoint transactions a second forever.
 HORIZON_PERSIST_INTERVAL = 60.0
-# While the listener is disarmed (writers are busy: it arms at most every MIN_ARM_INTERVAL, see
-# listener.py), a runner whose last batch brought events waits this long at most before reading
-# again (seconds): an arming, or a notification, cuts the wait short.
-BUSY_READ_PAUSE = 0.02
+# While the listener is disarmed (writers are busy: it waits up to ARM_PAUSE between armings,
+# see listener.py), a runner whose last batch brought events waits before reading again as long as
+# that batch took, within these bounds (seconds): at most half its time goes to reading and
+# applying small batches, the rest gathers events for the next one, and a fast projection trails
+# the writers by little more than two of its batches. An arming, or a notification, cuts the wait
+# short.
+BUSY_READ_PAUSE = (0.002, 0.02)
 
 
 class ProjectionRunner(OperatorRequests, FailureHandling):
@@ -98,6 +101,7 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
         self.fetcher = Fetcher(queries, self.types)
         self._read_ahead = ReadAhead(self.fetcher, pool)
         self.wakeup = Wakeup()  # new events (notifications), operator requests, stop
+        self._busy_pause = BUSY_READ_PAUSE[1]  # how long to gather events while writers are busy
         self.control = Wakeup()  # operator requests and stop only: ends a pause or a backoff
         self.status = RunnerStatus(projection.name)
         self.heartbeat = Heartbeat(f"runner:{projection.name}")
@@ -301,6 +305,7 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
         started = time.perf_counter()
         await self.batches.commit(conn, batch.events, self._persisted, new)
         duration = time.perf_counter() - started
+        self._busy_pause = min(max(duration, BUSY_READ_PAUSE[0]), BUSY_READ_PAUSE[1])
         self._moved_to(new, len(batch.events))
         if self.on_batch is not None:
             self.on_batch(self.name, len(batch.events), duration)
@@ -346,10 +351,10 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
                 # was read. Ask for it to be armed; arming wakes the runners, and a read begun
                 # while armed may be followed by a sleep (listener.py). Meanwhile, after a batch
                 # that brought events (writers are busy, the listener arms at most every
-                # MIN_ARM_INTERVAL) wait for that wake-up; else poll on a short backoff.
+                # ARM_PAUSE between armings) wait for that wake-up; else poll on a short backoff.
                 self.listener.request_arm()
                 if applied:
-                    await self.wakeup.wait(BUSY_READ_PAUSE)
+                    await self.wakeup.wait(self._busy_pause)
                     return
                 held_back = True
             if held_back:

@@ -22,7 +22,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from projectord.daemon.listener import MIN_ARM_INTERVAL, NotificationListener
+from projectord.daemon.listener import ARM_PAUSE, NotificationListener
 from projectord.queries import Queries
 from tests.support.harness import (
     TENANT,
@@ -126,8 +126,8 @@ def test_no_wake_up_is_lost_when_the_daemon_goes_to_sleep_during_an_append(
         # the runner has finished the slow batch and tried to go to sleep.
         append_sql(writer, "Slow", {})
         blocker.execute("SELECT pg_advisory_unlock_all()")
-        time.sleep(2.5)
-        assert slow_applied(db) == 1
+        wait_until(lambda: slow_applied(db) == 1, timeout=30)
+        time.sleep(0.5)  # the runner has finished the slow batch: give it time to try to sleep
         writer.commit()
         committed = time.monotonic()
         wait_until(lambda: slow_applied(db) == 2, timeout=5)
@@ -159,7 +159,7 @@ def test_the_listener_stays_armed_while_appends_are_rare(db: TestDatabase, state
         watcher.start()
         try:
             for n in range(1, 11):
-                time.sleep(MIN_ARM_INTERVAL * 5)  # the pace of rare appends
+                time.sleep(ARM_PAUSE[1] * 2)  # the pace of rare appends
                 append_sql(writer, "Slow", {})
                 writer.commit()
                 wait_until(lambda n=n: slow_applied(db) == n, timeout=5)  # type: ignore[misc]
