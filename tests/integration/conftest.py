@@ -24,7 +24,26 @@ from tests.support.harness import (
 from tests.support.role_support import TemporaryRoles, temporary_roles
 
 TEST_URL_ENV = "PROJECTORD_TEST_DATABASE_URL"
+# Per process: under pytest-xdist each worker has its own template (and, embedded, its own server).
 TEMPLATE = f"projectord_template_{os.getpid()}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "target_server: uses the test server (its fixtures reach pg_admin_url); set by"
+        " the conftest, so `-m target_server` selects what a run against another server exercises",
+    )
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks each test that reaches the test server. The others (the CLI facing an unreachable
+    URL, tests that start servers of their own, ...) run the same whatever the server, so CI's
+    second run, against the machine's server, leaves them out with `-m target_server`."""
+    for item in items:
+        if "pg_admin_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.target_server)
 
 
 @pytest.fixture(scope="session")

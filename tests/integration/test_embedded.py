@@ -15,6 +15,7 @@ import pwd
 import stat
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -239,6 +240,31 @@ def test_creating_the_system_user_is_said(tmp_path: Path) -> None:
             assert entry.pw_shell == "/usr/sbin/nologin" and not Path(entry.pw_dir).exists()
         else:
             assert logs == []
+    finally:
+        if AS_ROOT:
+            subprocess.run(["userdel", name], check=True)
+
+
+def test_a_system_user_created_by_two_servers_at_once_is_theirs_both() -> None:
+    """Two servers started at once on a fresh machine (the test workers of pytest-xdist, two
+    demos) both find their user missing and both run useradd: the one that loses the race finds
+    the user the other made, instead of failing."""
+    name = f"pd_race_{os.getpid()}" if AS_ROOT else pwd.getpwuid(os.geteuid()).pw_name
+    together = threading.Barrier(2)
+    found: list[pwd.struct_passwd] = []
+
+    def start() -> None:
+        together.wait()
+        found.append(ensure_system_user(name))
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert [entry.pw_name for entry in found] == [name, name]
+        assert found[0].pw_uid == found[1].pw_uid
     finally:
         if AS_ROOT:
             subprocess.run(["userdel", name], check=True)
