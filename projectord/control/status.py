@@ -9,6 +9,11 @@ answer, the report still comes back, with the lag unknown and the error said.
 With several daemons on one database, each reports every configured projection: the owner comes
 from the positions row, `local` marks the ones this daemon runs, and for the others the state,
 count and last error are what the positions row says (their owner has the live details).
+
+Each projection also reports its versions (docs/evolution.md): the version of this daemon's code,
+the version serving reads, the build of a newer version (its state, count, lag, owner) and the
+versions kept for a rollback. A projection whose serving version is newer than this code is
+`superseded` here.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Container, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from psycopg import AsyncConnection
@@ -28,7 +33,10 @@ from projectord.daemon.ownership import default_instance_name
 from projectord.database import describe_error
 from projectord.queries import Queries
 from projectord.runner.checkpoint_store import CheckpointStore
-from projectord.runner.loop import ProjectionRunner
+from projectord.runner.loop import ProjectionRunner, superseded_error
+
+if TYPE_CHECKING:
+    from projectord.daemon.versions import VersionPlan
 
 DB_TIMEOUT = 5.0  # seconds a status or health request waits for the database
 
@@ -44,8 +52,13 @@ class StatusReporter:
         dsn: str | None = None,
         instance: str | None = None,
         local: Container[str] | None = None,
+        plan: VersionPlan | None = None,
+        builds: Sequence[ProjectionRunner] = (),
     ) -> None:
         self.runners = {runner.name: runner for runner in runners}
+        self.plan = plan  # None: versions are not reported (a one-off reporter)
+        # The build of each projection's version in this code, by projection name.
+        self.builds = {b.name.rpartition("#v")[0]: b for b in builds}
         self.pool = pool
         self.queries = queries
         self.checkpoints = CheckpointStore(queries)
@@ -81,7 +94,10 @@ class StatusReporter:
                 "connected": self.listener.connected,
                 "reconnects": self.listener.reconnects,
             },
-            "projections": [self._report(runner, rows.get(runner.name)) for runner in chosen],
+            "projections": [
+                {**self._report(runner, rows.get(runner.name)), **self._versions(runner, rows)}
+                for runner in chosen
+            ],
         }
 
     async def _read_database(
@@ -98,8 +114,9 @@ class StatusReporter:
 
     async def _read_positions(self, conn: AsyncConnection[Any]) -> dict[str, dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
+        wanted = set(self.runners) | {b.name for b in self.builds.values()}
         for stored in await self.checkpoints.read_all(conn):
-            if stored.name in self.runners:
+            if stored.name in wanted:
                 found[stored.name] = {
                     "checkpoint": stored.checkpoint,
                     "state": stored.state,
@@ -107,6 +124,7 @@ class StatusReporter:
                     "last_error": stored.last_error,
                     "updated_at": stored.updated_at,
                     "owner": stored.owner,
+                    "version": stored.version,
                 }
         return found
 
@@ -123,7 +141,8 @@ class StatusReporter:
         asked = []
         async with conn.pipeline():
             usage = await conn.execute(self.queries["notification_queue_usage"])
-            for runner in runners:
+            builds = [self.builds[r.name] for r in runners if r.name in self.builds]
+            for runner in [*runners, *(b for b in builds if b.name in found)]:
                 row = found.setdefault(runner.name, {"checkpoint": START})
                 txid, position = row["checkpoint"]
                 params = {"txid": str(txid), "position": position, "types": runner.types}
@@ -161,6 +180,46 @@ class StatusReporter:
             "local": False,
             "rebuild": None,
         }
+
+    def _versions(
+        self, runner: ProjectionRunner, rows: dict[str, dict[str, Any]]
+    ) -> dict[str, Any]:
+        """The projection's versions; `superseded` overrides the state of a projection whose
+        serving version is newer than this code (its runner never runs here)."""
+        if self.plan is None:
+            return {}
+        name = runner.name
+        found: dict[str, Any] = {"versions": self.plan.report(name)}
+        row = rows.get(name) or {}
+        serving = row.get("version") or self.plan.serving.get(name)
+        found["versions"]["serving_version"] = serving
+        if serving is not None and serving > runner.projection.version:
+            found["state"] = "superseded"
+            found["last_error"] = superseded_error(name, runner.projection.version, serving)
+        build = self.builds.get(name)
+        build_row = rows.get(build.name) if build is not None else None
+        if build is not None and (build_row is not None or build.name in self._local_names()):
+            build_row = build_row or {}
+            lag = build_row.get("lag")
+            local = build.name in self._local_names()
+            found["versions"]["build"] = {
+                "version": build.projection.version,
+                "state": build.status.state if local else build_row.get("state"),
+                "applied_total": build.status.applied_total
+                if local
+                else build_row.get("applied_total"),
+                "lag": lag,
+                "caught_up": lag == 0,
+                "owner": self.instance if local else build_row.get("owner"),
+                "local": local,
+                "last_error": build.status.last_error if local else build_row.get("last_error"),
+            }
+        else:
+            found["versions"]["build"] = None
+        return found
+
+    def _local_names(self) -> Container[str]:
+        return self.local if self.local is not None else {b.name for b in self.builds.values()}
 
     def _local_report(self, runner: ProjectionRunner, row: dict[str, Any]) -> dict[str, Any]:
         status = runner.status

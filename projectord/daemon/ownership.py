@@ -17,6 +17,12 @@ only by strangers draws a new one, and every daemon uses that from its next turn
 are counted only among sessions of the daemon's role (docs/security-locks.md). A lock taken under a
 key that was redrawn meanwhile is released at once, and a daemon that holds a projection names
 itself in its positions row again whenever the row names another.
+
+Versioned projections (projectord/daemon/versions.py): a unit of ownership is a projection *and*
+a version. `eligible`, asked every turn, says which units this daemon's code may own now; one it
+owns that is no longer eligible (its version was superseded, or its build was swapped in) is given
+up like a surplus one. Builds (`extra`) do not count against the fair share: a build that only
+new-code daemons can run must not wait for a share that live projections fill.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import hashlib
 import math
 import os
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 import anyio
@@ -60,6 +66,9 @@ class Ownership:
         released: Callable[[str], Awaitable[None]],
         lost: Callable[[Sequence[str]], Awaitable[None]],
         interval: float = 1.0,
+        eligible: Callable[[AsyncConnection[Any]], Awaitable[set[str]]] | None = None,
+        extra: Collection[str] = (),
+        versions: dict[str, int] | None = None,
     ) -> None:
         self.dsn = dsn
         self.schema = schema
@@ -71,6 +80,9 @@ class Ownership:
         self._acquired = acquired
         self._released = released
         self._lost = lost
+        self._eligible = eligible  # None: every name, always
+        self.extra = frozenset(extra)  # units outside the fair share (builds of new versions)
+        self.versions = versions or {}  # unit -> the version a row created for it is
         self.owned: list[str] = []  # in the order taken: the last taken are given up first
         self._held: dict[str, int] = {}  # owned projection -> the key it is locked with
         self._instance_key: int | None = None  # the instance key this session holds
@@ -162,18 +174,26 @@ class Ownership:
         await self._hold_instance(conn, keys)
         row = await self._query(conn, "count_instances", {"key": keys[(INSTANCE, "")]})
         self.instances = max(int(row[0]) if row else 1, 1)
-        share = math.ceil(len(self.names) / self.instances)
+        share = math.ceil(len([n for n in self.names if n not in self.extra]) / self.instances)
+        eligible = set(self.names)
+        if self._eligible is not None:
+            async with deadline(conn, "ownership's versions"):
+                eligible = await self._eligible(conn)
         # A projection held under a key that is no longer its own (a daemon drew a new one) is
-        # given up; it is taken again under the new key.
-        for name in [n for n in self.owned if self._held[n] != keys[(PROJECTION, n)]]:
+        # given up; it is taken again under the new key. So is one this code may no longer run.
+        for name in [
+            n for n in self.owned if self._held[n] != keys[(PROJECTION, n)] or n not in eligible
+        ]:
             await self._give_up(conn, name)
-        while len(self.owned) > share:
-            await self._give_up(conn, self.owned[-1])
+        while len(shared := [n for n in self.owned if n not in self.extra]) > share:
+            await self._give_up(conn, shared[-1])
         await self._reclaim(conn)
         for name in self._preference:
-            if len(self.owned) >= share:
-                break
-            if name not in self.owned and await self._take(conn, name, keys):
+            if name in self.owned or name not in eligible:
+                continue
+            if name not in self.extra and len(self.owned) - self._extra_owned() >= share:
+                continue
+            if await self._take(conn, name, keys):
                 self.owned.append(name)
                 await self._record_owner(conn, name)
                 log.info(
@@ -183,6 +203,9 @@ class Ownership:
                     instances=self.instances,
                 )
                 await self._acquired(name)
+
+    def _extra_owned(self) -> int:
+        return len([n for n in self.owned if n in self.extra])
 
     async def _reclaim(self, conn: AsyncConnection[Any]) -> None:
         """Name this instance again in the positions row of every projection it holds whose row
@@ -242,7 +265,9 @@ class Ownership:
 
     async def _record_owner(self, conn: AsyncConnection[Any], name: str) -> None:
         async with deadline(conn, "ownership's record_owner"):
-            await self.checkpoints.record_owner(conn, name, self.instance)
+            await self.checkpoints.record_owner(
+                conn, name, self.instance, self.versions.get(name, 1)
+            )
 
     async def _query(
         self, conn: AsyncConnection[Any], name: str, params: dict[str, Any]

@@ -145,6 +145,7 @@ def shadow_projection(
         on_error = live.on_error
         max_attempts = live.max_attempts
         handler_timeout = live.handler_timeout
+        version = live.version
 
         async def handle(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
             await conn.execute(set_path)
@@ -225,7 +226,7 @@ class _OnlineRebuild:
                 ):
                     await control.execute(statement)
             for name in (self.projection.name, self.names.checkpoint):
-                await self.checkpoints.ensure(control, name)
+                await self.checkpoints.ensure(control, name, self.projection.version)
 
     async def _discard_shadow(self, control: AsyncConnection[Any]) -> None:
         try:
