@@ -101,12 +101,14 @@ class VersionOperations:
         mine = self.plan.code[name]
         async with self._connection() as conn, conn.transaction():
             serving = (await self.reporter.checkpoints.serving_versions(conn, [name])).get(name)
-            if serving is None or serving <= mine:
+            if serving is None:
+                raise RequestError("nothing_to_roll_back", f"{name} has no version serving yet")
+            if serving <= mine:
                 raise RequestError(
-                    "nothing_to_roll_back",
+                    "code_not_deployed",
                     f"version {serving} of {name} serves and this daemon runs version {mine}:"
-                    " a rollback makes an older, kept version serve again, and needs a daemon"
-                    " running that version's code",
+                    " a rollback makes an older, kept version serve again, and must be asked of"
+                    " a daemon running that version's code; deploy it, then roll back",
                 )
             if not await self.store.request_rollback(conn, name, mine):
                 kept = [

@@ -22,7 +22,11 @@ Versioned projections (projectord/daemon/versions.py): a unit of ownership is a 
 a version. `eligible`, asked every turn, says which units this daemon's code may own now; one it
 owns that is no longer eligible (its version was superseded, or its build was swapped in) is given
 up like a surplus one. Builds (`extra`) do not count against the fair share: a build that only
-new-code daemons can run must not wait for a share that live projections fill.
+new-code daemons can run must not wait for a share that live projections fill. And since daemons
+of different versions cannot take each other's projections, the fair share may leave one free
+that only a full daemon could run: a projection this daemon may run that no session has held for
+FREE_TURNS turns in a row is taken beyond the share, and kept until the number of daemons
+changes (a new one may be able to run it).
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ PROJECTION = "projection"  # lock_keys.purpose of a projection's lock (name: the
 INSTANCE = "instance"  # lock_keys.purpose of the shared "this instance is alive" lock (name: "")
 
 Keys = dict[tuple[str, str], int]
+
+FREE_TURNS = 3  # turns a projection this daemon may run stays free before it goes beyond its share
 
 
 class Ownership:
@@ -83,6 +89,8 @@ class Ownership:
         self._eligible = eligible  # None: every name, always
         self.extra = frozenset(extra)  # units outside the fair share (builds of new versions)
         self.versions = versions or {}  # unit -> the version a row created for it is
+        self._free_turns: dict[str, int] = {}  # unit -> turns seen free while at the share
+        self._overflow: dict[str, int] = {}  # unit taken beyond the share -> daemons counted then
         self.owned: list[str] = []  # in the order taken: the last taken are given up first
         self._held: dict[str, int] = {}  # owned projection -> the key it is locked with
         self._instance_key: int | None = None  # the instance key this session holds
@@ -186,14 +194,24 @@ class Ownership:
         ]:
             await self._give_up(conn, name)
         while len(shared := [n for n in self.owned if n not in self.extra]) > share:
-            await self._give_up(conn, shared[-1])
+            surplus = [n for n in shared if self._overflow.get(n) != self.instances]
+            if not surplus:
+                break
+            await self._give_up(conn, surplus[-1])
         await self._reclaim(conn)
+        free = await self._free(conn, keys, share, eligible)
         for name in self._preference:
             if name in self.owned or name not in eligible:
                 continue
+            overflow = False
             if name not in self.extra and len(self.owned) - self._extra_owned() >= share:
-                continue
+                if name not in free:
+                    continue
+                overflow = True
             if await self._take(conn, name, keys):
+                if overflow:
+                    self._overflow[name] = self.instances
+                    log.info("ownership.beyond_share", projection=name, instance=self.instance)
                 self.owned.append(name)
                 await self._record_owner(conn, name)
                 log.info(
@@ -203,6 +221,31 @@ class Ownership:
                     instances=self.instances,
                 )
                 await self._acquired(name)
+
+    async def _free(
+        self, conn: AsyncConnection[Any], keys: Keys, share: int, eligible: set[str]
+    ) -> set[str]:
+        """The projections this daemon may run, beyond its share, that no session has held for
+        FREE_TURNS of its turns in a row (one statement; none while under the share)."""
+        if len(self.owned) - self._extra_owned() < share:
+            self._free_turns.clear()
+            return set()
+        wanted = {
+            keys[(PROJECTION, n)]: n
+            for n in self.names
+            if n in eligible and n not in self.extra and n not in self.owned
+        }
+        if not wanted:
+            return set()
+        async with deadline(conn, "ownership's locks_held"):
+            cur = await conn.execute(self.queries["locks_held"], {"keys": list(wanted)})
+            held = {wanted[int(key)] for (key,) in await cur.fetchall()}
+        for name in list(self._free_turns):
+            if name in held or name not in wanted.values():
+                del self._free_turns[name]
+        for name in set(wanted.values()) - held:
+            self._free_turns[name] = self._free_turns.get(name, 0) + 1
+        return {n for n, turns in self._free_turns.items() if turns >= FREE_TURNS}
 
     def _extra_owned(self) -> int:
         return len([n for n in self.owned if n in self.extra])
@@ -239,6 +282,7 @@ class Ownership:
         )
         await self._query(conn, "release_projection", {"key": self._held.pop(name)})
         self.owned.remove(name)
+        self._overflow.pop(name, None)
 
     async def _take(self, conn: AsyncConnection[Any], name: str, keys: Keys) -> bool:
         """Lock a projection; if a stranger holds its key, draw a new key and lock that."""
@@ -280,6 +324,7 @@ class Ownership:
 
     async def _lose_all(self) -> None:
         self._held.clear()
+        self._overflow.clear()
         self._instance_key = None
         if self.owned:
             lost, self.owned = self.owned, []
