@@ -64,12 +64,14 @@ def _build_reasons(p: dict[str, Any]) -> list[dict[str, Any]]:
                 version=version,
             )
         ]
+    blocked = (build.get("last_error") or {}).get("message")
     return [
         reason(
             "degraded",
             "version_building",
             f"projection {name} is building version {version} ({build.get('applied_total')}"
-            f" applied, {build.get('lag')} to go) while version {serving} serves reads",
+            f" applied, {build.get('lag')} to go) while version {serving} serves reads"
+            + (f"; {blocked}" if blocked else ""),
             projection=name,
             version=version,
             serving_version=serving,

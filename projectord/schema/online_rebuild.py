@@ -183,6 +183,7 @@ class _OnlineRebuild:
     async def run(self, control: AsyncConnection[Any]) -> dict[str, Any]:
         started = time.monotonic()
         await self._take_lock(control)
+        await self._check_version(control)
         self._log.info("rebuild.started", shadow_schema=self.names.schema)
         await self._build_shadow(control)
         try:
@@ -211,6 +212,23 @@ class _OnlineRebuild:
         assert row is not None  # RETURNING of an upsert
         if await take_keyed_lock(control, self.queries, "rebuild", key, int(row[0])) is None:
             raise RebuildError(f"an online rebuild of {self.projection.name!r} is already running")
+
+    async def _check_version(self, control: AsyncConnection[Any]) -> None:
+        """Only the code of the serving version may rebuild the live tables: newer code builds
+        its own version beside them (docs/evolution.md), older code never touches them."""
+        name, mine = self.projection.name, self.projection.version
+        serving = (await self.checkpoints.serving_versions(control, [name])).get(name)
+        if serving is not None and serving != mine:
+            raise RebuildError(
+                f"version {serving} of {name!r} serves and this code is version {mine}: "
+                + (
+                    f"a daemon running it builds version {mine} beside the live tables and swaps"
+                    " it in by itself (docs/evolution.md)"
+                    if mine > serving
+                    else "older code never touches newer tables (roll back with"
+                    f" `projectord rollback {name}`)"
+                )
+            )
 
     async def _build_shadow(self, control: AsyncConnection[Any]) -> None:
         """Fresh, empty tables as declared, secured as declared, and a checkpoint at the start."""

@@ -64,7 +64,12 @@ from projectord.schema.security import existing_roles, secure_statements
 log = get_logger("projectord.schema.versioned_build")
 
 CATCH_UP_POLL = 0.05  # seconds between two looks at the build's progress
-TARGET_INTERVAL = 0.5  # seconds between two reads of the last event it must reach
+BLOCKED_RETRY = 5.0  # seconds between two tries of a swap that objects on the live tables block
+
+
+class SwapBlocked(Exception):
+    """Views or foreign keys depend on the live tables: the swap would leave them on the old
+    version. It is tried again until they are gone; one line for an operator."""
 
 
 class VersionBuild(ProjectionRunner):
@@ -118,6 +123,9 @@ class VersionBuild(ProjectionRunner):
         )
         self.target: Any = None  # the last event of its types it must reach (Checkpoint)
         self.swapped_at: float | None = None
+        # The last swap, for benchmarks/version_swap.py: monotonic start and end of its
+        # transaction, and when its ACCESS EXCLUSIVE locks were asked for.
+        self.swap_timing: dict[str, float] = {}
         self._leaving = False  # the daemon asked it to stop (not the swap's own stop)
         self._blog = log.bind(projection=live.name, version=live.version)
 
@@ -244,6 +252,12 @@ class VersionBuild(ProjectionRunner):
             attempt += 1
             try:
                 return await self._swap(control, stopped)
+            except SwapBlocked as exc:
+                if self.status.last_error is None:
+                    self._blog.warning("version.swap_blocked", error=str(exc))
+                self.status.last_error = {"type": "SwapBlocked", "message": str(exc)}
+                await self.control.wait(BLOCKED_RETRY)
+                continue
             except (
                 _SwapNotReady,
                 psycopg.errors.LockNotAvailable,
@@ -256,18 +270,16 @@ class VersionBuild(ProjectionRunner):
         return False
 
     async def _caught_up(self, control: AsyncConnection[Any]) -> bool:
-        """Wait until the build has applied the last event of its types committed by now; False
-        when asked to stop first."""
-        read_at = 0.0
+        """Wait until the build has applied the last event of its types committed when the wait
+        began (not a moving target: under steady appends it would never be met; the swap's final
+        catch-up takes the rest under the lock); False when asked to stop first."""
+        targets = await latest_positions(control, self.queries, [self.live])
+        self.target = targets.get(self.live.name)
         while not self._leaving:
             if self.guard.violation is not None:
                 raise RebuildError(self.guard.violation)
-            if time.monotonic() - read_at >= TARGET_INTERVAL:
-                targets = await latest_positions(control, self.queries, [self.live])
-                self.target = targets.get(self.live.name)
-                read_at = time.monotonic()
-                if self.target is None or self.status.checkpoint >= self.target:
-                    return True
+            if self.target is None or self.status.checkpoint >= self.target:
+                return True
             if not (self.failed or self.paused):
                 self.wakeup.set()
             with self.heartbeat.waiting():
@@ -281,26 +293,23 @@ class VersionBuild(ProjectionRunner):
         helper = self.rebuild
         started = time.monotonic()
         async with control.transaction():
+            # Nothing in this transaction may take a transaction id (a row lock, a write) before
+            # the final catch-up: it would hold back the horizon below which the build reads,
+            # and the build could never reach events committed after it. Table locks take none.
             await control.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(SWAP_LOCK_TIMEOUT))
-            row = await self.versions.lock(control, name, version)
-            if row is None or row[0] != BUILDING:
-                return True  # rolled back or dropped meanwhile: nothing to swap
+            if not await self._still_to_swap(control):
+                return True
             owners = await helper._owners(control, self.schema)
+            await self._check_dependents(control, list(owners))
             live = [sql.Identifier(self.schema, t) for t in self.live.tables if t in owners]
             if live:
                 await control.execute(
                     sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(sql.SQL(", ").join(live))
                 )
-            await self.checkpoints.lock(control, name)  # the old version's checkpoint, still
-            serving = (await self.checkpoints.serving_versions(control, [name])).get(name)
-            if serving is None or serving == version:
-                return True  # another daemon swapped it in
             await helper._catch_up(control, self, timeout=FINAL_CATCH_UP_TIMEOUT)
             ProjectionRunner.request_stop(self)
             await stopped.wait()
             helper._check_shadow(self)
-            kept_schema = version_schema(self.schema, name, serving)
-            helper.names = ShadowNames(self.build_schema, kept_schema, self.name)
             build = [sql.Identifier(self.build_schema, t) for t in self.live.tables]
             locked_at = time.monotonic()
             await control.execute(
@@ -308,6 +317,16 @@ class VersionBuild(ProjectionRunner):
                     sql.SQL(", ").join(live + build)
                 )
             )
+            # Now the rows: the old version's checkpoint held still (its runner, elsewhere, is
+            # blocked on the tables), and this version still to swap in (a rollback, a drop or
+            # another daemon may have changed that since the look above).
+            row = await self.versions.lock(control, name, version)
+            await self.checkpoints.lock(control, name)
+            serving = (await self.checkpoints.serving_versions(control, [name])).get(name)
+            if row is None or row[0] != BUILDING or serving is None or serving == version:
+                return True
+            kept_schema = version_schema(self.schema, name, serving)
+            helper.names = ShadowNames(self.build_schema, kept_schema, self.name)
             await helper._carry_over(control, owners)
             await self._move_tables(control, owners, kept_schema)
             kept_row = version_row_name(name, serving)
@@ -322,6 +341,7 @@ class VersionBuild(ProjectionRunner):
             )
         assert taken is not None
         self.swapped_at = time.time()
+        self.swap_timing = {"started": started, "locked": locked_at, "ended": time.monotonic()}
         self._blog.info(
             "version.swapped",
             previous_version=serving,
@@ -330,6 +350,26 @@ class VersionBuild(ProjectionRunner):
             exclusive_ms=round((time.monotonic() - locked_at) * 1000, 2),
         )
         return True
+
+    async def _check_dependents(self, control: AsyncConnection[Any], tables: list[str]) -> None:
+        cur = await control.execute(
+            self.queries["dependents"], {"schema": self.schema, "tables": tables}
+        )
+        found = [str(name) for (name,) in await cur.fetchall()]
+        if found:
+            raise SwapBlocked(
+                f"cannot swap in version {self.version} of {self.live.name}: {'; '.join(found)}"
+                " would stay on the old version's table; drop it (the swap is tried again every"
+                f" {BLOCKED_RETRY:g}s), then recreate it on the new table"
+            )
+
+    async def _still_to_swap(self, control: AsyncConnection[Any]) -> bool:
+        """This version is still being built and does not serve (read without a lock)."""
+        name, version = self.live.name, self.version
+        rows = await self.versions.rows(control, [name])
+        building = any(r.version == version and r.role == BUILDING for r in rows)
+        serving = (await self.checkpoints.serving_versions(control, [name])).get(name)
+        return building and serving is not None and serving != version
 
     async def _move_tables(
         self, conn: AsyncConnection[Any], owners: dict[str, bool], kept_schema: str

@@ -45,3 +45,21 @@ ORDER BY since FOR UPDATE SKIP LOCKED;
 
 -- name: schema_exists
 SELECT to_regnamespace(%(schema)s) IS NOT NULL;
+
+-- name: dependents
+-- Objects of other relations that depend on these tables (views, materialized views, foreign
+-- keys of other tables): a versioned swap moves the old tables out and they would follow them,
+-- serving the old version for good. The swap waits until they are gone.
+SELECT DISTINCT
+       CASE WHEN d.classid = 'pg_rewrite'::regclass THEN 'view ' ELSE 'foreign key of ' END
+       || dn.nspname || '.' || dc.relname || ' on ' || tn.nspname || '.' || t.relname
+FROM pg_catalog.pg_class t
+JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace
+JOIN pg_catalog.pg_depend d ON d.refclassid = 'pg_class'::regclass AND d.refobjid = t.oid
+LEFT JOIN pg_catalog.pg_rewrite r ON d.classid = 'pg_rewrite'::regclass AND r.oid = d.objid
+LEFT JOIN pg_catalog.pg_constraint c
+       ON d.classid = 'pg_constraint'::regclass AND c.oid = d.objid AND c.contype = 'f'
+JOIN pg_catalog.pg_class dc ON dc.oid = coalesce(r.ev_class, c.conrelid)
+JOIN pg_catalog.pg_namespace dn ON dn.oid = dc.relnamespace
+WHERE tn.nspname = %(schema)s AND t.relname = ANY(%(tables)s::text[]) AND dc.oid <> t.oid
+ORDER BY 1;

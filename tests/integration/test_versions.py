@@ -20,6 +20,8 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from tests.integration.test_metrics import free_port
+from tests.integration.test_metrics import value as metric
 from tests.support.harness import TENANT, DaemonProcess, TestDatabase, run_cli, wait_until
 
 V1 = "tests.support.version_projections:v1"
@@ -138,6 +140,10 @@ def table(db: TestDatabase) -> list[dict[str, Any]]:
     return json.loads(db.scalar(OBSERVE))
 
 
+def version_metric(address: str, role: str) -> float | None:
+    return metric(address, "projectord_projection_version", projection="notes", role=role)
+
+
 def env_for(db: TestDatabase, projections: str, state_dir: Path) -> dict[str, str]:
     return {
         "PROJECTORD_DATABASE_URL": db.url,
@@ -172,8 +178,22 @@ def test_a_new_version_is_built_blue_green_and_swapped_in_under_readers_and_writ
     reader, writer = Reader(db.url), Writer(db.url)
     reader.start()
     writer.start()
-    with DaemonProcess(db.url, V2, state_dir, extra_env={"TEST_NOTES_SLOW": "0.02"}):
-        # The build shows in status and health while version 1 serves (frozen: one daemon).
+    metrics = f"127.0.0.1:{free_port()}"
+    # A build of 80 batches of at least 0.1 s: long enough to be seen building.
+    slow = {
+        "TEST_NOTES_SLOW": "0.1",
+        "PROJECTORD_BATCH_SIZE": "500",
+        "PROJECTORD_METRICS_ADDRESS": metrics,
+    }
+    with DaemonProcess(db.url, V2, state_dir, extra_env=slow):
+        # The build shows in status, health and metrics while version 1 serves (frozen: one
+        # daemon).
+        wait_until(  # from the monitor's periodic look
+            lambda: version_metric(metrics, "building") == 2,
+            15,
+        )
+        assert version_metric(metrics, "serving") == 1
+        assert version_metric(metrics, "code") == 2
         building = status(db, V2, state_dir)
         assert building["versions"]["version"] == 2
         assert building["versions"]["serving_version"] == 1
@@ -181,7 +201,8 @@ def test_a_new_version_is_built_blue_green_and_swapped_in_under_readers_and_writ
         code, verdict = health(db, V2, state_dir)
         assert code == 1 and "version_building" in {r["code"] for r in verdict["reasons"]}
         wait_until(lambda: serving_version(db) == 2, 120)
-        time.sleep(0.5)  # more writes after the swap, applied by version 2's live runner
+        commits = writer.commits  # more writes after the swap, applied by version 2's runner
+        wait_until(lambda: writer.commits >= commits + 50, 30)
         writer.done.set()
         writer.join()
         wait_until(lambda: applied(db) == noted(db), 60)
@@ -191,6 +212,11 @@ def test_a_new_version_is_built_blue_green_and_swapped_in_under_readers_and_writ
         assert after["state"] == "running" and after["caught_up"]
         assert after["versions"]["build"] is None
         assert [k["version"] for k in after["versions"]["kept_versions"]] == [1]
+        wait_until(
+            lambda: version_metric(metrics, "serving") == 2,
+            15,
+        )
+        assert metric(metrics, "projectord_version_build_lag_events", projection="notes") == 0
 
     assert reader.errors == [] and writer.commits > 0
     versions = [v for v, _, _ in reader.seen]
@@ -317,3 +343,26 @@ def test_rollback_to_the_kept_version_caught_up(db: TestDatabase, state_dir: Pat
         assert (
             db.scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'projectord_v_%'") == 0
         )
+
+
+def test_a_view_on_the_live_table_holds_the_swap_until_it_is_dropped(
+    db: TestDatabase, state_dir: Path
+) -> None:
+    db.init(V1)
+    with db.connect(autocommit=True) as conn:
+        bulk_notes(conn, 300)
+        conn.execute("CREATE VIEW busy_notes AS SELECT key FROM notes WHERE events > 10")
+    with DaemonProcess(db.url, V1, state_dir):
+        wait_until(lambda: applied(db) == 300, 30)
+    with DaemonProcess(db.url, V2, state_dir) as daemon:
+        wait_until(lambda: daemon.has_logged("version.swap_blocked"), 30)
+        code, verdict = health(db, V2, state_dir)
+        assert code == 1
+        [building] = [r for r in verdict["reasons"] if r["code"] == "version_building"]
+        assert "view public.busy_notes on public.notes" in building["message"]
+        assert serving_version(db) == 1  # the view would have followed version 1's table
+        with db.connect(autocommit=True) as conn:
+            conn.execute("DROP VIEW busy_notes")
+        wait_until(lambda: serving_version(db) == 2, 30)
+        wait_until(lambda: applied(db) == noted(db), 30)
+    assert table(db) == v2_fold(db)
