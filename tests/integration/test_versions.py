@@ -266,7 +266,14 @@ def test_older_code_refuses_newer_tables_and_the_others_keep_running(
         )
         assert notes["state"] == "superseded"
         assert daemon.process.poll() is None
-    assert table(db) == before  # version 1's code never touched version 2's tables
+    # Version 1's code never ran `notes` (its lock is per version: never taken), never touched
+    # version 2's tables, and the daemon's other projection ran all along.
+    acquired = [
+        e.get("projection") for e in daemon.log_events() if e.get("event") == "ownership.acquired"
+    ]
+    assert acquired == ["ledger"]
+    assert not daemon.has_logged("projection.handler_failed")
+    assert table(db) == before
     assert serving_version(db) == 2
 
 
@@ -283,7 +290,7 @@ def test_rolling_deploy_two_daemons_kill_9_during_the_build(
     with DaemonProcess(db.url, V1, old_dir, extra_env={"TEST_INSTANCE": "old"}) as old:
         wait_until(lambda: applied(db) == 20_000, 60)
         writer.start()
-        slow = {"TEST_NOTES_SLOW": "0.05", "PROJECTORD_BATCH_SIZE": "500"}
+        slow = {"TEST_NOTES_SLOW": "0.1", "PROJECTORD_BATCH_SIZE": "500"}
         new = DaemonProcess(db.url, V2, new_dir, extra_env=slow).wait_started()
         built = "SELECT applied_total FROM projectord.projection_positions WHERE name = 'notes#v2'"
         wait_until(lambda: (db.scalar(built) or 0) >= 2_000, 60)
@@ -322,6 +329,10 @@ def test_rollback_to_the_kept_version_caught_up(db: TestDatabase, state_dir: Pat
         with db.connect(autocommit=True) as conn:
             bulk_notes(conn, 1_000)  # applied by version 2 only
         wait_until(lambda: applied(db) == noted(db), 60)
+    kept_table = db.scalar(
+        "SELECT c.oid FROM pg_class c JOIN projectord.projection_versions v"
+        " ON c.relnamespace = v.tables_schema::regnamespace AND c.relname = 'notes'"
+    )
     with DaemonProcess(db.url, V1, state_dir):
         env = env_for(db, V1, state_dir)
         listed = run_cli("versions", "list", "--json", env=env)
@@ -331,6 +342,9 @@ def test_rollback_to_the_kept_version_caught_up(db: TestDatabase, state_dir: Pat
         done = run_cli("rollback", "notes", env=env, timeout=120)
         assert done.returncode == 0, done.stderr
         assert serving_version(db) == 1
+        # The kept table itself serves again, caught up from its checkpoint: not a new build.
+        assert db.scalar("SELECT 'public.notes'::regclass::oid") == kept_table
+        assert table(db) == v1_fold(db)
         with db.connect(autocommit=True) as conn:
             bulk_notes(conn, 500)
         wait_until(lambda: applied(db) == noted(db), 60)
