@@ -247,7 +247,7 @@ def _iso(timestamp: float) -> str:
 def summary_line(snapshot: dict[str, Any]) -> str:
     """One line for systemd's STATUS= and the console: '3 projections, 0 failed, max lag 12'."""
     projections = snapshot["projections"]
-    failed = sum(p["state"] in ("failed", "refused", "retrying") for p in projections)
+    failed = sum(p["state"] in ("failed", "refused", "superseded", "retrying") for p in projections)
     paused = sum(p["state"] == "paused" for p in projections)
     lags = [p["lag"] for p in projections if p["lag"] is not None]
     parts = [f"{len(projections)} projections", f"{failed} failed"]

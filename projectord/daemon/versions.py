@@ -78,17 +78,7 @@ class VersionPlan:
         for row in await self.versions.rows(conn, list(self.code)):
             rows.setdefault(row.name, []).append(row)
         self.rows = rows
-        units: set[str] = set()
-        for name, version in self.code.items():
-            serving = self.serving.get(name)
-            if serving is None or serving == version:
-                units.add(name)
-            elif serving < version or self._building(name, version):
-                units.add(self.build_name(name))
-        return units
-
-    def _building(self, name: str, version: int) -> bool:
-        return any(r.version == version and r.role == BUILDING for r in self.rows.get(name, []))
+        return eligible_units(self.code, self.serving, rows)
 
     def superseded(self, name: str) -> int | None:
         """The serving version, when it is newer than this code's; else None."""
@@ -106,6 +96,24 @@ class VersionPlan:
             "building_versions": [r.version for r in rows if r.role == BUILDING],
             "kept_versions": [r.report() for r in rows if r.role != BUILDING],
         }
+
+
+def eligible_units(
+    code: dict[str, int], serving: dict[str, int], rows: dict[str, list[VersionRow]]
+) -> set[str]:
+    """The units code of these versions may own: the live one while its version serves (or none
+    is recorded), the build of its version while that is newer than the serving one, or older
+    with a rollback to it asked (its row `building`)."""
+    units: set[str] = set()
+    for name, version in code.items():
+        current = serving.get(name)
+        if current is None or current == version:
+            units.add(name)
+        elif current < version or any(
+            r.version == version and r.role == BUILDING for r in rows.get(name, [])
+        ):
+            units.add(version_row_name(name, version))
+    return units
 
 
 async def sweep_kept_versions(dsn: str, queries: Queries, retention: Callable[[], float]) -> None:

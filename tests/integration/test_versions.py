@@ -179,9 +179,9 @@ def test_a_new_version_is_built_blue_green_and_swapped_in_under_readers_and_writ
     reader.start()
     writer.start()
     metrics = f"127.0.0.1:{free_port()}"
-    # A build of 80 batches of at least 0.1 s: long enough to be seen building.
+    # A build of 80 batches of at least 0.2 s: long enough to be seen building.
     slow = {
-        "TEST_NOTES_SLOW": "0.1",
+        "TEST_NOTES_SLOW": "0.2",
         "PROJECTORD_BATCH_SIZE": "500",
         "PROJECTORD_METRICS_ADDRESS": metrics,
     }
@@ -198,6 +198,8 @@ def test_a_new_version_is_built_blue_green_and_swapped_in_under_readers_and_writ
         assert building["versions"]["version"] == 2
         assert building["versions"]["serving_version"] == 1
         assert building["versions"]["build"]["version"] == 2
+        text = run_cli("status", env=env_for(db, V2, state_dir)).stdout
+        assert "notes: version 2 " in text and "while version 1 serves" in text
         code, verdict = health(db, V2, state_dir)
         assert code == 1 and "version_building" in {r["code"] for r in verdict["reasons"]}
         wait_until(lambda: serving_version(db) == 2, 120)
@@ -265,6 +267,9 @@ def test_older_code_refuses_newer_tables_and_the_others_keep_running(
             if p["name"] == "notes"
         )
         assert notes["state"] == "superseded"
+        text = run_cli("status", env=env_for(db, old, state_dir))
+        assert text.returncode == 0, text.stderr
+        assert "notes: version 2 serves; this daemon runs version 1" in text.stdout
         assert daemon.process.poll() is None
     # Version 1's code never ran `notes` (its lock is per version: never taken), never touched
     # version 2's tables, and the daemon's other projection ran all along.
@@ -379,4 +384,22 @@ def test_a_view_on_the_live_table_holds_the_swap_until_it_is_dropped(
             conn.execute("DROP VIEW busy_notes")
         wait_until(lambda: serving_version(db) == 2, 30)
         wait_until(lambda: applied(db) == noted(db), 30)
+    assert table(db) == v2_fold(db)
+
+
+def test_a_kept_version_is_dropped_after_its_retention(db: TestDatabase, state_dir: Path) -> None:
+    db.init(V1)
+    with db.connect(autocommit=True) as conn:
+        bulk_notes(conn, 200)
+    with DaemonProcess(db.url, V1, state_dir):
+        wait_until(lambda: applied(db) == 200, 30)
+    kept = "SELECT count(*) FROM projectord.projection_versions WHERE role = 'kept'"
+    schemas = "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'projectord_v_%'"
+    with DaemonProcess(db.url, V2, state_dir):
+        wait_until(lambda: serving_version(db) == 2, 30)
+    assert db.scalar(kept) == 1 and db.scalar(schemas) == 1  # kept under the default (7 days)
+    with DaemonProcess(db.url, V2, state_dir, extra_env={"PROJECTORD_VERSION_RETENTION": "0"}):
+        wait_until(lambda: db.scalar(kept) == 0, 30)  # the sweep at start finds it expired
+    assert db.scalar(schemas) == 0
+    assert db.rows("SELECT name FROM projectord.projection_positions") == [("notes",)]
     assert table(db) == v2_fold(db)
