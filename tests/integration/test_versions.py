@@ -403,3 +403,39 @@ def test_a_kept_version_is_dropped_after_its_retention(db: TestDatabase, state_d
     assert db.scalar(schemas) == 0
     assert db.rows("SELECT name FROM projectord.projection_positions") == [("notes",)]
     assert table(db) == v2_fold(db)
+
+
+def test_a_projection_only_full_daemons_can_run_is_taken_beyond_the_share(
+    db: TestDatabase, state_dir: Path
+) -> None:
+    """Two daemons, two projections, a fair share of one each. The new-code daemon starts first
+    and takes `ledger` (and the build of `notes` v2, outside the share); the old one then takes
+    `notes` v1. After the swap the old daemon may not run `notes`, and the new one is at its
+    share: it must take `notes` beyond it rather than leave it unapplied."""
+    old, new = "tests.support.version_projections:v1_and_ledger", V2 + "_and_ledger"
+    db.init(old)
+    with db.connect(autocommit=True) as conn:
+        bulk_notes(conn, 20_000)
+    old_dir, new_dir = state_dir / "old", state_dir / "new"
+    old_dir.mkdir()
+    new_dir.mkdir()
+    slow = {"TEST_NOTES_SLOW": "0.2", "PROJECTORD_BATCH_SIZE": "500"}
+    with DaemonProcess(db.url, new, new_dir, extra_env=slow) as second:
+        with DaemonProcess(db.url, old, old_dir) as first:
+            owners = "SELECT name, owner IS NOT NULL FROM projectord.projection_positions"
+            wait_until(lambda: ("notes", True) in db.rows(owners), 30)  # the old one runs it
+            assert serving_version(db) == 1
+            wait_until(lambda: serving_version(db) == 2, 60)
+            with db.connect(autocommit=True) as conn:
+                bulk_notes(conn, 100)
+                conn.execute(
+                    "INSERT INTO projectord.events (tenant_id, aggregate_id, version, type,"
+                    " payload) VALUES (%s, gen_random_uuid(), 1, 'Credited',"
+                    ' \'{"account": 1, "amount": 5}\')',
+                    (TENANT,),
+                )
+            wait_until(lambda: applied(db) == noted(db), 30)
+            wait_until(lambda: db.scalar("SELECT sum(total) FROM ledger") == 5, 30)
+            assert second.has_logged("ownership.beyond_share")
+            assert first.process.poll() is None
+    assert table(db) == v2_fold(db)

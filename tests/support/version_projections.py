@@ -106,3 +106,9 @@ def v1_and_ledger() -> list[Projection]:
     from tests.support.projections import Ledger
 
     return [NotesV1(), Ledger()]
+
+
+def v2_and_ledger() -> list[Projection]:
+    from tests.support.projections import Ledger
+
+    return [NotesV2(), Ledger()]
