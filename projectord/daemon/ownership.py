@@ -265,7 +265,8 @@ class Ownership:
         for name in list(self.owned):
             if recorded.get(name) == self.instance:
                 continue
-            await self._record_owner(conn, name)
+            if not await self._record_owner(conn, name):
+                continue  # a row of another version now: given up on the next turn
             log.warning(
                 "ownership.reclaimed",
                 projection=name,
@@ -307,9 +308,9 @@ class Ownership:
         async with deadline(conn, f"ownership's {query}"):
             return await rekey(conn, self.queries, purpose, name, key, query=query)
 
-    async def _record_owner(self, conn: AsyncConnection[Any], name: str) -> None:
+    async def _record_owner(self, conn: AsyncConnection[Any], name: str) -> bool:
         async with deadline(conn, "ownership's record_owner"):
-            await self.checkpoints.record_owner(
+            return await self.checkpoints.record_owner(
                 conn, name, self.instance, self.versions.get(name, 1)
             )
 

@@ -232,9 +232,13 @@ class CheckpointStore:
 
     async def record_owner(
         self, conn: AsyncConnection[Any], name: str, owner: str, version: int = 1
-    ) -> None:
-        """Name `owner` in the row (created, as `version`, when missing)."""
-        await self._run(conn, "record_owner", {"name": name, "owner": owner, "version": version})
+    ) -> bool:
+        """Name `owner` in the row (created, as `version`, when missing); False when the row is
+        of another version and was left alone."""
+        cur = await self._run(
+            conn, "record_owner", {"name": name, "owner": owner, "version": version}
+        )
+        return await cur.fetchone() is not None
 
     # -- an online rebuild's shadow --------------------------------------------------------------
 

@@ -160,9 +160,13 @@ class VersionBuild(ProjectionRunner):
                 with self.heartbeat.waiting():
                     while not self._leaving:
                         await self.control.wait(self.poll_interval)
-            except (psycopg.Error, OSError) as exc:
+            except Exception as exc:  # the database, or anything else: never the daemon's end
                 failures += 1
-                self._blog.warning("version.build_interrupted", error=describe_error(exc))
+                event = "version.build_interrupted"
+                if not isinstance(exc, (psycopg.Error, OSError)):
+                    event = "version.build_error"
+                self._blog.warning(event, error=describe_error(exc))
+                self.status.last_error = {"type": type(exc).__name__, "message": str(exc)}
                 with self.heartbeat.waiting():
                     await self.control.wait(jittered_delay(failures, 0.1, 5.0))
         self._set_state("stopped")

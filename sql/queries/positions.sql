@@ -122,10 +122,13 @@ WHERE name = %(name)s;
 SELECT name, owner FROM {schema}.projection_positions WHERE name = ANY(%(names)s::text[]);
 
 -- name: record_owner
--- A missing row is created for the version of the daemon's code that takes it.
+-- A missing row is created for the version of the daemon's code that takes it; a row of another
+-- version is left alone (a swap committed since the daemon last looked: its code may not run it,
+-- and it gives the projection up on its next turn). Returns a row when the owner was recorded.
 INSERT INTO {schema}.projection_positions AS p (name, owner, version)
 VALUES (%(name)s, %(owner)s, %(version)s)
-ON CONFLICT (name) DO UPDATE SET owner = excluded.owner;
+ON CONFLICT (name) DO UPDATE SET owner = excluded.owner WHERE p.version = excluded.version
+RETURNING 1;
 
 -- name: projection_has_applied_events
 -- Whether the projection's checkpoint is past any event of its types: then its tables hold state
