@@ -114,9 +114,10 @@ class StatusReporter:
 
     async def _read_positions(self, conn: AsyncConnection[Any]) -> dict[str, dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
-        wanted = set(self.runners) | {b.name for b in self.builds.values()}
         for stored in await self.checkpoints.read_all(conn):
-            if stored.name in wanted:
+            # A projection's own row, and the rows of its versions being built or kept
+            # (`NAME#vN`, by this daemon or by daemons of another version).
+            if stored.name in self.runners or stored.name.rpartition("#v")[0] in self.runners:
                 found[stored.name] = {
                     "checkpoint": stored.checkpoint,
                     "state": stored.state,
@@ -141,12 +142,15 @@ class StatusReporter:
         asked = []
         async with conn.pipeline():
             usage = await conn.execute(self.queries["notification_queue_usage"])
-            builds = [self.builds[r.name] for r in runners if r.name in self.builds]
-            for runner in [*runners, *(b for b in builds if b.name in found)]:
-                row = found.setdefault(runner.name, {"checkpoint": START})
-                txid, position = row["checkpoint"]
-                params = {"txid": str(txid), "position": position, "types": runner.types}
-                asked.append((row, await conn.execute(self.queries["projection_lag"], params)))
+            for runner in runners:
+                found.setdefault(runner.name, {"checkpoint": START})
+                versions = [n for n in found if n.rpartition("#v")[0] == runner.name]
+                for name in [runner.name, *versions]:
+                    row = found[name]
+                    txid, position = row["checkpoint"]
+                    params = {"txid": str(txid), "position": position, "types": runner.types}
+                    lag = await conn.execute(self.queries["projection_lag"], params)
+                    asked.append((row, lag))
         for row, cur in asked:
             lag = await cur.fetchone()
             assert lag is not None
@@ -196,27 +200,37 @@ class StatusReporter:
         if serving is not None and serving > runner.projection.version:
             found["state"] = "superseded"
             found["last_error"] = superseded_error(name, runner.projection.version, serving)
-        build = self.builds.get(name)
-        build_row = rows.get(build.name) if build is not None else None
-        if build is not None and (build_row is not None or build.name in self._local_names()):
-            build_row = build_row or {}
-            lag = build_row.get("lag")
-            local = build.name in self._local_names()
-            found["versions"]["build"] = {
-                "version": build.projection.version,
-                "state": build.status.state if local else build_row.get("state"),
-                "applied_total": build.status.applied_total
-                if local
-                else build_row.get("applied_total"),
-                "lag": lag,
-                "caught_up": lag == 0,
-                "owner": self.instance if local else build_row.get("owner"),
-                "local": local,
-                "last_error": build.status.last_error if local else build_row.get("last_error"),
-            }
-        else:
-            found["versions"]["build"] = None
+        found["versions"]["build"] = self._build(name, rows)
         return found
+
+    def _build(self, name: str, rows: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+        """The build of a new version: this daemon's (its live details when it runs here), or
+        one that daemons of another version run (what its positions row says)."""
+        assert self.plan is not None
+        build = self.builds.get(name)
+        local = build is not None and build.name in self._local_names()
+        building = self.plan.report(name)["building_versions"]  # a kept row is no build
+        if build is not None and (
+            local or (build.name in rows and build.projection.version in building)
+        ):
+            version, row = build.projection.version, rows.get(build.name) or {}
+        else:
+            others = [v for v in building if f"{name}#v{v}" in rows]
+            if not others:
+                return None
+            version, row = others[-1], rows[f"{name}#v{others[-1]}"]
+        lag = row.get("lag")
+        status = build.status if local and build is not None else None
+        return {
+            "version": version,
+            "state": status.state if status else row.get("state"),
+            "applied_total": status.applied_total if status else row.get("applied_total"),
+            "lag": lag,
+            "caught_up": lag == 0,
+            "owner": self.instance if local else row.get("owner"),
+            "local": local,
+            "last_error": status.last_error if status else row.get("last_error"),
+        }
 
     def _local_names(self) -> Container[str]:
         return self.local if self.local is not None else {b.name for b in self.builds.values()}

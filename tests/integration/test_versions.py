@@ -301,7 +301,13 @@ def test_rolling_deploy_two_daemons_kill_9_during_the_build(
         new = DaemonProcess(db.url, V2, new_dir, extra_env=slow).wait_started()
         built = "SELECT applied_total FROM projectord.projection_positions WHERE name = 'notes#v2'"
         wait_until(lambda: (db.scalar(built) or 0) >= 2_000, 60)
-        # Meanwhile the old daemon keeps version 1 live: it applies the new events.
+        # Meanwhile the old daemon keeps version 1 live: it applies the new events, and its
+        # status shows the build the other daemon runs.
+        seen_by_old = status(db, V1, old_dir)
+        assert seen_by_old["state"] == "running" and seen_by_old["local"]
+        assert seen_by_old["versions"]["serving_version"] == 1
+        assert seen_by_old["versions"]["build"]["version"] == 2
+        assert not seen_by_old["versions"]["build"]["local"]
         live = applied(db)
         wait_until(lambda: applied(db) > live, 30)
         new.process.send_signal(signal.SIGKILL)
@@ -315,9 +321,14 @@ def test_rolling_deploy_two_daemons_kill_9_during_the_build(
             writer.join()
             wait_until(lambda: applied(db) == noted(db), 60)
             # The old daemon stops `notes` and never writes version 2's tables.
-            wait_until(lambda: old.has_logged("projection.superseded"), 30)
+            # (Its health says so from its next ownership turn: the versions it read then.)
+            wait_until(lambda: "superseded by version 2" in json.dumps(health(db, V1, old_dir)), 30)
             code, verdict = health(db, V1, old_dir)
-            assert code == 2 and "superseded by version 2" in json.dumps(verdict)
+            assert code == 2
+            [reason] = [r for r in verdict["reasons"] if r["code"] == "projection_superseded"]
+            assert reason["version"] == 1 and reason["serving_version"] == 2
+            wait_until(lambda: not status(db, V1, old_dir)["local"], 30)  # given up
+            assert status(db, V1, old_dir)["state"] == "superseded"
             assert old.process.poll() is None
         finally:
             new.stop()
