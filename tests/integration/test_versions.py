@@ -350,6 +350,10 @@ def test_rollback_to_the_kept_version_caught_up(db: TestDatabase, state_dir: Pat
         with db.connect(autocommit=True) as conn:
             bulk_notes(conn, 1_000)  # applied by version 2 only
         wait_until(lambda: applied(db) == noted(db), 60)
+        # Version 2's code cannot roll back to version 1: it would apply itself to them.
+        refused = run_cli("rollback", "notes", env=env_for(db, V2, state_dir))
+        assert refused.returncode == 1
+        assert "deploy it, then roll back" in refused.stderr and serving_version(db) == 2
     kept_table = db.scalar(
         "SELECT c.oid FROM pg_class c JOIN projectord.projection_versions v"
         " ON c.relnamespace = v.tables_schema::regnamespace AND c.relname = 'notes'"
