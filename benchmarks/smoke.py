@@ -15,6 +15,7 @@ from benchmarks import (
     live_latency,
     many_projections,
     soak,
+    version_swap,
     write_cost,
 )
 
@@ -28,6 +29,7 @@ def main() -> None:
         fetch_scale,
         soak,
         large_events,
+        version_swap,
     ):
         started = time.perf_counter()
         print(f"== {benchmark.__name__} --smoke", flush=True)

@@ -74,6 +74,9 @@ with warnings.catch_warnings():
         max_attempts: int = Field(default=5, ge=1, le=1000)
         handler_timeout: float = Field(default=60.0, gt=0, le=86_400)
         instance_name: str | None = Field(default=None, min_length=1, max_length=200)
+        # How long the tables of a projection's previous version are kept after a new version
+        # is swapped in, for `projectord rollback` (seconds; docs/evolution.md).
+        version_retention: float = Field(default=604_800.0, ge=0, le=31_536_000)
 
         @field_validator("projections", "aggregates", "upcasters", mode="before")
         @classmethod

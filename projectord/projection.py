@@ -56,6 +56,10 @@ class Projection:
     on_error: ClassVar[str | None] = None  # "pause" or "skip"
     max_attempts: ClassVar[int | None] = None
     handler_timeout: ClassVar[float | None] = None
+    # The version of the projection's code: raising it deploys the new code blue/green (its
+    # tables are built from the first event beside the live ones, then swapped in; the old ones
+    # are kept for a rollback). docs/evolution.md.
+    version: ClassVar[int] = 1
 
     async def handle(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
         """Apply a batch, in commit order. The default calls `on` for each event, handing out
@@ -130,6 +134,13 @@ def validate(projection: Projection) -> None:
     if type(projection).handle is Projection.handle and type(projection).on is Projection.on:
         raise ProjectionError(f"projection {name!r} ({cls}) defines neither handle() nor on()")
     _validate_policy(projection, name)
+    version = projection.version
+    if type(version) is not int or version < 1:
+        raise ProjectionError(f"projection {name!r}: version must be a whole number >= 1")
+    if "#" in name:
+        raise ProjectionError(
+            f"projection {name!r}: '#' is reserved for the rows of versions and rebuilds"
+        )
 
 
 def _validate_policy(projection: Projection, name: str) -> None:

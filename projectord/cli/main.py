@@ -11,13 +11,13 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import version
 
-from projectord.cli import dead_letters, dispatch, drift, lifecycle, operator, rebuild
+from projectord.cli import dead_letters, dispatch, drift, lifecycle, operator, rebuild, versions
 from projectord.cli.configuration import configuration_flags
 from projectord.cli.exits import ENVIRONMENT_HELP, EXIT_STATUS_HELP, finish
 from projectord.cli.subcommands import Subcommands
 
 # In the order `--help` lists them.
-MODULES = (lifecycle, operator, rebuild, dispatch, drift, dead_letters)
+MODULES = (lifecycle, operator, rebuild, dispatch, drift, dead_letters, versions)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,7 +28,27 @@ def status_notes(result: dict[str, Any]) -> list[str]:
         notes.append("listener disconnected: projections only poll")
     if result.get("stopping"):
         notes.append("the daemon is stopping")
+    notes += [line for p in result["projections"] if (line := version_note(p))]
     return notes
+
+
+def version_note(p: dict[str, Any]) -> str | None:
+    """A line for a projection whose versions differ: a build, or code older than the serving
+    version (docs/evolution.md)."""
+    versions = p.get("versions")
+    if not versions:
+        return None
+    build, serving = versions.get("build"), versions.get("serving_version")
+    if build:
+        return (
+            f"{p['name']}: version {build['version']} {build['state']} (applied"
+            f" {_cell(build['applied_total'])}, lag {_cell(build['lag'])}, owner"
+            f" {build['owner'] or '-'}) while version {serving} serves"
+        )
+    if serving is not None and serving != versions["version"]:
+        mine = versions["version"]
+        return f"{p['name']}: version {serving} serves; this daemon runs version {mine}"
+    return None
 
 
 def status_row(p: dict[str, Any]) -> tuple[str, ...]:
@@ -38,7 +58,8 @@ def status_row(p: dict[str, Any]) -> tuple[str, ...]:
         where = (
             f"event {error['event_id']} ({error['event_type']}): " if error.get("event_id") else ""
         )
-        error_text = f"{where}{error['message']} [attempt {error['attempts']}]"
+        attempts = f" [attempt {error['attempts']}]" if error.get("attempts") else ""
+        error_text = f"{where}{error['message']}{attempts}"
     state = p["state"]
     if p.get("rebuild") and not p["rebuild"]["done"]:
         state += f" {rebuild_percent(p['rebuild'])}%"

@@ -1,16 +1,17 @@
 """`projectord health`: ok / degraded / failing, with the reasons an operator acts on.
 
-failing: a projection stopped on a poison event (state `failed`) or refusing a table another role
-owns (state `refused`, projectord/schema/foreign_owner.py), the database has not answered
-for `health_outage_seconds`, or a loop of the daemon is wedged (it would stop the systemd watchdog
-too). degraded: the database does not answer (yet: the daemon reconnects by itself, so a restart or
-a failover is degraded, not failing), the listener is down (the runners still poll), a projection
-retries after a handler error, is paused, rebuilding or lagging beyond the thresholds, or a
-transaction (in any database of the cluster) has held the xmin horizon longer than
-`health_horizon_seconds` — then the reason names that transaction (pid, xid, role, database,
-and where visible its state, age and query), because that is who the operator must talk to —
-or another role may create in, or owns code in, the read-model schema or projectord's
-(`schema_untrusted`, projectord/schema/schema_trust.py).
+failing: a projection stopped on a poison event (state `failed`), refusing a table another role
+owns (state `refused`, projectord/schema/foreign_owner.py) or superseded by a newer version than
+this daemon's code (`superseded`, docs/evolution.md), a new version's build that stopped, the
+database has not answered for `health_outage_seconds`, or a loop of the daemon is wedged (it would
+stop the systemd watchdog too). degraded: the database does not answer (yet: the daemon reconnects
+by itself, so a restart or a failover is degraded, not failing), the listener is down (the runners
+still poll), a projection retries after a handler error, is paused, rebuilding, building a new
+version or lagging beyond the thresholds, or a transaction (in any database of the cluster) has
+held the xmin horizon longer than `health_horizon_seconds` — then the reason names that transaction
+(pid, xid, role, database, and where visible its state, age and query), because that is who the
+operator must talk to — or another role may create in, or owns code in, the read-model schema or
+projectord's (`schema_untrusted`, projectord/schema/schema_trust.py).
 """
 
 from __future__ import annotations
@@ -41,6 +42,42 @@ class Thresholds:
 
 def reason(severity: str, code: str, message: str, **detail: Any) -> dict[str, Any]:
     return {"severity": severity, "code": code, "message": message, **detail}
+
+
+def _build_reasons(p: dict[str, Any]) -> list[dict[str, Any]]:
+    """A new version being built (docs/evolution.md): degraded while it catches up (with a
+    single daemon the serving version is frozen meanwhile), failing once it stopped."""
+    build = (p.get("versions") or {}).get("build")
+    if not build:
+        return []
+    name, version = p["name"], build["version"]
+    serving = p["versions"].get("serving_version")
+    if build["state"] == "failed":
+        error = build.get("last_error") or {}
+        return [
+            reason(
+                "failing",
+                "version_build_failed",
+                f"projection {name}: the build of version {version} stopped: "
+                f"{error.get('message')}",
+                projection=name,
+                version=version,
+            )
+        ]
+    blocked = (build.get("last_error") or {}).get("message")
+    return [
+        reason(
+            "degraded",
+            "version_building",
+            f"projection {name} is building version {version} ({build.get('applied_total')}"
+            f" applied, {build.get('lag')} to go) while version {serving} serves reads"
+            + (f"; {blocked}" if blocked else ""),
+            projection=name,
+            version=version,
+            serving_version=serving,
+            lag=build.get("lag"),
+        )
+    ]
 
 
 class HealthCheck:
@@ -138,6 +175,9 @@ class HealthCheck:
         ]
 
     def _projection_reasons(self, p: dict[str, Any]) -> list[dict[str, Any]]:
+        return self._state_reasons(p) + _build_reasons(p)
+
+    def _state_reasons(self, p: dict[str, Any]) -> list[dict[str, Any]]:
         name, state, error = p["name"], p["state"], p["last_error"] or {}
         at = (
             f" at event {error['event_id']} ({error['event_type']}, position "
@@ -165,6 +205,17 @@ class HealthCheck:
                     f"projection {name} does not run: {error.get('message')}",
                     projection=name,
                     error=error,
+                )
+            ]
+        if state == "superseded":
+            return [
+                reason(
+                    "failing",
+                    "projection_superseded",
+                    f"projection {name}: {error.get('message')}",
+                    projection=name,
+                    version=error.get("version"),
+                    serving_version=error.get("serving_version"),
                 )
             ]
         if state == "retrying":

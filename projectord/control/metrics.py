@@ -50,6 +50,7 @@ STATES = (
     "degraded",
     "failed",
     "standby",
+    "superseded",
     "stopped",
 )
 BATCH_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -151,6 +152,21 @@ class Metrics:
             ["projection"],
             registry=self.registry,
         )
+        # Versioned projections (docs/evolution.md): which version the code, the live tables
+        # and a build are, and how far the build has to go.
+        self.versions = Gauge(
+            "projectord_projection_version",
+            "A projection's version: role code (this daemon), serving (the live tables) or"
+            " building (0 when none)",
+            ["projection", "role"],
+            registry=self.registry,
+        )
+        self.build_lag = Gauge(
+            "projectord_version_build_lag_events",
+            "Events of the projection's types a new version's build has yet to apply (0: none)",
+            ["projection"],
+            registry=self.registry,
+        )
         self._endpoint: HttpEndpoint | None = None
 
     def watch(self, runners: Sequence[ProjectionRunner], listener: NotificationListener) -> None:
@@ -175,6 +191,18 @@ class Metrics:
             if projection["lag"] is not None:
                 self.lag_events.labels(projection["name"]).set(projection["lag"])
                 self.lag_seconds.labels(projection["name"]).set(projection["lag_seconds"] or 0)
+            self._update_versions(projection)
+
+    def _update_versions(self, projection: dict[str, Any]) -> None:
+        versions = projection.get("versions")
+        if not versions:
+            return
+        name, build = projection["name"], versions.get("build") or {}
+        self.versions.labels(name, "code").set(versions["version"])
+        self.versions.labels(name, "serving").set(versions.get("serving_version") or 0)
+        self.versions.labels(name, "building").set(build.get("version") or 0)
+        if not build or build.get("lag") is not None:
+            self.build_lag.labels(name).set(build.get("lag") or 0)
 
     def record_health(self, verdict: dict[str, Any]) -> None:
         """The monitor's verdict: the health gauges, and what `/healthz` answers."""

@@ -9,6 +9,11 @@ answer, the report still comes back, with the lag unknown and the error said.
 With several daemons on one database, each reports every configured projection: the owner comes
 from the positions row, `local` marks the ones this daemon runs, and for the others the state,
 count and last error are what the positions row says (their owner has the live details).
+
+Each projection also reports its versions (docs/evolution.md): the version of this daemon's code,
+the version serving reads, the build of a newer version (its state, count, lag, owner) and the
+versions kept for a rollback. A projection whose serving version is newer than this code is
+`superseded` here.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Container, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from psycopg import AsyncConnection
@@ -28,7 +33,10 @@ from projectord.daemon.ownership import default_instance_name
 from projectord.database import describe_error
 from projectord.queries import Queries
 from projectord.runner.checkpoint_store import CheckpointStore
-from projectord.runner.loop import ProjectionRunner
+from projectord.runner.loop import ProjectionRunner, superseded_error
+
+if TYPE_CHECKING:
+    from projectord.daemon.versions import VersionPlan
 
 DB_TIMEOUT = 5.0  # seconds a status or health request waits for the database
 
@@ -44,8 +52,13 @@ class StatusReporter:
         dsn: str | None = None,
         instance: str | None = None,
         local: Container[str] | None = None,
+        plan: VersionPlan | None = None,
+        builds: Sequence[ProjectionRunner] = (),
     ) -> None:
         self.runners = {runner.name: runner for runner in runners}
+        self.plan = plan  # None: versions are not reported (a one-off reporter)
+        # The build of each projection's version in this code, by projection name.
+        self.builds = {b.name.rpartition("#v")[0]: b for b in builds}
         self.pool = pool
         self.queries = queries
         self.checkpoints = CheckpointStore(queries)
@@ -81,7 +94,10 @@ class StatusReporter:
                 "connected": self.listener.connected,
                 "reconnects": self.listener.reconnects,
             },
-            "projections": [self._report(runner, rows.get(runner.name)) for runner in chosen],
+            "projections": [
+                {**self._report(runner, rows.get(runner.name)), **self._versions(runner, rows)}
+                for runner in chosen
+            ],
         }
 
     async def _read_database(
@@ -99,7 +115,9 @@ class StatusReporter:
     async def _read_positions(self, conn: AsyncConnection[Any]) -> dict[str, dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
         for stored in await self.checkpoints.read_all(conn):
-            if stored.name in self.runners:
+            # A projection's own row, and the rows of its versions being built or kept
+            # (`NAME#vN`, by this daemon or by daemons of another version).
+            if stored.name in self.runners or stored.name.rpartition("#v")[0] in self.runners:
                 found[stored.name] = {
                     "checkpoint": stored.checkpoint,
                     "state": stored.state,
@@ -107,6 +125,7 @@ class StatusReporter:
                     "last_error": stored.last_error,
                     "updated_at": stored.updated_at,
                     "owner": stored.owner,
+                    "version": stored.version,
                 }
         return found
 
@@ -124,10 +143,14 @@ class StatusReporter:
         async with conn.pipeline():
             usage = await conn.execute(self.queries["notification_queue_usage"])
             for runner in runners:
-                row = found.setdefault(runner.name, {"checkpoint": START})
-                txid, position = row["checkpoint"]
-                params = {"txid": str(txid), "position": position, "types": runner.types}
-                asked.append((row, await conn.execute(self.queries["projection_lag"], params)))
+                found.setdefault(runner.name, {"checkpoint": START})
+                versions = [n for n in found if n.rpartition("#v")[0] == runner.name]
+                for name in [runner.name, *versions]:
+                    row = found[name]
+                    txid, position = row["checkpoint"]
+                    params = {"txid": str(txid), "position": position, "types": runner.types}
+                    lag = await conn.execute(self.queries["projection_lag"], params)
+                    asked.append((row, lag))
         for row, cur in asked:
             lag = await cur.fetchone()
             assert lag is not None
@@ -162,6 +185,56 @@ class StatusReporter:
             "rebuild": None,
         }
 
+    def _versions(
+        self, runner: ProjectionRunner, rows: dict[str, dict[str, Any]]
+    ) -> dict[str, Any]:
+        """The projection's versions; `superseded` overrides the state of a projection whose
+        serving version is newer than this code (its runner never runs here)."""
+        if self.plan is None:
+            return {}
+        name = runner.name
+        found: dict[str, Any] = {"versions": self.plan.report(name)}
+        row = rows.get(name) or {}
+        serving = row.get("version") or self.plan.serving.get(name)
+        found["versions"]["serving_version"] = serving
+        if serving is not None and serving > runner.projection.version:
+            found["state"] = "superseded"
+            found["last_error"] = superseded_error(name, runner.projection.version, serving)
+        found["versions"]["build"] = self._build(name, rows)
+        return found
+
+    def _build(self, name: str, rows: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+        """The build of a new version: this daemon's (its live details when it runs here), or
+        one that daemons of another version run (what its positions row says)."""
+        assert self.plan is not None
+        build = self.builds.get(name)
+        local = build is not None and build.name in self._local_names()
+        building = self.plan.report(name)["building_versions"]  # a kept row is no build
+        if build is not None and (
+            local or (build.name in rows and build.projection.version in building)
+        ):
+            version, row = build.projection.version, rows.get(build.name) or {}
+        else:
+            others = [v for v in building if f"{name}#v{v}" in rows]
+            if not others:
+                return None
+            version, row = others[-1], rows[f"{name}#v{others[-1]}"]
+        lag = row.get("lag")
+        status = build.status if local and build is not None else None
+        return {
+            "version": version,
+            "state": status.state if status else row.get("state"),
+            "applied_total": status.applied_total if status else row.get("applied_total"),
+            "lag": lag,
+            "caught_up": lag == 0,
+            "owner": self.instance if local else row.get("owner"),
+            "local": local,
+            "last_error": status.last_error if status else row.get("last_error"),
+        }
+
+    def _local_names(self) -> Container[str]:
+        return self.local if self.local is not None else {b.name for b in self.builds.values()}
+
     def _local_report(self, runner: ProjectionRunner, row: dict[str, Any]) -> dict[str, Any]:
         status = runner.status
         state = status.state
@@ -188,7 +261,7 @@ def _iso(timestamp: float) -> str:
 def summary_line(snapshot: dict[str, Any]) -> str:
     """One line for systemd's STATUS= and the console: '3 projections, 0 failed, max lag 12'."""
     projections = snapshot["projections"]
-    failed = sum(p["state"] in ("failed", "refused", "retrying") for p in projections)
+    failed = sum(p["state"] in ("failed", "refused", "superseded", "retrying") for p in projections)
     paused = sum(p["state"] == "paused" for p in projections)
     lags = [p["lag"] for p in projections if p["lag"] is not None]
     parts = [f"{len(projections)} projections", f"{failed} failed"]

@@ -17,6 +17,16 @@ only by strangers draws a new one, and every daemon uses that from its next turn
 are counted only among sessions of the daemon's role (docs/security-locks.md). A lock taken under a
 key that was redrawn meanwhile is released at once, and a daemon that holds a projection names
 itself in its positions row again whenever the row names another.
+
+Versioned projections (projectord/daemon/versions.py): a unit of ownership is a projection *and*
+a version. `eligible`, asked every turn, says which units this daemon's code may own now; one it
+owns that is no longer eligible (its version was superseded, or its build was swapped in) is given
+up like a surplus one. Builds (`extra`) do not count against the fair share: a build that only
+new-code daemons can run must not wait for a share that live projections fill. And since daemons
+of different versions cannot take each other's projections, the fair share may leave one free
+that only a full daemon could run: a projection this daemon may run that no session has held for
+FREE_TURNS turns in a row is taken beyond the share, and kept until the number of daemons
+changes (a new one may be able to run it).
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ import hashlib
 import math
 import os
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 import anyio
@@ -45,6 +55,8 @@ INSTANCE = "instance"  # lock_keys.purpose of the shared "this instance is alive
 
 Keys = dict[tuple[str, str], int]
 
+FREE_TURNS = 3  # turns a projection this daemon may run stays free before it goes beyond its share
+
 
 class Ownership:
     """Keeps this instance's fair share of projections locked, and tells the daemon."""
@@ -60,6 +72,9 @@ class Ownership:
         released: Callable[[str], Awaitable[None]],
         lost: Callable[[Sequence[str]], Awaitable[None]],
         interval: float = 1.0,
+        eligible: Callable[[AsyncConnection[Any]], Awaitable[set[str]]] | None = None,
+        extra: Collection[str] = (),
+        versions: dict[str, int] | None = None,
     ) -> None:
         self.dsn = dsn
         self.schema = schema
@@ -71,6 +86,11 @@ class Ownership:
         self._acquired = acquired
         self._released = released
         self._lost = lost
+        self._eligible = eligible  # None: every name, always
+        self.extra = frozenset(extra)  # units outside the fair share (builds of new versions)
+        self.versions = versions or {}  # unit -> the version a row created for it is
+        self._free_turns: dict[str, int] = {}  # unit -> turns seen free while at the share
+        self._overflow: dict[str, int] = {}  # unit taken beyond the share -> daemons counted then
         self.owned: list[str] = []  # in the order taken: the last taken are given up first
         self._held: dict[str, int] = {}  # owned projection -> the key it is locked with
         self._instance_key: int | None = None  # the instance key this session holds
@@ -162,18 +182,36 @@ class Ownership:
         await self._hold_instance(conn, keys)
         row = await self._query(conn, "count_instances", {"key": keys[(INSTANCE, "")]})
         self.instances = max(int(row[0]) if row else 1, 1)
-        share = math.ceil(len(self.names) / self.instances)
+        share = math.ceil(len([n for n in self.names if n not in self.extra]) / self.instances)
+        eligible = set(self.names)
+        if self._eligible is not None:
+            async with deadline(conn, "ownership's versions"):
+                eligible = await self._eligible(conn)
         # A projection held under a key that is no longer its own (a daemon drew a new one) is
-        # given up; it is taken again under the new key.
-        for name in [n for n in self.owned if self._held[n] != keys[(PROJECTION, n)]]:
+        # given up; it is taken again under the new key. So is one this code may no longer run.
+        for name in [
+            n for n in self.owned if self._held[n] != keys[(PROJECTION, n)] or n not in eligible
+        ]:
             await self._give_up(conn, name)
-        while len(self.owned) > share:
-            await self._give_up(conn, self.owned[-1])
-        await self._reclaim(conn)
-        for name in self._preference:
-            if len(self.owned) >= share:
+        while len(shared := [n for n in self.owned if n not in self.extra]) > share:
+            surplus = [n for n in shared if self._overflow.get(n) != self.instances]
+            if not surplus:
                 break
-            if name not in self.owned and await self._take(conn, name, keys):
+            await self._give_up(conn, surplus[-1])
+        await self._reclaim(conn)
+        free = await self._free(conn, keys, share, eligible)
+        for name in self._preference:
+            if name in self.owned or name not in eligible:
+                continue
+            overflow = False
+            if name not in self.extra and len(self.owned) - self._extra_owned() >= share:
+                if name not in free:
+                    continue
+                overflow = True
+            if await self._take(conn, name, keys):
+                if overflow:
+                    self._overflow[name] = self.instances
+                    log.info("ownership.beyond_share", projection=name, instance=self.instance)
                 self.owned.append(name)
                 await self._record_owner(conn, name)
                 log.info(
@@ -183,6 +221,34 @@ class Ownership:
                     instances=self.instances,
                 )
                 await self._acquired(name)
+
+    async def _free(
+        self, conn: AsyncConnection[Any], keys: Keys, share: int, eligible: set[str]
+    ) -> set[str]:
+        """The projections this daemon may run, beyond its share, that no session has held for
+        FREE_TURNS of its turns in a row (one statement; none while under the share)."""
+        if len(self.owned) - self._extra_owned() < share:
+            self._free_turns.clear()
+            return set()
+        wanted = {
+            keys[(PROJECTION, n)]: n
+            for n in self.names
+            if n in eligible and n not in self.extra and n not in self.owned
+        }
+        if not wanted:
+            return set()
+        async with deadline(conn, "ownership's locks_held"):
+            cur = await conn.execute(self.queries["locks_held"], {"keys": list(wanted)})
+            held = {wanted[int(key)] for (key,) in await cur.fetchall()}
+        for name in list(self._free_turns):
+            if name in held or name not in wanted.values():
+                del self._free_turns[name]
+        for name in set(wanted.values()) - held:
+            self._free_turns[name] = self._free_turns.get(name, 0) + 1
+        return {n for n, turns in self._free_turns.items() if turns >= FREE_TURNS}
+
+    def _extra_owned(self) -> int:
+        return len([n for n in self.owned if n in self.extra])
 
     async def _reclaim(self, conn: AsyncConnection[Any]) -> None:
         """Name this instance again in the positions row of every projection it holds whose row
@@ -199,7 +265,8 @@ class Ownership:
         for name in list(self.owned):
             if recorded.get(name) == self.instance:
                 continue
-            await self._record_owner(conn, name)
+            if not await self._record_owner(conn, name):
+                continue  # a row of another version now: given up on the next turn
             log.warning(
                 "ownership.reclaimed",
                 projection=name,
@@ -216,6 +283,7 @@ class Ownership:
         )
         await self._query(conn, "release_projection", {"key": self._held.pop(name)})
         self.owned.remove(name)
+        self._overflow.pop(name, None)
 
     async def _take(self, conn: AsyncConnection[Any], name: str, keys: Keys) -> bool:
         """Lock a projection; if a stranger holds its key, draw a new key and lock that."""
@@ -240,9 +308,11 @@ class Ownership:
         async with deadline(conn, f"ownership's {query}"):
             return await rekey(conn, self.queries, purpose, name, key, query=query)
 
-    async def _record_owner(self, conn: AsyncConnection[Any], name: str) -> None:
+    async def _record_owner(self, conn: AsyncConnection[Any], name: str) -> bool:
         async with deadline(conn, "ownership's record_owner"):
-            await self.checkpoints.record_owner(conn, name, self.instance)
+            return await self.checkpoints.record_owner(
+                conn, name, self.instance, self.versions.get(name, 1)
+            )
 
     async def _query(
         self, conn: AsyncConnection[Any], name: str, params: dict[str, Any]
@@ -255,6 +325,7 @@ class Ownership:
 
     async def _lose_all(self) -> None:
         self._held.clear()
+        self._overflow.clear()
         self._instance_key = None
         if self.owned:
             lost, self.owned = self.owned, []

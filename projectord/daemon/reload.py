@@ -27,6 +27,7 @@ RUNTIME_KEYS = (
     "stall_timeout",
     "health_outage_seconds",
     "health_notify_queue_usage",
+    "version_retention",
 )
 
 

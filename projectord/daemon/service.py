@@ -32,6 +32,7 @@ from projectord.control.metrics import Metrics, MetricsError
 from projectord.control.operations import Operations
 from projectord.control.server import ControlServer, ControlSocketError
 from projectord.control.status import StatusReporter, summary_line
+from projectord.control.version_operations import VersionOperations
 from projectord.daemon.foreign_ids import ForeignTransactionIds
 from projectord.daemon.gc_tuning import tune_for_batches
 from projectord.daemon.listener import NotificationListener
@@ -41,6 +42,7 @@ from projectord.daemon.reaper import Reaper
 from projectord.daemon.reload import compare_settings
 from projectord.daemon.supervisor import Supervisor
 from projectord.daemon.systemd import SystemdNotifier
+from projectord.daemon.versions import VersionPlan, sweep_kept_versions
 from projectord.daemon.watchdog import Watchdog
 from projectord.database import connect, describe_error, make_pool, redact
 from projectord.logs import get_logger, set_level
@@ -50,6 +52,7 @@ from projectord.runner.error_policy import ErrorPolicy
 from projectord.runner.loop import ProjectionRunner
 from projectord.schema.bootstrap import bootstrap
 from projectord.schema.security import SecurityError, check_write_access
+from projectord.schema.versioned_build import VersionBuild
 
 log = get_logger("projectord.daemon.service")
 
@@ -92,7 +95,8 @@ class Daemon:
         policy = ErrorPolicy.configured(settings)
         self.pool = make_pool(
             dsn,
-            max_size=min(settings.pool_size, len(self.projections) + 2),
+            # A build of a new version may run beside its live runner (several daemons).
+            max_size=min(settings.pool_size, len(self.projections) + 3),
             read_model_schema=settings.read_model_schema,
         )
         self.metrics = Metrics(settings.metrics_address) if settings.metrics_address else None
@@ -116,6 +120,23 @@ class Daemon:
             )
             for projection in self.projections
         ]
+        # The build of each projection's version in this code, run only while that version does
+        # not serve (projectord/daemon/versions.py, projectord/schema/versioned_build.py).
+        self.plan = VersionPlan(self.projections, self.queries)
+        self.builds = [
+            VersionBuild(
+                projection,
+                self.pool,
+                self.queries,
+                dsn=dsn,
+                settings=settings,
+                owner=self.instance,
+                listener=self.listener,
+                policy=ErrorPolicy.of(projection, policy),
+                on_batch=self.metrics.observe_batch if self.metrics else None,
+            )
+            for projection in self.projections
+        ]
         self.stopping = anyio.Event()
         self.ready = anyio.Event()
         self.listener_up = anyio.Event()
@@ -130,15 +151,20 @@ class Daemon:
         settings = self.settings
         # Live: the supervisor adds the heartbeat of each runner while it runs here.
         heartbeats = [self.listener.heartbeat]
-        self.supervisor = Supervisor(self.runners, heartbeats, lambda: self.settings.drain_timeout)
+        self.supervisor = Supervisor(
+            [*self.runners, *self.builds], heartbeats, lambda: self.settings.drain_timeout
+        )
         self.ownership = Ownership(
             self.dsn,
             settings.schema,
             self.instance,
-            [runner.name for runner in self.runners],
+            [runner.name for runner in [*self.runners, *self.builds]],
             acquired=self.supervisor.start,
             released=self.supervisor.drain,
             lost=self.supervisor.stop_at_once,
+            eligible=self.plan.eligible,
+            extra=self.plan.builds(),
+            versions=self.plan.units(),
         )
         self.reporter = StatusReporter(
             self.runners,
@@ -148,6 +174,8 @@ class Daemon:
             dsn=self.dsn,
             instance=self.instance,
             local=self.supervisor.local,
+            plan=self.plan,
+            builds=self.builds,
         )
         self.health = HealthCheck(
             self.reporter,
@@ -157,6 +185,9 @@ class Daemon:
         )
         self.operations = Operations(self.runners, self.reporter, self.health).table()
         self.operations |= DriftOperations(self.dsn, settings, self.projections).table()
+        self.operations |= VersionOperations(
+            self.reporter, self.plan, self.builds, lambda: self.settings.version_retention
+        ).table()
         self.control = ControlServer(
             settings.socket_path(),
             self.operations,
@@ -170,7 +201,7 @@ class Daemon:
 
     def wake_all(self) -> None:
         self.listener_up.set()  # the listener wakes everyone when it (re)connects
-        for runner in self.runners:
+        for runner in [*self.runners, *self.builds]:
             runner.wakeup.set()
 
     async def prepare(self) -> None:
@@ -228,6 +259,12 @@ class Daemon:
                 services.start_soon(self.watchdog.run)
                 services.start_soon(self.monitor.run)
                 services.start_soon(self.reaper.run)
+                services.start_soon(
+                    sweep_kept_versions,
+                    self.dsn,
+                    self.queries,
+                    lambda: self.settings.version_retention,
+                )
                 await self._run_runners(services)
                 services.cancel_scope.cancel()
         self.notifier.close()
@@ -327,7 +364,7 @@ class Daemon:
     def _apply_runtime_settings(self) -> None:
         settings = self.settings
         set_level(settings.log_level)
-        for runner in self.runners:
+        for runner in [*self.runners, *self.builds]:
             runner.batch_size = settings.batch_size
             runner.batch_max_bytes = settings.batch_max_bytes
             runner.poll_interval = settings.poll_interval

@@ -160,7 +160,12 @@ class BatchTransaction:
         """Fail (SQLSTATE PJ001, which `transaction` turns into CheckpointMoved) unless the
         stored checkpoint is still `expected`, runnable and this runner's."""
         await self.checkpoints.check(
-            conn, self.name, expected, owner=self.owner, even_if_paused=even_if_paused
+            conn,
+            self.name,
+            expected,
+            owner=self.owner,
+            even_if_paused=even_if_paused,
+            version=self.projection.version,
         )
 
     async def advance(
@@ -176,7 +181,7 @@ class BatchTransaction:
         the row does not match, fail as `check` does."""
         await self.checkpoints.advance(
             conn, self.name, expected, new, applied, owner=self.owner,
-            even_if_paused=even_if_paused,
+            even_if_paused=even_if_paused, version=self.projection.version,
         )  # fmt: skip
 
     async def guard(self, conn: AsyncConnection[Any]) -> None:

@@ -1,7 +1,9 @@
 """The one owner of the positions table (`projection_positions`): every statement on it.
 
 One row per projection holds its checkpoint, its state (`running`, `paused`, `failed`), the count
-of events it applied, its last error and the daemon instance that owns it. The runner moves the
+of events it applied, its last error, the daemon instance that owns it and the version of the
+projection whose tables it belongs to (a row `NAME#vN` is a version being built or kept:
+docs/evolution.md). The runner moves the
 checkpoint inside its batch transaction; operator requests, ownership, the online rebuild, status,
 `wait`, dead-letter retries, drift and `init` read or write the row. They all do it through
 `CheckpointStore`, whose SQL is in sql/queries/positions.sql, so a change of how a checkpoint is
@@ -51,12 +53,20 @@ class StoredPosition:
     last_error: dict[str, Any] | None
     updated_at: datetime | None
     owner: str | None  # the daemon instance that owns the projection; None: never owned
+    version: int = 1  # the projection's version whose tables this checkpoint belongs to
 
     @classmethod
     def of_row(cls, row: Sequence[Any]) -> StoredPosition:
-        name, txid, position, state, applied, error, updated_at, owner = row
+        name, txid, position, state, applied, error, updated_at, owner, version = row
         return cls(
-            name, Checkpoint.parse(txid, position), state, int(applied), error, updated_at, owner
+            name,
+            Checkpoint.parse(txid, position),
+            state,
+            int(applied),
+            error,
+            updated_at,
+            owner,
+            int(version),
         )
 
 
@@ -73,9 +83,9 @@ class CheckpointStore:
 
     # -- reading ---------------------------------------------------------------------------------
 
-    async def ensure(self, conn: AsyncConnection[Any], name: str) -> None:
-        """The projection's row, at the start if it has none yet."""
-        await self._run(conn, "ensure_position", {"name": name})
+    async def ensure(self, conn: AsyncConnection[Any], name: str, version: int = 1) -> None:
+        """The projection's row, at the start (and as `version`) if it has none yet."""
+        await self._run(conn, "ensure_position", {"name": name, "version": version})
 
     async def read(self, conn: AsyncConnection[Any], name: str) -> StoredPosition | None:
         cur = await self._run(conn, "read_position", {"name": name})
@@ -119,11 +129,12 @@ class CheckpointStore:
         *,
         owner: str | None,
         even_if_paused: bool = False,
+        version: int = 1,
     ) -> None:
-        """Fail (SQLSTATE PJ001) unless the row is still at `expected`, runnable and `owner`'s.
-        Takes no lock; `advance` decides at the end of the transaction."""
+        """Fail (SQLSTATE PJ001) unless the row is still at `expected`, runnable, `owner`'s and
+        of `version`. Takes no lock; `advance` decides at the end of the transaction."""
         await self._compare_and_set(
-            conn, "check_checkpoint", name, expected, expected, 0, owner, even_if_paused
+            conn, "check_checkpoint", name, expected, expected, 0, owner, even_if_paused, version
         )
 
     async def advance(
@@ -136,13 +147,14 @@ class CheckpointStore:
         *,
         owner: str | None,
         even_if_paused: bool = False,
+        version: int = 1,
     ) -> None:
         """Move the checkpoint from `expected` to `new`, counting `applied` events; fail (SQLSTATE
         PJ001, so COMMIT may be sent along with it) where the row does not match. A pause, a
-        `failed` state or another owner make it fail too, unless `even_if_paused` (an operator's
-        skip)."""
+        `failed` state, another owner or another version make it fail too (an operator's skip
+        passes `even_if_paused`)."""
         await self._compare_and_set(
-            conn, "advance_checkpoint", name, expected, new, applied, owner, even_if_paused
+            conn, "advance_checkpoint", name, expected, new, applied, owner, even_if_paused, version
         )
 
     async def _compare_and_set(
@@ -155,6 +167,7 @@ class CheckpointStore:
         applied: int,
         owner: str | None,
         even_if_paused: bool,
+        version: int,
     ) -> None:
         await self._run(
             conn,
@@ -168,6 +181,7 @@ class CheckpointStore:
                 "applied": applied,
                 "even_if_paused": even_if_paused,
                 "owner": owner,
+                "version": version,
             },
         )
 
@@ -216,8 +230,15 @@ class CheckpointStore:
         cur = await self._run(conn, "owners", {"names": list(names)})
         return {str(name): owner for name, owner in await cur.fetchall()}
 
-    async def record_owner(self, conn: AsyncConnection[Any], name: str, owner: str) -> None:
-        await self._run(conn, "record_owner", {"name": name, "owner": owner})
+    async def record_owner(
+        self, conn: AsyncConnection[Any], name: str, owner: str, version: int = 1
+    ) -> bool:
+        """Name `owner` in the row (created, as `version`, when missing); False when the row is
+        of another version and was left alone."""
+        cur = await self._run(
+            conn, "record_owner", {"name": name, "owner": owner, "version": version}
+        )
+        return await cur.fetchone() is not None
 
     # -- an online rebuild's shadow --------------------------------------------------------------
 
@@ -232,3 +253,27 @@ class CheckpointStore:
         cur = await self._run(conn, "take_over_position", {"name": name, "shadow": shadow})
         row = await cur.fetchone()
         return (Checkpoint.parse(row[0], row[1]), int(row[2])) if row is not None else None
+
+    # -- versions (docs/evolution.md) -------------------------------------------------------------
+
+    async def serving_versions(
+        self, conn: AsyncConnection[Any], names: Sequence[str]
+    ) -> dict[str, int]:
+        """The version of each projection's live tables; a projection without a row is absent."""
+        cur = await self._run(conn, "serving_versions", {"names": list(names)})
+        return {str(name): int(version) for name, version in await cur.fetchall()}
+
+    async def keep(self, conn: AsyncConnection[Any], name: str, kept: str) -> None:
+        """A versioned swap: the live row's checkpoint and version are kept as row `kept`."""
+        await self._run(conn, "keep_position", {"name": name, "kept": kept})
+
+    async def take_over_version(
+        self, conn: AsyncConnection[Any], name: str, built: str
+    ) -> tuple[Checkpoint, int, int] | None:
+        """A versioned swap: `name` continues from `built`'s checkpoint, as `built`'s version,
+        with no owner. The new checkpoint, count and version; None when a row is missing."""
+        cur = await self._run(conn, "take_over_version", {"name": name, "built": built})
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        return Checkpoint.parse(row[0], row[1]), int(row[2]), int(row[3])

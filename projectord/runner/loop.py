@@ -125,6 +125,9 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
         self.failed = False  # stopped on a poison event (on_error = "pause"), as last read
         self.standby = False  # the positions row names another owner: commit nothing, wait
         self.refused: ForeignOwnerError | None = None  # a table another role owns: wait
+        # The live tables are a newer version than this code (docs/evolution.md): never touch
+        # them. The version they are.
+        self.superseded: int | None = None
         self.stuck: StuckEvent | None = None
         self._requests: list[PendingRequest] = []
         self._reload = False  # re-read the positions row before the next batch
@@ -159,6 +162,7 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
         self._isolate_now = False
         self.paused = self.failed = self.standby = False
         self.refused = None
+        self.superseded = None
         self.stuck = None
         self._read_ahead.discard()
         self.status.state = "starting"
@@ -191,7 +195,7 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
         try:
             if self._persisted is None or self._reload:
                 await self._load_checkpoint()
-            if self.paused or self.failed or self.standby or self.refused:
+            if self.paused or self.failed or self.standby or self.refused or self.superseded:
                 await self._wait_paused()
                 return
             if self._failures >= self.policy.max_attempts or self._isolate_now:
@@ -219,12 +223,12 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
         except Exception as exc:  # the next turn retries the read and reports the failure
             self._log.debug("checkpoint.reload_failed", error=str(exc))
             return
-        if not (self.paused or self.failed or self.standby):
+        if not (self.paused or self.failed or self.standby or self.superseded):
             self._log.warning("checkpoint.moved", position=self._position)
 
     async def _load_checkpoint(self) -> None:
         async with self.pool.connection() as conn, deadline(conn, "a checkpoint read"):
-            await self.checkpoints.ensure(conn, self.name)
+            await self.checkpoints.ensure(conn, self.name, self.projection.version)
             stored = await self.checkpoints.read(conn, self.name)
             await self._check_owners(conn)
         assert stored is not None
@@ -238,9 +242,24 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
         if failed and stored.last_error:
             self.status.last_error = stored.last_error
         self.standby = self.owner is not None and stored.owner != self.owner
+        self._check_version(stored.version)
         self._reload = False
         self.status.checkpoint = self._persisted
         self.status.applied_total = stored.applied_total
+
+    def _check_version(self, stored: int) -> None:
+        """Tables of a newer version than this code: superseded, for good (the compare-and-set
+        refuses this code's batches anyway). Of an older one: stand by until the new version's
+        build is swapped in (docs/evolution.md)."""
+        mine = self.projection.version
+        if stored > mine:
+            if self.superseded != stored:
+                self._log.warning("projection.superseded", version=mine, serving_version=stored)
+            self.superseded = stored
+            self.status.last_error = superseded_error(self.name, mine, stored)
+        else:
+            self.superseded = None
+            self.standby = self.standby or stored < mine
 
     async def step(self) -> Batch:
         """Fetch one batch and apply it; returns the batch (empty when there was nothing)."""
@@ -377,6 +396,8 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
             if self.failed
             else "refused"
             if self.refused
+            else "superseded"
+            if self.superseded
             else "standby"
         )
         self.status.record_held_back(False)
@@ -428,9 +449,23 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
             return
         self.status.state = state
         quiet = (
-            state in ("retrying", "degraded", "failed", "refused", "stopped")
+            state in ("retrying", "degraded", "failed", "refused", "superseded", "stopped")
             or old == "starting"
             or (old in ("retrying", "degraded") and state == "running")
         )
         if not quiet:
             self._log.info("projection.state_changed", previous=old, state=state)
+
+
+def superseded_error(name: str, version: int, serving: int) -> dict[str, Any]:
+    """The error a runner whose code is older than the live tables shows (status, health)."""
+    return {
+        "type": "Superseded",
+        "message": (
+            f"superseded by version {serving}: this daemon runs version {version} of {name},"
+            f" whose code never touches the tables of version {serving}; deploy version"
+            f" {serving}'s code, or `projectord rollback {name}` if version {version} is kept"
+        ),
+        "version": version,
+        "serving_version": serving,
+    }

@@ -17,7 +17,8 @@ from psycopg import AsyncConnection
 
 from projectord.config import Settings
 from projectord.projection import Projection
-from projectord.schema.migrations import initialise
+from projectord.queries import Queries
+from projectord.schema.migrations import initialise, serving_projections
 from projectord.schema.repair import secure_tables
 
 
@@ -35,5 +36,6 @@ async def bootstrap(
             projections=projections,
             lock_timeout=settings.init_lock_timeout,
         )
-        done += await secure_tables(conn, settings, projections)
+        serving = await serving_projections(conn, Queries(settings.schema), projections)
+        done += await secure_tables(conn, settings, serving)
     return done

@@ -143,12 +143,23 @@ async def _initialise_once(
         await conn.execute(declaration_search_path(read_model_schema))
         await check_transaction_ids(conn, queries)
         step.what = f"the read-model schema {read_model_schema}"
-        done += await create_projection_tables(conn, read_model_schema, projections)
+        serving = await serving_projections(conn, queries, projections)
+        done += await create_projection_tables(conn, read_model_schema, serving)
         checkpoints = CheckpointStore(queries)
         for projection in projections:
             step.what = f"the positions row of {projection.name}"
-            await checkpoints.ensure(conn, projection.name)
+            await checkpoints.ensure(conn, projection.name, projection.version)
     return done
+
+
+async def serving_projections(
+    conn: AsyncConnection[Any], queries: Queries, projections: Sequence[Projection]
+) -> list[Projection]:
+    """The projections whose code is the version serving reads (or that have none recorded):
+    only their declarations describe the live tables. A newer version's tables are built beside
+    them, an older version's code never touches them (docs/evolution.md)."""
+    serving = await CheckpointStore(queries).serving_versions(conn, [p.name for p in projections])
+    return [p for p in projections if serving.get(p.name, p.version) == p.version]
 
 
 async def check_privileges(

@@ -145,6 +145,7 @@ def shadow_projection(
         on_error = live.on_error
         max_attempts = live.max_attempts
         handler_timeout = live.handler_timeout
+        version = live.version
 
         async def handle(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
             await conn.execute(set_path)
@@ -182,6 +183,7 @@ class _OnlineRebuild:
     async def run(self, control: AsyncConnection[Any]) -> dict[str, Any]:
         started = time.monotonic()
         await self._take_lock(control)
+        await self._check_version(control)
         self._log.info("rebuild.started", shadow_schema=self.names.schema)
         await self._build_shadow(control)
         try:
@@ -211,6 +213,23 @@ class _OnlineRebuild:
         if await take_keyed_lock(control, self.queries, "rebuild", key, int(row[0])) is None:
             raise RebuildError(f"an online rebuild of {self.projection.name!r} is already running")
 
+    async def _check_version(self, control: AsyncConnection[Any]) -> None:
+        """Only the code of the serving version may rebuild the live tables: newer code builds
+        its own version beside them (docs/evolution.md), older code never touches them."""
+        name, mine = self.projection.name, self.projection.version
+        serving = (await self.checkpoints.serving_versions(control, [name])).get(name)
+        if serving is not None and serving != mine:
+            raise RebuildError(
+                f"version {serving} of {name!r} serves and this code is version {mine}: "
+                + (
+                    f"a daemon running it builds version {mine} beside the live tables and swaps"
+                    " it in by itself (docs/evolution.md)"
+                    if mine > serving
+                    else "older code never touches newer tables (roll back with"
+                    f" `projectord rollback {name}`)"
+                )
+            )
+
     async def _build_shadow(self, control: AsyncConnection[Any]) -> None:
         """Fresh, empty tables as declared, secured as declared, and a checkpoint at the start."""
         await self._discard_shadow(control)  # what an interrupted rebuild left
@@ -225,7 +244,7 @@ class _OnlineRebuild:
                 ):
                     await control.execute(statement)
             for name in (self.projection.name, self.names.checkpoint):
-                await self.checkpoints.ensure(control, name)
+                await self.checkpoints.ensure(control, name, self.projection.version)
 
     async def _discard_shadow(self, control: AsyncConnection[Any]) -> None:
         try:

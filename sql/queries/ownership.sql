@@ -88,3 +88,15 @@ WHERE k.purpose = %(purpose)s AND k.name = %(name)s AND k.key = %(key)s::bigint
         AND l.objid = (k.key & 4294967295)::oid
         AND NOT pg_has_role(a.usesysid, current_user, 'MEMBER'))
 RETURNING k.key;
+
+-- name: locks_held
+-- Which of these locks some session holds now: a projection that stays free while every daemon
+-- that could take it is at its share (daemons of another version cannot:
+-- projectord/daemon/versions.py) is taken beyond the share rather than left unapplied.
+SELECT k FROM pg_catalog.unnest(%(keys)s::bigint[]) AS k
+WHERE EXISTS (
+    SELECT 1 FROM pg_locks l
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND l.classid = ((k >> 32) & 4294967295)::oid
+      AND l.objid = (k & 4294967295)::oid);

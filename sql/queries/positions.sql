@@ -2,16 +2,19 @@
 -- Every statement on it is here, and only projectord/runner/checkpoint_store.py runs them.
 
 -- name: ensure_position
-INSERT INTO {schema}.projection_positions (name) VALUES (%(name)s) ON CONFLICT (name) DO NOTHING;
+-- A new row is at the start, for the version of the code that creates it (a projection declared
+-- at version 3 on a fresh database has nothing to build blue/green: its tables are version 3's).
+INSERT INTO {schema}.projection_positions (name, version) VALUES (%(name)s, %(version)s)
+ON CONFLICT (name) DO NOTHING;
 
 -- name: read_position
 SELECT name, transaction_id::text, global_position, state, applied_total, last_error, updated_at,
-       owner
+       owner, version
 FROM {schema}.projection_positions WHERE name = %(name)s;
 
 -- name: read_positions
 SELECT name, transaction_id::text, global_position, state, applied_total, last_error, updated_at,
-       owner
+       owner, version
 FROM {schema}.projection_positions ORDER BY name;
 
 -- name: check_checkpoint
@@ -26,7 +29,8 @@ SELECT CASE WHEN EXISTS (
              AND transaction_id = %(old_txid)s::xid8
              AND global_position = %(old_position)s
              AND (state = 'running' OR %(even_if_paused)s)
-             AND owner IS NOT DISTINCT FROM %(owner)s)
+             AND owner IS NOT DISTINCT FROM %(owner)s
+             AND version = %(version)s)
        THEN true
        ELSE {schema}.checkpoint_moved(%(name)s) END;
 
@@ -37,6 +41,9 @@ SELECT CASE WHEN EXISTS (
 -- has answered (an operator's `skip` passes even_if_paused). So does a change of owner: a runner
 -- whose daemon lost the projection to another instance cannot commit after the new owner took
 -- over (projectord/daemon/ownership.py records the owner; NULL when no daemon ever owned the row).
+-- So does another version: the code of version N commits only into the tables of version N (the
+-- row's `version`, sql/migrations/0019_projection_versions.sql), even right after a swap that left
+-- the checkpoint equal to the one this runner read.
 -- A row that does not match raises SQLSTATE PJ001 (sql/migrations/0008_checkpoint_moved_error.sql):
 -- the error, not a row count, is what stops the batch, so COMMIT may be sent along with it.
 WITH moved AS (
@@ -51,6 +58,7 @@ WITH moved AS (
       AND global_position = %(old_position)s
       AND (state = 'running' OR %(even_if_paused)s)
       AND owner IS NOT DISTINCT FROM %(owner)s
+      AND version = %(version)s
     RETURNING 1
 )
 SELECT CASE WHEN EXISTS (SELECT FROM moved) THEN true
@@ -114,8 +122,13 @@ WHERE name = %(name)s;
 SELECT name, owner FROM {schema}.projection_positions WHERE name = ANY(%(names)s::text[]);
 
 -- name: record_owner
-INSERT INTO {schema}.projection_positions AS p (name, owner) VALUES (%(name)s, %(owner)s)
-ON CONFLICT (name) DO UPDATE SET owner = excluded.owner;
+-- A missing row is created for the version of the daemon's code that takes it; a row of another
+-- version is left alone (a swap committed since the daemon last looked: its code may not run it,
+-- and it gives the projection up on its next turn). Returns a row when the owner was recorded.
+INSERT INTO {schema}.projection_positions AS p (name, owner, version)
+VALUES (%(name)s, %(owner)s, %(version)s)
+ON CONFLICT (name) DO UPDATE SET owner = excluded.owner WHERE p.version = excluded.version
+RETURNING 1;
 
 -- name: projection_has_applied_events
 -- Whether the projection's checkpoint is past any event of its types: then its tables hold state
@@ -149,3 +162,36 @@ WHERE name = %(name)s;
 -- the server's next id, so a checkpoint that moves in between is still below that id.
 SELECT p.transaction_id::text::bigint FROM {schema}.projection_positions p
 ORDER BY p.transaction_id DESC LIMIT 1;
+
+-- name: serving_versions
+-- The version each projection's live tables are (its row's); a projection without a row has none.
+SELECT name, version FROM {schema}.projection_positions WHERE name = ANY(%(names)s::text[]);
+
+-- name: keep_position
+-- A versioned swap: the checkpoint of the tables leaving service is kept, under `NAME#vN`, for a
+-- rollback; they were locked, so it is theirs exactly.
+INSERT INTO {schema}.projection_positions AS k
+    (name, transaction_id, global_position, state, applied_total, version)
+SELECT %(kept)s, transaction_id, global_position, 'running', applied_total, version
+FROM {schema}.projection_positions WHERE name = %(name)s
+ON CONFLICT (name) DO UPDATE
+SET transaction_id = excluded.transaction_id, global_position = excluded.global_position,
+    state = 'running', applied_total = excluded.applied_total, version = excluded.version,
+    last_error = NULL, owner = NULL, updated_at = now();
+
+-- name: take_over_version
+-- A versioned swap: the live row continues from where the new version's build stopped, as that
+-- version. No owner: the daemons whose code is that version take it on their next turn, and the
+-- runner of the previous owner finds its compare-and-set refused (owner and version differ).
+UPDATE {schema}.projection_positions AS live
+SET transaction_id = built.transaction_id,
+    global_position = built.global_position,
+    applied_total = built.applied_total,
+    version = built.version,
+    state = CASE WHEN live.state = 'failed' THEN 'running' ELSE live.state END,
+    owner = NULL,
+    last_error = NULL,
+    updated_at = now()
+FROM {schema}.projection_positions AS built
+WHERE live.name = %(name)s AND built.name = %(built)s
+RETURNING live.transaction_id::text, live.global_position, live.applied_total, live.version;

@@ -118,6 +118,9 @@ def test_a_store_of_the_last_main_upgrades_and_carries_on_from_its_checkpoint(
         wait_until(lambda: credited(db) > written_during_init + 20, timeout=30)
     versions = [v for (v,) in db.rows("SELECT version FROM projectord.schema_migrations")]
     assert versions == [m.version for m in migrations()]
+    # The old checkpoint is version 1, serving (migration 0019), and nothing is being built.
+    assert db.rows("SELECT name, version FROM projectord.projection_positions") == [("ledger", 1)]
+    assert db.scalar("SELECT count(*) FROM projectord.projection_versions") == 0
     drift = run_cli("drift", "check", env=env)
     assert drift.returncode == 0, drift.stdout + drift.stderr
     total = credited(db)

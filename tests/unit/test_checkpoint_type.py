@@ -57,9 +57,9 @@ def test_parse_reads_the_transaction_id_as_text() -> None:
 def test_a_positions_row_becomes_a_stored_position() -> None:
     updated = datetime(2026, 1, 1, tzinfo=UTC)
     error = {"type": "ValueError", "message": "bad"}
-    row = ("balances", "1234", 56, "failed", 78, error, updated, "host-1")
+    row = ("balances", "1234", 56, "failed", 78, error, updated, "host-1", 2)
     stored = StoredPosition.of_row(row)
     assert stored == StoredPosition(
-        "balances", Checkpoint(1234, 56), "failed", 78, error, updated, "host-1"
+        "balances", Checkpoint(1234, 56), "failed", 78, error, updated, "host-1", 2
     )
     assert isinstance(stored.checkpoint, Checkpoint)
