@@ -12,12 +12,13 @@ them; the others refuse with `not_owner`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import anyio
 import psycopg
+from psycopg import AsyncConnection
 from psycopg_pool import PoolTimeout
 
 from projectord.control.health import HealthCheck
@@ -33,6 +34,26 @@ log = get_logger("projectord.control.operations")
 
 # How long an operator request waits for a runner to take it between batches.
 RUNNER_REQUEST_TIMEOUT = 20.0
+
+
+@contextmanager
+def database_errors(dsn: str) -> Iterator[None]:
+    """A database failure becomes a one-line error reply; nothing was changed."""
+    try:
+        yield
+    except (psycopg.Error, PoolTimeout, TimeoutError) as exc:
+        message = describe_error(exc, dsn) or "timed out"
+        raise RequestError("database_error", f"{message}; nothing was changed") from None
+
+
+@asynccontextmanager
+async def request_connection(reporter: StatusReporter) -> AsyncIterator[AsyncConnection[Any]]:
+    """A pool connection for one control request: at most as many requests at once as the
+    reporter's limiter lets through, each bounded by DB_TIMEOUT, a failure a one-line reply."""
+    async with reporter.db_limiter:
+        with database_errors(reporter.dsn), anyio.fail_after(DB_TIMEOUT):
+            async with reporter.pool.connection(timeout=DB_TIMEOUT) as conn:
+                yield conn
 
 
 class Operations:
@@ -93,11 +114,9 @@ class Operations:
         re-read it. Once this answers `paused`, no batch of the projection commits."""
         self._not_stopping()
         reporter = self.reporter
-        async with reporter.db_limiter:
-            with self._database_errors(), anyio.fail_after(DB_TIMEOUT):
-                async with reporter.pool.connection(timeout=DB_TIMEOUT) as conn:
-                    await reporter.checkpoints.ensure(conn, name)
-                    now = await reporter.checkpoints.set_state(conn, name, state)
+        async with request_connection(reporter) as conn:
+            await reporter.checkpoints.ensure(conn, name)
+            now = await reporter.checkpoints.set_state(conn, name, state)
         assert now is not None
         self.runners[name].nudge()
         log.info(
@@ -139,18 +158,9 @@ class Operations:
 
     async def _ask(self, runner: ProjectionRunner, action: Any) -> Any:
         try:
-            with self._database_errors():
+            with database_errors(self.reporter.dsn):
                 return await action(timeout=RUNNER_REQUEST_TIMEOUT)
         except RunnerBusy as exc:
             raise RequestError("busy", str(exc)) from None
         except ForeignOwnerError as exc:
             raise RequestError("foreign_owner", str(exc)) from None
-
-    @contextmanager
-    def _database_errors(self) -> Iterator[None]:
-        """A database failure becomes a one-line error reply; nothing was changed."""
-        try:
-            yield
-        except (psycopg.Error, PoolTimeout, TimeoutError) as exc:
-            message = describe_error(exc, self.reporter.dsn) or "timed out"
-            raise RequestError("database_error", f"{message}; nothing was changed") from None

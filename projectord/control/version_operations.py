@@ -15,20 +15,14 @@ an integer bound as a parameter. Nothing from a request is interpolated into SQL
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-import anyio
-import psycopg
-from psycopg import AsyncConnection
-from psycopg_pool import PoolTimeout
-
+from projectord.control.operations import request_connection
 from projectord.control.server import Arg, Operation, RequestError
-from projectord.control.status import DB_TIMEOUT, StatusReporter
+from projectord.control.status import StatusReporter
 from projectord.daemon.versions import VersionPlan, drop_version
-from projectord.database import describe_error
 from projectord.logs import get_logger
 from projectord.runner.loop import ProjectionRunner
 from projectord.runner.version_store import BUILDING, VersionStore
@@ -69,7 +63,7 @@ class VersionOperations:
             )
 
     async def versions(self, args: dict[str, Any]) -> dict[str, Any]:
-        async with self._connection() as conn:
+        async with request_connection(self.reporter) as conn:
             serving = await self.reporter.checkpoints.serving_versions(conn, list(self.plan.code))
             rows = await self.store.rows(conn, list(self.plan.code))
         retention = self.retention() if self.retention is not None else None
@@ -99,7 +93,7 @@ class VersionOperations:
     async def rollback(self, args: dict[str, Any]) -> dict[str, Any]:
         name = args["name"]
         mine = self.plan.code[name]
-        async with self._connection() as conn, conn.transaction():
+        async with request_connection(self.reporter) as conn, conn.transaction():
             serving = (await self.reporter.checkpoints.serving_versions(conn, [name])).get(name)
             if serving is None:
                 raise RequestError("nothing_to_roll_back", f"{name} has no version serving yet")
@@ -126,7 +120,7 @@ class VersionOperations:
 
     async def drop(self, args: dict[str, Any]) -> dict[str, Any]:
         name, version = args["name"], int(args["version"])
-        async with self._connection() as conn, conn.transaction():
+        async with request_connection(self.reporter) as conn, conn.transaction():
             row = await self.store.lock(conn, name, version)
             if row is None or row[0] == BUILDING:
                 raise RequestError(
@@ -142,19 +136,3 @@ class VersionOperations:
         for build in self.builds:
             if build.name.rpartition("#v")[0] == name:
                 build.nudge()
-
-    @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[AsyncConnection[Any]]:
-        reporter = self.reporter
-        async with reporter.db_limiter:
-            with self._database_errors(), anyio.fail_after(DB_TIMEOUT):
-                async with reporter.pool.connection(timeout=DB_TIMEOUT) as conn:
-                    yield conn
-
-    @contextmanager
-    def _database_errors(self) -> Iterator[None]:
-        try:
-            yield
-        except (psycopg.Error, PoolTimeout, TimeoutError) as exc:
-            message = describe_error(exc, self.reporter.dsn) or "timed out"
-            raise RequestError("database_error", f"{message}; nothing was changed") from None
