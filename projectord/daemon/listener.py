@@ -13,11 +13,11 @@ while the listener is disarmed calls `request_arm` and polls on a short backoff.
 wake-up to the next append, then waits for every append that decided not to notify to end; the
 listener then wakes the runners, and a read begun after that may be followed by a sleep. The
 first notification after an arming disarms it (that append took the only wake-up, and later ones
-are silent): the listener releases its stripes, wakes every runner, and arms again when a runner
-has caught up. A notification heard while arming means the wake-up was taken during it: the
-arming does not count, and the runners read and ask again. Arming holds the channel's advisory
-lock stripes on this connection, so if the connection dies the server releases them and the
-writers stop notifying: a lost connection wakes every runner too.
+are silent): the listener wakes every runner and arms again, at once while appends are rare,
+after ARM_PAUSE while they keep coming (letting go of its stripes meanwhile). A notification
+heard while arming means the wake-up was taken during it: the arming does not count. Arming
+holds the channel's advisory lock stripes on this connection, so if the connection dies the
+server releases them and the writers stop notifying: a lost connection wakes every runner too.
 
 The listener also polls for every runner, one cheap query each `poll_interval` (the safety net for
 appends that notify nobody: a trigger disabled, `session_replication_role = replica`). Runners
@@ -117,8 +117,10 @@ class NotificationListener:
         that decided not to notify to end, which takes as long as the writers' transactions,
         and the runners poll meanwhile. Once armed, the listener wakes every runner, and a read
         that begins after that sees every event that did not notify. Ignored while not
-        connected."""
-        if self.armed or not self.connected:
+        connected, and when asked already (the listener's wait is then bounded by the arming's
+        time: a busy runner asks after every batch, and waking the listener for nothing each
+        time would cost a turn of its loop)."""
+        if self.armed or self._arm_wanted or not self.connected:
             return
         self._arm_wanted = True
         if self._waiting is not None:
