@@ -9,12 +9,14 @@ works; a listener that cannot hear itself reconnects.
 Appends notify only while the listener is *armed*, and then only the first of them
 (sql/migrations/0018_one_notifier_per_arming.sql has the protocol): a busy daemon needs no
 wake-ups, and every NOTIFY costs the writers a serialised commit. A runner that has caught up
-while the listener is disarmed calls `request_arm` and polls on a short backoff. Arming offers a
-wake-up to the next append, then waits for every append that decided not to notify to end; the
-listener then wakes the runners, and a read begun after that may be followed by a sleep. The
-first notification after an arming disarms it (that append took the only wake-up, and later ones
-are silent): the listener wakes every runner and arms again, at once while appends are rare,
-after ARM_PAUSE while they keep coming (letting go of its stripes meanwhile). A notification
+while the listener is disarmed, and whose read found nothing at all, calls `request_arm` and polls
+on a short backoff (a runner that keeps finding events only reads again soon: under load nothing
+notifies). Arming offers a wake-up to the next append, then waits for every append that decided
+not to notify to end; the listener then wakes the runners, and a read begun after that may be
+followed by a sleep. The first notification after an arming disarms it (that append took the
+only wake-up, and later ones are silent): the listener wakes every runner, and arms again at
+once while appends are rare; while they keep coming, it waits for a runner to ask, and at least
+ARM_PAUSE (letting go of its stripes meanwhile). A notification
 heard while arming means the wake-up was taken during it: the arming does not count. Arming
 holds the channel's advisory lock stripes on this connection, so if the connection dies the
 server releases them and the writers stop notifying: a lost connection wakes every runner too.
@@ -150,13 +152,17 @@ class NotificationListener:
 
     def _heard(self) -> None:
         """A notification from an append: it took the arming's only wake-up, and appends after
-        it are silent. Wake every runner, and arm again (after ARM_PAUSE, if the writers are
-        busy)."""
+        it are silent. Wake every runner. Taken long after the arming (appends are rare), arm
+        again at once, so that the next append notifies too; taken at once (writers are busy),
+        leave the next arming to the runners, which ask once a read finds nothing (loop.py), and
+        to ARM_PAUSE after it."""
         self.heard += 1
         if self.armed:
             self.armed = False
-            self._pause_after(quick=time.monotonic() - self._armed_at < QUICK_TAKE)
-            self.request_arm()
+            quick = time.monotonic() - self._armed_at < QUICK_TAKE
+            self._pause_after(quick=quick)
+            if not quick:
+                self.request_arm()
         self.wake()
 
     def _pause_after(self, *, quick: bool) -> None:
@@ -217,10 +223,10 @@ class NotificationListener:
             self.armed = True
             self._armed_at = time.monotonic()
         else:
+            # An append took the wake-up while arming (writers are busy); appends after it are
+            # silent, and only the next arming waits for them: this one does not count. The
+            # runners ask for the next one once they find nothing to read.
             self._pause_after(quick=True)
-            # An append took the wake-up while arming; appends after it are silent, and only the
-            # next arming waits for them: this one does not count.
-            self._arm_wanted = True
         self.wake()  # the runners' last read before sleeping begins now
 
     async def run(self) -> None:

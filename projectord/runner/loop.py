@@ -367,14 +367,18 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
         with self.heartbeat.waiting():
             if not armed and self.listener is not None:
                 # Appends notify only while the listener is armed, and it was not when this batch
-                # was read. Ask for it to be armed; arming wakes the runners, and a read begun
-                # while armed may be followed by a sleep (listener.py). Meanwhile, after a batch
-                # that brought events (writers are busy, the listener arms at most every
-                # ARM_PAUSE between armings) wait for that wake-up; else poll on a short backoff.
-                self.listener.request_arm()
+                # was read, so the runner may not sleep: it reads again soon. It asks for an
+                # arming only once a read found nothing at all, neither events nor events held
+                # back behind an older transaction: while writers keep it busy, an arming would
+                # only cost them a notifying commit (and a flush's wait for the appends behind
+                # it) to say what the next read finds anyway. So after a batch that brought
+                # events it reads again after BUSY_READ_PAUSE, and while events are held back
+                # it polls on a short backoff (HELD_BACK_POLL); nothing notifies under load.
                 if applied:
                     await self.wakeup.wait(self._busy_pause)
                     return
+                if not held_back:
+                    self.listener.request_arm()
                 held_back = True
             if held_back:
                 await self.wakeup.wait(self._held_back_wait)

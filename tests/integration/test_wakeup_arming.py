@@ -15,13 +15,17 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import psycopg
 import pytest
+from psycopg import AsyncConnection
 from psycopg.conninfo import make_conninfo
 
+from projectord import Event, Projection, Table
 from projectord.daemon.listener import ARM_PAUSE, NotificationListener
 from projectord.queries import Queries
 from tests.support.harness import (
@@ -736,3 +740,65 @@ def test_an_arming_that_times_out_leaves_no_stripe_held(db: TestDatabase) -> Non
         writer.rollback()
     assert not armed, "armed while a writer that did not notify was open"
     assert held == 0, f"the listener is not armed but holds {held} ARMED stripes"
+
+
+class Sluggish(Projection):
+    """Every batch takes at least SLUGGISH_BATCH seconds: writers that keep appending then always
+    leave it something to read, however fast or slow the machine is."""
+
+    name = "sluggish"
+    event_types = ("Sluggish",)
+    tables = {"sluggish_seen": Table({"event_id": "uuid PRIMARY KEY"})}
+
+    async def handle(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
+        await conn.execute(
+            "INSERT INTO sluggish_seen SELECT unnest(%s::uuid[])", ([e.event_id for e in events],)
+        )
+        await anyio.sleep(SLUGGISH_BATCH)
+
+
+SLUGGISH_BATCH = 0.03
+SLUGGISH = "tests.integration.test_wakeup_arming:sluggish_only"
+sluggish_only = [Sluggish]
+
+
+def test_busy_writers_are_not_asked_to_notify(db: TestDatabase, state_dir: Path) -> None:
+    """While every read of the runner finds events, it reads again soon by itself: the listener
+    is not armed again, and the writers' appends stay silent (every notifying commit flushes
+    alone). Before, the runner asked for an arming after every batch, and one append notified
+    per arming: about one every ARM_PAUSE. Nothing is lost meanwhile, and once the writers stop
+    the listener arms again."""
+    db.init(SLUGGISH)
+    env = {"PROJECTORD_POLL_INTERVAL": "600"}  # only wake-ups and the runner's own reads
+    stop = threading.Event()
+    appended = [0] * 4
+
+    def write(slot: int) -> None:
+        with db.connect(autocommit=True) as writer:
+            while not stop.is_set():
+                append_sql(writer, "Sluggish", {})
+                appended[slot] += 1
+
+    with (
+        DaemonProcess(db.url, SLUGGISH, state_dir, extra_env=env),
+        db.connect(autocommit=True) as listener,
+    ):
+        wait_until(lambda: armed_listeners(db) == 1, timeout=10)  # idle: armed
+        listener.execute(f'LISTEN "{CHANNEL}"')
+        writers = [threading.Thread(target=write, args=(slot,)) for slot in range(4)]
+        for thread in writers:
+            thread.start()
+        try:
+            time.sleep(3.0)  # the length of the measurement, not a synchronisation
+        finally:
+            stop.set()
+            for thread in writers:
+                thread.join()
+        heard = [n for n in listener.notifies(timeout=0.2) if n.payload != "probe"]
+        # One for the arming the writers found, maybe one more for an arming made at once
+        # after it (appends were rare until then); old code: about 3 s / ARM_PAUSE[1] = 75.
+        assert len(heard) <= 5, f"{len(heard)} appends notified while the runner was busy"
+        total = sum(appended)
+        assert total * SLUGGISH_BATCH > 3.0, "the writers were too slow to keep the runner busy"
+        wait_until(lambda: db.scalar("SELECT count(*) FROM sluggish_seen") == total, timeout=60)
+        wait_until(lambda: armed_listeners(db) == 1, timeout=10)  # idle again: armed
