@@ -36,12 +36,16 @@ def test_fetched_events_decode_to_the_stored_values(db: TestDatabase) -> None:
         " FROM projectord.events ORDER BY global_position"
     )
 
-    async def fetch() -> Batch:
+    async def fetch(max_bytes: int) -> Batch:
         conn = await connect(db.url, autocommit=True)
         async with conn:
-            return await Fetcher(QUERIES, ["Noted", "Credited"]).fetch(conn, (0, 0), 10)
+            return await Fetcher(QUERIES, ["Noted", "Credited"]).fetch(conn, (0, 0), 10, max_bytes)
 
-    batch = anyio.run(fetch)
+    # Both reads: the cheap one, and the running sum a byte bound this small takes (its first
+    # event comes alone).
+    by_bytes = anyio.run(fetch, 1)
+    assert len(by_bytes.events) == 1 and by_bytes.events[0].event_id == stored[0][1]
+    batch = anyio.run(fetch, 2**20)
     assert [
         (
             e.global_position,
@@ -61,6 +65,7 @@ def test_fetched_events_decode_to_the_stored_values(db: TestDatabase) -> None:
     noted = batch.events[0]
     assert noted.recorded_at == datetime(2024, 2, 29, 10, 34, 56, 123456, tzinfo=UTC)
     assert noted.payload is noted.payload  # decoded once, then kept
+    assert noted.event_id is noted.event_id
     assert batch.horizon > batch.events[-1].transaction_id and not batch.held_back
 
 
