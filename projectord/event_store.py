@@ -43,7 +43,8 @@ class ConcurrencyError(Exception):
         self.version = version
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# PostgreSQL's epoch: a timestamptz in binary is microseconds since then (projectord/fetcher.py).
+_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 class Event:
@@ -52,11 +53,11 @@ class Event:
     Built once per event of every batch, so it is built cheaply: a slotted class with a plain
     `__init__` (a frozen dataclass's `__init__` sets each field through `object.__setattr__` and
     cost five times more, a tenth of a catch-up). `payload` and `metadata` may arrive as JSON text,
-    `recorded_at` as microseconds since the Unix epoch and `event_id` as its 16 bytes (that is how
-    the runner fetches them): each is decoded on first access and kept, so a projection pays only
-    for what it reads. Decoding jsonb and timestamptz was most of a lean catch-up's client time,
-    and the event id, which few handlers read, a sixth of what was left of a row's fetch.
-    `recorded_at` is then in UTC.
+    `recorded_at` as microseconds since 2000-01-01 (PostgreSQL's epoch: a timestamptz's binary
+    form) and `event_id` as its 16 bytes (that is how the runner fetches them): each is decoded on
+    first access and kept, so a projection pays only for what it reads. Decoding jsonb and
+    timestamptz was most of a lean catch-up's client time, and the event id, which few handlers
+    read, a sixth of what was left of a row's fetch. `recorded_at` is then in UTC.
 
     `schema_version` is the version of the payload's shape as stored; `payload` is always in the
     current shape: decoding it runs the installed upcasters from there (projectord/upcasting.py),
