@@ -9,7 +9,7 @@ import fcntl
 import termios
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,6 +18,7 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
 from projectord.database import connect, make_pool
+from projectord.event_store import Event
 from projectord.fetcher import Batch, Fetcher, ReadAhead
 from projectord.queries import Queries
 from projectord.runner.loop import ProjectionRunner
@@ -124,6 +125,39 @@ def test_catch_up_with_read_ahead_applies_every_event_once(db: TestDatabase) -> 
     assert db.scalar("SELECT count(DISTINCT event_id) FROM applied_log") == 103
     assert db.scalar("SELECT count(*) FROM applied_log") == 103
     assert db.scalar("SELECT sum(total) FROM ledger") == sum(range(1, 104))
+
+
+def test_the_next_batch_is_asked_for_before_the_handler_folds(db: TestDatabase) -> None:
+    """The read-ahead's query goes out before the batch's handler runs, so the server reads the
+    next batch while the handler folds this one."""
+    db.init("tests.support.projections:ledger_only")
+    credits(db, 30)
+    order: list[str] = []
+
+    class RecordingLedger(Ledger):
+        async def handle(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
+            order.append("handle")
+            await super().handle(events, conn)
+
+    def runner_for(pool: Any) -> ProjectionRunner:
+        runner = ProjectionRunner(RecordingLedger(), pool, QUERIES, batch_size=10, poll_interval=60)
+        fetch = runner.fetcher.fetch
+
+        async def recording_fetch(*args: Any, alone: bool = True) -> Batch:
+            if not alone:  # the read-ahead's
+                order.append("read ahead")
+            return await fetch(*args, alone=alone)
+
+        runner.fetcher.fetch = recording_fetch  # type: ignore[method-assign]
+        return runner
+
+    async def done(runner: ProjectionRunner) -> bool:
+        return runner.status.applied_total >= 30
+
+    run_runner(db, runner_for, done)
+    # Batches 11-20 and 21-30 are full: each reads the next one ahead before its handler runs.
+    # (The first batch's read-ahead waits for the pool to open a second connection.)
+    assert order[-4:] == ["read ahead", "handle", "read ahead", "handle"]
 
 
 def test_a_failed_batch_drops_the_batch_read_ahead(db: TestDatabase) -> None:
