@@ -46,7 +46,12 @@ def test_fetched_events_decode_to_the_stored_values(db: TestDatabase) -> None:
     async def fetch(max_bytes: int) -> Batch:
         conn = await connect(db.url, autocommit=True)
         async with conn:
-            return await Fetcher(QUERIES, ["Noted", "Credited"]).fetch(conn, (0, 0), 10, max_bytes)
+            batch = await Fetcher(QUERIES, ["Noted", "Credited"]).fetch(conn, (0, 0), 10, max_bytes)
+            # The fetch reads timestamptz as an integer on its own cursor only; a handler on the
+            # same connection still gets datetimes.
+            cur = await conn.execute("SELECT recorded_at FROM projectord.events LIMIT 1")
+            assert isinstance((await cur.fetchone())[0], datetime)  # type: ignore[index]
+            return batch
 
     # Both reads: the cheap one, and the running sum a byte bound this small takes (its first
     # event comes alone).
