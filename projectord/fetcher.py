@@ -2,8 +2,10 @@
 
 A catch-up spends most of its client time turning rows into events, not in the query (an index
 scan returns 5000 rows in a few milliseconds). So the batch is fetched in binary (UUIDs and
-integers arrive without text parsing), `payload` and `metadata` travel as JSON text and
-`recorded_at` as epoch microseconds, which `Event` decodes only when a handler reads them.
+integers arrive without text parsing), `payload` and `metadata` travel as JSON text, the event id
+as its 16 bytes and `recorded_at` as the 64-bit integer its binary form is (microseconds since
+2000-01-01), which `Event` decodes only when a handler reads them; the transaction id, an xid8,
+is read from its binary form as an integer too.
 
 `ReadAhead` reads the next batch on a second connection while the current one is applied: the
 server works on the batch's writes while this process turns the next rows into events, which on
@@ -26,7 +28,9 @@ from dataclasses import dataclass
 from operator import attrgetter, itemgetter
 from typing import Any
 
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, AsyncCursor
+from psycopg.postgres import types as postgres_types
+from psycopg.pq import Format
 from psycopg_pool import AsyncConnectionPool
 
 from projectord.checkpoint import Checkpoint
@@ -49,6 +53,10 @@ DEFAULT_BATCH_MAX_BYTES = 32 * 2**20
 ROWS_HEADROOM = 0.25
 # An event's payload text in a row of `fetch_batch`: NULL when it exceeds the cheap bound.
 _payload_of = itemgetter(10)
+# Types a fetch reads as the 64-bit integers their binary forms are: `recorded_at`, microseconds
+# since 2000-01-01 (a datetime is made only if a handler reads it), and the transaction id.
+_AS_INTEGERS = tuple(postgres_types[name].oid for name in ("timestamptz", "xid8"))
+_INT8 = postgres_types["int8"].oid
 
 
 @dataclass
@@ -127,7 +135,7 @@ class Fetcher:
         self, conn: AsyncConnection[Any], name: str, after: Checkpoint, **params: Any
     ) -> tuple[list[Any], int, bool]:
         """Run a fetch; returns its rows, the horizon and whether events are held back."""
-        cur = conn.cursor(binary=True)
+        cur = _fetch_cursor(conn)
         await cur.execute(
             self._query_for_size(name),
             {"txid": str(after[0]), "position": after[1], "types": self.types, **params},
@@ -185,6 +193,19 @@ class Fetcher:
             return limit
         fits = int(max_bytes * (1 + ROWS_HEADROOM)) // self._bytes_per_event
         return min(limit, fits + 1)
+
+
+def _fetch_cursor(conn: AsyncConnection[Any]) -> AsyncCursor[Any]:
+    """A binary cursor that reads timestamptz and xid8 columns as integers, with the connection's
+    own (C) loader of int8: the server sends both as 64-bit integers, where an epoch computed in
+    SQL (numeric arithmetic) and a transaction id's text cost it about 0.35 µs a row. Only this
+    cursor's adapters change; a handler on the same connection still gets datetimes."""
+    cur = conn.cursor(binary=True)
+    integer = cur.adapters.get_loader(_INT8, Format.BINARY)
+    assert integer is not None
+    for oid in _AS_INTEGERS:
+        cur.adapters.register_loader(oid, integer)
+    return cur
 
 
 def _events(rows: list[Any], first_column: int) -> list[Event]:

@@ -53,21 +53,22 @@ class Balances(Projection):
 
 
 def fold_balances(events: Sequence[Event]) -> list[dict[str, Any]]:
-    """One row per account of the batch: its tenant, the change of its balance, its events."""
-    rows: dict[UUID, dict[str, Any]] = {}
+    """One row per account of the batch: its tenant, the change of its balance, its events.
+
+    The fold keeps a short list per account and makes the rows `upsert_many` takes at the end,
+    once per account rather than once per event."""
+    deltas: dict[UUID, list[Any]] = {}  # account -> [tenant, balance change, events]
     for event in events:
         amount = int(event.payload["amount"])
-        row = rows.get(event.aggregate_id)
-        if row is None:
-            row = rows[event.aggregate_id] = {
-                "id": event.aggregate_id,
-                "tenant_id": event.tenant_id,
-                "balance": 0,
-                "events": 0,
-            }
-        row["balance"] += amount if event.type == DEPOSITED else -amount
-        row["events"] += 1
-    return list(rows.values())
+        delta = deltas.get(event.aggregate_id)
+        if delta is None:
+            delta = deltas[event.aggregate_id] = [event.tenant_id, 0, 0]
+        delta[1] += amount if event.type == DEPOSITED else -amount
+        delta[2] += 1
+    return [
+        {"id": account, "tenant_id": tenant, "balance": balance, "events": count}
+        for account, (tenant, balance, count) in deltas.items()
+    ]
 
 
 class ActivityFeed(Projection):

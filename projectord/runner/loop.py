@@ -289,7 +289,12 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
         """Apply a batch; when it is full (a catch-up), read the next one meanwhile on another
         connection (projectord/fetcher.py). Errors are the batch's own, never the read-ahead's.
         The batch read ahead gets what this one leaves of the byte bound, if an event of this
-        batch's average size would fit in it."""
+        batch's average size would fit in it.
+
+        The read-ahead is let run up to its first wait before the batch is applied, so its query
+        is sent before the handler folds: the server reads the next batch while this process
+        folds this one, instead of once the fold is done (runner client CPU on the catch-up
+        benchmark about 2.36 -> 2.20 µs per event, 299k -> 335k events/s)."""
         room = self.batch_max_bytes - batch.bytes
         if batch.short or room * len(batch.events) < batch.bytes:
             await self.apply(conn, batch)
@@ -297,6 +302,7 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
         failure: Exception | None = None
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(self._read_ahead.read, batch.last, self.batch_size, room)
+            await anyio.lowlevel.checkpoint()  # the read-ahead sends its query
             try:
                 await self.apply(conn, batch)
             except Exception as exc:

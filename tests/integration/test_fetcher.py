@@ -3,15 +3,22 @@ catch-up, used only from the position it was read from."""
 
 from __future__ import annotations
 
+import array
+import asyncio
+import fcntl
+import termios
+import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
 from projectord.database import connect, make_pool
+from projectord.event_store import Event
 from projectord.fetcher import Batch, Fetcher, ReadAhead
 from projectord.queries import Queries
 from projectord.runner.loop import ProjectionRunner
@@ -36,14 +43,18 @@ def test_fetched_events_decode_to_the_stored_values(db: TestDatabase) -> None:
         " FROM projectord.events ORDER BY global_position"
     )
 
-    async def fetch() -> Batch:
+    async def fetch(max_bytes: int) -> Batch:
         conn = await connect(db.url, autocommit=True)
         async with conn:
-            return await Fetcher(QUERIES, ["Noted", "Credited"]).fetch(conn, (0, 0), 10)
+            batch = await Fetcher(QUERIES, ["Noted", "Credited"]).fetch(conn, (0, 0), 10, max_bytes)
+            # The fetch reads timestamptz as an integer on its own cursor only; a handler on the
+            # same connection still gets datetimes.
+            cur = await conn.execute("SELECT recorded_at FROM projectord.events LIMIT 1")
+            assert isinstance((await cur.fetchone())[0], datetime)  # type: ignore[index]
+            return batch
 
-    batch = anyio.run(fetch)
-    assert [
-        (
+    def fields(e: Event) -> tuple[Any, ...]:
+        return (
             e.global_position,
             e.event_id,
             e.tenant_id,
@@ -56,11 +67,17 @@ def test_fetched_events_decode_to_the_stored_values(db: TestDatabase) -> None:
             e.recorded_at,
             e.transaction_id,
         )
-        for e in batch.events
-    ] == stored
+
+    # Both reads: the cheap one, and the running sum a byte bound this small takes (its first
+    # event comes alone).
+    by_bytes = anyio.run(fetch, 1)
+    assert [fields(e) for e in by_bytes.events] == stored[:1]
+    batch = anyio.run(fetch, 2**20)
+    assert [fields(e) for e in batch.events] == stored
     noted = batch.events[0]
     assert noted.recorded_at == datetime(2024, 2, 29, 10, 34, 56, 123456, tzinfo=UTC)
     assert noted.payload is noted.payload  # decoded once, then kept
+    assert noted.event_id is noted.event_id
     assert batch.horizon > batch.events[-1].transaction_id and not batch.held_back
 
 
@@ -115,6 +132,39 @@ def test_catch_up_with_read_ahead_applies_every_event_once(db: TestDatabase) -> 
     assert db.scalar("SELECT sum(total) FROM ledger") == sum(range(1, 104))
 
 
+def test_the_next_batch_is_asked_for_before_the_handler_folds(db: TestDatabase) -> None:
+    """The read-ahead's query goes out before the batch's handler runs, so the server reads the
+    next batch while the handler folds this one."""
+    db.init("tests.support.projections:ledger_only")
+    credits(db, 30)
+    order: list[str] = []
+
+    class RecordingLedger(Ledger):
+        async def handle(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
+            order.append("handle")
+            await super().handle(events, conn)
+
+    def runner_for(pool: Any) -> ProjectionRunner:
+        runner = ProjectionRunner(RecordingLedger(), pool, QUERIES, batch_size=10, poll_interval=60)
+        fetch = runner.fetcher.fetch
+
+        async def recording_fetch(*args: Any, alone: bool = True) -> Batch:
+            if not alone:  # the read-ahead's
+                order.append("read ahead")
+            return await fetch(*args, alone=alone)
+
+        runner.fetcher.fetch = recording_fetch  # type: ignore[method-assign]
+        return runner
+
+    async def done(runner: ProjectionRunner) -> bool:
+        return runner.status.applied_total >= 30
+
+    run_runner(db, runner_for, done)
+    # Batches 11-20 and 21-30 are full: each reads the next one ahead before its handler runs.
+    # (The first batch's read-ahead waits for the pool to open a second connection.)
+    assert order[-4:] == ["read ahead", "handle", "read ahead", "handle"]
+
+
 def test_a_failed_batch_drops_the_batch_read_ahead(db: TestDatabase) -> None:
     """Batch 6-10 holds a poison event and fails while 11-15 is read ahead. Once the data is
     repaired the retry must read 6-10 again: reusing what was read before would fail forever,
@@ -140,3 +190,76 @@ def test_a_failed_batch_drops_the_batch_read_ahead(db: TestDatabase) -> None:
     )
     assert repaired
     assert db.scalar("SELECT count(*) FROM picky_seen") == 20
+
+
+ANSWER_ROWS = 128  # rows of 1000 bytes: eight times libpq's initial input buffer
+
+
+async def _wakeups_reading(conn: AsyncConnection[Any]) -> int:
+    """How many times reading a 128 kB answer waits on the event loop, when the whole answer has
+    already arrived: the read is held back (the loop blocked) until the socket holds all of it."""
+    loop = asyncio.get_running_loop()
+    waits = 0
+    add_reader = loop.add_reader
+
+    def counting_add_reader(*args: Any) -> None:
+        nonlocal waits
+        waits += 1
+        add_reader(*args)
+
+    async def read() -> None:
+        cur = await conn.execute(
+            "SELECT repeat('x', 1000) FROM generate_series(1, %s)", (ANSWER_ROWS,)
+        )
+        assert len(await cur.fetchall()) == ANSWER_ROWS
+
+    loop.add_reader = counting_add_reader  # type: ignore[method-assign]
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(read)
+            await anyio.wait_all_tasks_blocked()  # the query is sent; the read waits for its answer
+            waits = 0
+            _wait_for_the_answer(conn)
+    finally:
+        del loop.add_reader
+    return waits
+
+
+def _wait_for_the_answer(conn: AsyncConnection[Any]) -> None:
+    """Block until the socket holds the whole answer, or as much of it as the socket takes (a TCP
+    window may hold less: then the queue stops growing)."""
+    deadline = time.monotonic() + 10
+    queued, since = _bytes_queued(conn), time.monotonic()
+    while queued < ANSWER_ROWS * 1000 and time.monotonic() - since < 0.2:
+        assert time.monotonic() < deadline, "the answer never arrived"
+        time.sleep(0.001)
+        if (now := _bytes_queued(conn)) > queued:
+            queued, since = now, time.monotonic()
+
+
+def _bytes_queued(conn: AsyncConnection[Any]) -> int:
+    buffer = array.array("i", [0])
+    fcntl.ioctl(conn.pgconn.socket, termios.FIONREAD, buffer)
+    return buffer[0]
+
+
+def test_a_pool_connection_reads_a_large_answer_in_one_wake_up(db: TestDatabase) -> None:
+    """libpq reads at most its input buffer per wake-up, 16 kB until a message needs more, and a
+    catch-up's batch answers in about 1 MB; a pool connection's buffer is grown when it opens
+    (projectord/database.py, READ_BUFFER)."""
+
+    async def main() -> tuple[int, int]:
+        plain = await connect(db.url, autocommit=True)
+        async with plain:
+            plain_waits = await _wakeups_reading(plain)
+        pool = make_pool(db.url, max_size=1, read_model_schema="public")
+        await pool.open(wait=True)
+        try:
+            async with pool.connection() as conn:
+                return plain_waits, await _wakeups_reading(conn)
+        finally:
+            await pool.close()
+
+    plain_waits, pool_waits = anyio.run(main)
+    assert plain_waits >= 4, "a connection with libpq's own buffer should read 16 kB at a time"
+    assert pool_waits <= 2, "a pool connection should read what has arrived at once"
