@@ -63,14 +63,6 @@ SERVER_SETTINGS = {
 QUERY_DEADLINE = 10.0
 # Seconds after which a condemned session is forgotten: by then the server's keepalives ended it.
 CONDEMNED_FOR = 600.0
-# Bytes libpq's input buffer of a pool connection is grown to when it is opened. libpq starts it at
-# 16 kB and grows it only for a message that does not fit (it never shrinks it), and psycopg's async
-# fetch reads the socket once per event-loop wake-up: a catch-up's 5000-row batch (about 1 MB)
-# took some 65 wake-ups, each a round of the event loop (two epoll_ctl calls, a poll, a timer, a
-# future and the task's resumption). With room for 256 kB a wake-up takes whatever has arrived:
-# about 17 wake-ups, and a fetch alone costs some 0.25 µs less client CPU per row (less within a
-# catch-up, whose read-ahead already found more waiting). A quarter of a megabyte per connection.
-READ_BUFFER = 256 * 2**10
 
 _QUERIES = Queries("projectord")  # only schema-free queries are used from here
 # The identity (pid, backend start) of every session opened through this module.
@@ -103,18 +95,12 @@ def server_settings(dsn: str) -> dict[str, str]:
 
 
 async def set_up_session(
-    conn: AsyncConnection[Any],
-    dsn: str,
-    extra: dict[str, str] | None = None,
-    *,
-    read_buffer: int = 0,
+    conn: AsyncConnection[Any], dsn: str, extra: dict[str, str] | None = None
 ) -> None:
-    """Session settings and the session's identity, in one round trip (sql/queries/session.sql);
-    with `read_buffer`, libpq's input buffer grown to that many bytes (`READ_BUFFER`)."""
+    """Session settings and the session's identity, in one round trip (sql/queries/session.sql)."""
     settings = {**server_settings(dsn), **(extra or {})}
     cur = await conn.execute(
-        _QUERIES["session_setup"],
-        {"names": list(settings), "values": list(settings.values()), "read_buffer": read_buffer},
+        _QUERIES["session_setup"], {"names": list(settings), "values": list(settings.values())}
     )
     row = await cur.fetchone()
     if row is not None and row[2] is not None:
@@ -290,7 +276,7 @@ def make_pool(
     async def configure(conn: AsyncConnection[Any]) -> None:
         configure_json(conn)
         async with deadline(conn, "the session's set-up"):
-            await set_up_session(conn, dsn, {"search_path": search_path}, read_buffer=READ_BUFFER)
+            await set_up_session(conn, dsn, {"search_path": search_path})
 
     return AsyncConnectionPool(
         dsn,

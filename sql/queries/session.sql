@@ -3,14 +3,11 @@
 -- keepalives and user timeout of projectord/database.py, the pool's search_path) in one round
 -- trip, and this session's identity (pid and start time), so that a connection given up as dead
 -- can have its backend terminated later without hitting a new session that reuses the pid.
--- `read_buffer` is `%(read_buffer)s` bytes of nothing, which grow libpq's input buffer to hold them
--- for the connection's life (projectord/database.py, `READ_BUFFER`).
 SELECT (SELECT pg_catalog.count(set_config(s.name, s.value, false))
         FROM ROWS FROM (pg_catalog.unnest(%(names)s::text[]), pg_catalog.unnest(%(values)s::text[]))
              AS s(name, value)) AS settings,
        pg_backend_pid() AS pid,
-       (SELECT a.backend_start FROM pg_stat_activity a WHERE a.pid = pg_backend_pid()) AS started,
-       pg_catalog.repeat(' ', %(read_buffer)s) AS read_buffer;
+       (SELECT a.backend_start FROM pg_stat_activity a WHERE a.pid = pg_backend_pid()) AS started;
 
 -- name: terminate_sessions
 -- End the server sessions of connections the daemon gave up as dead (a silent partition leaves

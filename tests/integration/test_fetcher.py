@@ -3,18 +3,12 @@ catch-up, used only from the position it was read from."""
 
 from __future__ import annotations
 
-import array
-import asyncio
-import fcntl
-import termios
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import anyio
-from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
 from projectord.database import connect, make_pool
@@ -190,76 +184,3 @@ def test_a_failed_batch_drops_the_batch_read_ahead(db: TestDatabase) -> None:
     )
     assert repaired
     assert db.scalar("SELECT count(*) FROM picky_seen") == 20
-
-
-ANSWER_ROWS = 128  # rows of 1000 bytes: eight times libpq's initial input buffer
-
-
-async def _wakeups_reading(conn: AsyncConnection[Any]) -> int:
-    """How many times reading a 128 kB answer waits on the event loop, when the whole answer has
-    already arrived: the read is held back (the loop blocked) until the socket holds all of it."""
-    loop = asyncio.get_running_loop()
-    waits = 0
-    add_reader = loop.add_reader
-
-    def counting_add_reader(*args: Any) -> None:
-        nonlocal waits
-        waits += 1
-        add_reader(*args)
-
-    async def read() -> None:
-        cur = await conn.execute(
-            "SELECT repeat('x', 1000) FROM generate_series(1, %s)", (ANSWER_ROWS,)
-        )
-        assert len(await cur.fetchall()) == ANSWER_ROWS
-
-    loop.add_reader = counting_add_reader  # type: ignore[method-assign]
-    try:
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(read)
-            await anyio.wait_all_tasks_blocked()  # the query is sent; the read waits for its answer
-            waits = 0
-            _wait_for_the_answer(conn)
-    finally:
-        del loop.add_reader
-    return waits
-
-
-def _wait_for_the_answer(conn: AsyncConnection[Any]) -> None:
-    """Block until the socket holds the whole answer, or as much of it as the socket takes (a TCP
-    window may hold less: then the queue stops growing)."""
-    deadline = time.monotonic() + 10
-    queued, since = _bytes_queued(conn), time.monotonic()
-    while queued < ANSWER_ROWS * 1000 and time.monotonic() - since < 0.2:
-        assert time.monotonic() < deadline, "the answer never arrived"
-        time.sleep(0.001)
-        if (now := _bytes_queued(conn)) > queued:
-            queued, since = now, time.monotonic()
-
-
-def _bytes_queued(conn: AsyncConnection[Any]) -> int:
-    buffer = array.array("i", [0])
-    fcntl.ioctl(conn.pgconn.socket, termios.FIONREAD, buffer)
-    return buffer[0]
-
-
-def test_a_pool_connection_reads_a_large_answer_in_one_wake_up(db: TestDatabase) -> None:
-    """libpq reads at most its input buffer per wake-up, 16 kB until a message needs more, and a
-    catch-up's batch answers in about 1 MB; a pool connection's buffer is grown when it opens
-    (projectord/database.py, READ_BUFFER)."""
-
-    async def main() -> tuple[int, int]:
-        plain = await connect(db.url, autocommit=True)
-        async with plain:
-            plain_waits = await _wakeups_reading(plain)
-        pool = make_pool(db.url, max_size=1, read_model_schema="public")
-        await pool.open(wait=True)
-        try:
-            async with pool.connection() as conn:
-                return plain_waits, await _wakeups_reading(conn)
-        finally:
-            await pool.close()
-
-    plain_waits, pool_waits = anyio.run(main)
-    assert plain_waits >= 4, "a connection with libpq's own buffer should read 16 kB at a time"
-    assert pool_waits <= 2, "a pool connection should read what has arrived at once"
