@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
 from projectord.database import connect, make_pool
