@@ -104,6 +104,31 @@ def recorders() -> list[Projection]:
     return [Recorder()]
 
 
+def peekers() -> list[Projection]:
+    return [Peeker()]
+
+
+PEEKED: list[tuple[Any, ...]] = []
+
+
+class Peeker(Projection):
+    """Reads timestamps and transaction ids on the connection the batch was fetched on."""
+
+    name = "peeker"
+    event_types = ("Credited",)
+    tables = {"peeked": Table({"n": "bigint"})}
+
+    async def handle(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
+        for binary in (False, True):
+            cur = conn.cursor(binary=binary)
+            await cur.execute(
+                "SELECT e.recorded_at, now(), e.transaction_id::text FROM projectord.events e"
+                " WHERE e.global_position = %s",
+                (events[0].global_position,),
+            )
+            PEEKED.append(await cur.fetchone())  # type: ignore[arg-type]
+
+
 def insert_event(conn: psycopg.Connection[Any], recorded_at: str, payload: dict[str, Any]) -> None:
     conn.execute(
         "INSERT INTO projectord.events"
@@ -421,3 +446,92 @@ def test_an_online_rebuild_records_every_event_as_stored(db: TestDatabase) -> No
         "SELECT global_position FROM projectord.events ORDER BY transaction_id, global_position"
     )
     assert db.scalar(MATCHING) == total
+
+
+def test_catch_up_alongside_writers_holding_transactions_open_applies_in_commit_order(
+    db: TestDatabase,
+) -> None:
+    """Writers that hold their transactions open between two appends commit out of the order
+    their ids were taken in, so events keep being held back behind an open transaction while
+    the runner reads ahead (batches of 7). Each event must still be applied once, in commit
+    order (transaction id, then position), as stored."""
+    import random
+    import threading
+
+    db.init("tests.integration.test_catch_up_review:recorders")
+    KEPT.clear()
+
+    def write(seed: int) -> None:
+        rng = random.Random(seed)
+        with psycopg.connect(db.url) as conn:
+            for n in range(40):
+                append_sql(conn, "Credited", {"account": seed, "amount": n})
+                threading.Event().wait(rng.uniform(0, 0.01))  # the transaction stays open
+                append_sql(conn, "Credited", {"account": seed, "amount": -n})
+                conn.commit()
+
+    with db.connect(autocommit=True) as conn:  # a backlog: the catch-up reads ahead
+        for n in range(60):
+            append_sql(conn, "Credited", {"account": 9, "amount": n})
+    writers = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+    total = 60 + 4 * 40 * 2
+
+    async def main() -> ProjectionRunner:
+        pool = make_pool(db.url, max_size=4, read_model_schema="public")
+        await pool.open(wait=True)
+        runner = ProjectionRunner(Recorder(), pool, QUERIES, batch_size=7, poll_interval=0.05)
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(runner.run)
+                for writer in writers:
+                    writer.start()
+                with anyio.fail_after(120):
+                    while db.scalar("SELECT count(*) FROM recorded") < total:  # noqa: ASYNC110
+                        await anyio.sleep(0.02)
+                runner.request_stop()
+        finally:
+            await pool.close()
+            for writer in writers:
+                writer.join()
+        return runner
+
+    runner = anyio.run(main)
+    assert db.rows("SELECT global_position FROM recorded ORDER BY seq") == db.rows(
+        "SELECT global_position FROM projectord.events ORDER BY transaction_id, global_position"
+    )
+    assert db.scalar(MATCHING) == total
+    assert runner.status.applied_total == total
+    assert runner._read_ahead.used >= 3, "the catch-up never used a batch read ahead"
+
+
+def test_a_handler_on_the_fetch_connection_gets_datetimes_after_the_fetch_is_prepared(
+    db: TestDatabase,
+) -> None:
+    """The runner fetches and applies on one connection; the fetch's integer loaders (its own
+    cursor's) must never reach the handler's cursors, text or binary, also once the fetch has
+    run often enough to be a prepared statement."""
+    db.init("tests.integration.test_catch_up_review:peekers")
+    PEEKED.clear()
+    with db.connect(autocommit=True) as conn:
+        for n in range(40):
+            append_sql(conn, "Credited", {"account": 1, "amount": n})
+
+    async def main() -> None:
+        pool = make_pool(db.url, max_size=1, read_model_schema="public")  # one connection
+        await pool.open(wait=True)
+        runner = ProjectionRunner(Peeker(), pool, QUERIES, batch_size=3, poll_interval=0.05)
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(runner.run)
+                with anyio.fail_after(60):
+                    while runner.status.applied_total < 40:  # noqa: ASYNC110
+                        await anyio.sleep(0.02)
+                runner.request_stop()
+        finally:
+            await pool.close()
+
+    anyio.run(main)
+    assert len(PEEKED) == 2 * 14
+    for recorded_at, now, txid in PEEKED:
+        assert isinstance(recorded_at, datetime) and isinstance(now, datetime)
+        assert isinstance(txid, str)
