@@ -629,3 +629,46 @@ def test_a_batch_read_ahead_before_a_pause_is_not_applied_after_the_events_were_
         " WHERE r.payload <> e.payload ORDER BY 1"
     )
     assert stale == []
+
+
+def test_a_catch_up_bounded_by_bytes_records_every_event_as_stored(db: TestDatabase) -> None:
+    """Events large enough for the byte bound: the fetch by running sum and the read-ahead's
+    smaller bound both carry the new column forms (16-byte id, integer instant and xid8)."""
+    db.init("tests.integration.test_catch_up_review:recorders")
+    with db.connect(autocommit=True) as conn:
+        for n in range(60):
+            insert_event(conn, RECORDED[n % len(RECORDED)], {"n": n, "pad": "x" * (n % 7) * 900})
+    total = 60
+    reads: list[bool] = []
+
+    async def main() -> ProjectionRunner:
+        pool = make_pool(db.url, max_size=3, read_model_schema="public")
+        await pool.open(wait=True)
+        runner = ProjectionRunner(
+            Recorder(), pool, QUERIES, batch_size=10, poll_interval=0.05, batch_max_bytes=16_000
+        )
+        by_bytes = runner.fetcher._fetch_by_bytes
+
+        async def counted(*args: Any) -> Any:
+            reads.append(args[-1])  # `alone`: False for a read-ahead
+            return await by_bytes(*args)
+
+        runner.fetcher._fetch_by_bytes = counted  # type: ignore[method-assign]
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(runner.run)
+                with anyio.fail_after(60):
+                    while db.scalar("SELECT count(*) FROM recorded") < total:  # noqa: ASYNC110
+                        await anyio.sleep(0.02)
+                runner.request_stop()
+        finally:
+            await pool.close()
+        return runner
+
+    runner = anyio.run(main)
+    assert db.rows("SELECT global_position FROM recorded ORDER BY seq") == [
+        (n,) for n in range(1, total + 1)
+    ]
+    assert db.scalar(MATCHING) == total
+    assert True in reads and False in reads, "no read by bytes, by the runner and read ahead"
+    assert runner._read_ahead.used >= 1
