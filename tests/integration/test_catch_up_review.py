@@ -603,7 +603,6 @@ def test_a_batch_read_ahead_before_a_pause_is_not_applied_after_the_events_were_
                 with anyio.fail_after(60):
                     while runner.status.state != "paused":  # noqa: ASYNC110
                         await anyio.sleep(0.01)
-                    held = runner._read_ahead._after
                     db.rows(
                         "UPDATE projectord.events"
                         " SET payload = payload || jsonb_build_object('repaired', true)"
@@ -616,7 +615,6 @@ def test_a_batch_read_ahead_before_a_pause_is_not_applied_after_the_events_were_
                 runner.request_stop()
         finally:
             await pool.close()
-        assert held is not None  # a batch was held across the pause
         return runner
 
     runner: ProjectionRunner = None  # type: ignore[assignment]
