@@ -398,7 +398,10 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
 
     async def _wait_paused(self) -> None:
         """Paused, failed or standing by: ignore notifications; re-read the state on a nudge or
-        every poll interval (a resume may also come from another process)."""
+        every poll interval (a resume may also come from another process). A batch read ahead
+        is dropped: while the runner waits, an operator may repair the events it holds (a
+        poison event's payload, erased personal data), and after the wait they are read again."""
+        self._read_ahead.discard()
         self._set_state(
             "paused"
             if self.paused

@@ -564,16 +564,12 @@ def set_state(db: TestDatabase, state: str) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by review: a batch read ahead is kept in memory across a pause (take() only"
-    " compares positions), so after resume events 11-15 are applied as read before the pause,"
-    " not as repaired/erased since; pre-existing (the read-ahead's keep-by-position of 2ef0b8c)",
-)
 def test_a_batch_read_ahead_before_a_pause_is_not_applied_after_the_events_were_repaired(
     db: TestDatabase,
 ) -> None:
-    """An operator pauses a projection (the batch after the one just applied has been read
+    """Found by review (it failed before the runner dropped its read-ahead on a pause: events
+    11-15 applied as read before it). An operator pauses a projection (the batch after the one
+    just applied has been read
     ahead), repairs events it has not applied yet (the workflow test_fetcher's failed-batch test
     relies on: UPDATE the payload, then resume) and resumes. The runner must apply the events as
     they are stored now, not as a read-ahead held in memory across the pause saw them."""
