@@ -102,6 +102,7 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
         self._read_ahead = ReadAhead(self.fetcher, pool)
         self.wakeup = Wakeup()  # new events (notifications), operator requests, stop
         self._busy_pause = BUSY_READ_PAUSE[1]  # how long to gather events while writers are busy
+        self._applied_at = 0.0  # monotonic time of the last batch that brought events
         self.control = Wakeup()  # operator requests and stop only: ends a pause or a backoff
         self.status = RunnerStatus(projection.name)
         self.heartbeat = Heartbeat(f"runner:{projection.name}")
@@ -325,6 +326,7 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
         await self.batches.commit(conn, batch.events, self._persisted, new)
         duration = time.perf_counter() - started
         self._busy_pause = min(max(duration, BUSY_READ_PAUSE[0]), BUSY_READ_PAUSE[1])
+        self._applied_at = time.monotonic()
         self._moved_to(new, len(batch.events))
         if self.on_batch is not None:
             self.on_batch(self.name, len(batch.events), duration)
@@ -367,17 +369,19 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
         with self.heartbeat.waiting():
             if not armed and self.listener is not None:
                 # Appends notify only while the listener is armed, and it was not when this batch
-                # was read, so the runner may not sleep: it reads again soon. It asks for an
-                # arming only once a read found nothing at all, neither events nor events held
-                # back behind an older transaction: while writers keep it busy, an arming would
-                # only cost them a notifying commit (and a flush's wait for the appends behind
-                # it) to say what the next read finds anyway. So after a batch that brought
-                # events it reads again after BUSY_READ_PAUSE, and while events are held back
-                # it polls on a short backoff (HELD_BACK_POLL); nothing notifies under load.
+                # was read, so the runner may not sleep: it reads again soon. While writers keep
+                # it busy it does not ask for an arming: that would only cost them a notifying
+                # commit (and a flush's wait for the appends behind it) to say what its next read
+                # finds anyway. So after a batch that brought events it reads again after
+                # BUSY_READ_PAUSE, and a read that finds its events held back behind an older
+                # transaction right after such a batch polls on a short backoff
+                # (HELD_BACK_POLL): nothing notifies under load. A runner with nothing of its
+                # own to apply asks (a quiet projection in a busy store is woken by the armings,
+                # at most one every ARM_PAUSE, as before, not by a backoff grown to its longest).
                 if applied:
                     await self.wakeup.wait(self._busy_pause)
                     return
-                if not held_back:
+                if not held_back or time.monotonic() - self._applied_at > BUSY_READ_PAUSE[1] * 2:
                     self.listener.request_arm()
                 held_back = True
             if held_back:
