@@ -59,6 +59,12 @@ ARM_LOCK_TIMEOUT = "200ms"
 # (loop.py), so the second figure is about the most a projection trails busy writers by.
 ARM_PAUSE = (0.005, 0.04)
 QUICK_TAKE = 0.002
+# A batch of this many events read while the listener was not armed means the writers outpace the
+# wake-ups (events gathered during one read cycle); one or two is a rare append's. For BUSY_FOR
+# after such a batch no arming starts: the busy runner reads again within BUSY_READ_PAUSE
+# (loop.py) anyway, and a quiet one polls at most this long apart (note_busy).
+BUSY_BATCH = 4
+BUSY_FOR = ARM_PAUSE[1]
 # While the listener polls for them, idle runners poll on their own this many times less often.
 RUNNER_POLL_FACTOR = 12
 # An arming, in order (sql/queries/listener.sql; each statement its own transaction): offer the
@@ -111,6 +117,7 @@ class NotificationListener:
         self._arm_pause = 0.0  # the pause after the last arming: 0 while appends are rare
         self._armed_at = 0.0  # monotonic time the last arming completed
         self._arm_wanted = False
+        self._busy_until = 0.0  # monotonic time until which no arming starts (note_busy)
         self._waiting: anyio.CancelScope | None = None  # the wait for notifications, if any
         self._probe_sent = 0.0  # monotonic time of the probe not heard yet; 0: none pending
 
@@ -122,11 +129,24 @@ class NotificationListener:
         connected, and when asked already (the listener's wait is then bounded by the arming's
         time: a busy runner asks after every batch, and waking the listener for nothing each
         time would cost a turn of its loop)."""
-        if self.armed or self._arm_wanted or not self.connected:
+        if self.armed or self._arm_wanted or not self.connected or self.busy():
             return
         self._arm_wanted = True
         if self._waiting is not None:
             self._waiting.cancel()
+
+    def note_busy(self, cycle: float = 0.0) -> None:
+        """A runner's read brought a batch of BUSY_BATCH events or more while the listener was
+        not armed: writers outpace the wake-ups, and it reads again soon by itself, within
+        `cycle` seconds (its batch and its pause). For two such cycles, and BUSY_FOR at least,
+        no arming starts (a request, the listener's own after a wake-up, is ignored): an arming
+        would only cost the writers a notifying commit, and a flush's wait for the appends behind
+        it, to wake runners that read anyway. Runners with nothing to read poll meanwhile."""
+        self._busy_until = max(self._busy_until, time.monotonic() + max(BUSY_FOR, 2 * cycle))
+
+    def busy(self) -> bool:
+        """A runner noted busy writers less than BUSY_FOR ago (`note_busy`)."""
+        return time.monotonic() < self._busy_until
 
     def runner_poll_interval(self, poll_interval: float) -> float:
         """How long an idle runner may wait for a wake-up before it reads on its own."""
@@ -181,13 +201,15 @@ class NotificationListener:
         self.wake()
 
     async def _arm_when_wanted(self, conn: psycopg.AsyncConnection[object]) -> None:
-        if not self._arm_wanted or self.armed:
+        if self.armed:
             self._arm_wanted = False
             return
         async with deadline(conn, "the listener's arming"):
-            if time.monotonic() < self._next_arm_at:
-                # Too soon after the last arming: appends stop notifying meanwhile (holding the
-                # stripes, each would read `wakeups`), and the arming waits for its time.
+            if not self._arm_wanted or time.monotonic() < self._next_arm_at:
+                # Not armed, and no arming due now (none asked for, or too soon after the last):
+                # let go of the stripes. Held, they would send every append the trigger's long
+                # way (its SILENT stripe and two reads of `wakeups`), and make every append in
+                # REPEATABLE READ or SERIALIZABLE notify, for as long as the writers are busy.
                 await self._disarm(conn)
                 return
             self._arm_wanted = False
@@ -225,8 +247,10 @@ class NotificationListener:
         else:
             # An append took the wake-up while arming (writers are busy); appends after it are
             # silent, and only the next arming waits for them: this one does not count. The
-            # runners ask for the next one once they find nothing to read.
+            # runners ask for the next one once they find nothing to read; meanwhile the
+            # stripes go (see _arm_when_wanted).
             self._pause_after(quick=True)
+            await self._disarm(conn)
         self.wake()  # the runners' last read before sleeping begins now
 
     async def run(self) -> None:

@@ -23,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from projectord.checkpoint import START, Checkpoint
 from projectord.daemon.heartbeat import Heartbeat
-from projectord.daemon.listener import NotificationListener
+from projectord.daemon.listener import BUSY_BATCH, BUSY_FOR, NotificationListener
 from projectord.database import deadline
 from projectord.fetcher import DEFAULT_BATCH_MAX_BYTES, Batch, Fetcher, ReadAhead
 from projectord.logs import get_logger
@@ -102,6 +102,7 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
         self._read_ahead = ReadAhead(self.fetcher, pool)
         self.wakeup = Wakeup()  # new events (notifications), operator requests, stop
         self._busy_pause = BUSY_READ_PAUSE[1]  # how long to gather events while writers are busy
+        self._batch_took = 0.0  # seconds the last batch's commit took
         self.control = Wakeup()  # operator requests and stop only: ends a pause or a backoff
         self.status = RunnerStatus(projection.name)
         self.heartbeat = Heartbeat(f"runner:{projection.name}")
@@ -215,7 +216,7 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
             return
         self._on_success(batch)
         if batch.short:
-            await self._wait_for_events(batch.held_back, armed, bool(batch.events))
+            await self._wait_for_events(batch.held_back, armed, len(batch.events))
 
     async def _load_checkpoint_after_move(self) -> None:
         try:
@@ -331,6 +332,7 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
         await self.batches.commit(conn, batch.events, self._persisted, new)
         duration = time.perf_counter() - started
         self._busy_pause = min(max(duration, BUSY_READ_PAUSE[0]), BUSY_READ_PAUSE[1])
+        self._batch_took = duration
         self._moved_to(new, len(batch.events))
         if self.on_batch is not None:
             self.on_batch(self.name, len(batch.events), duration)
@@ -367,27 +369,31 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
 
     # -- waiting -------------------------------------------------------------------------------
 
-    async def _wait_for_events(self, held_back: bool, armed: bool, applied: bool) -> None:
+    async def _wait_for_events(self, held_back: bool, armed: bool, applied: int) -> None:
         if applied:
             self._held_back_wait = HELD_BACK_POLL[0]
         with self.heartbeat.waiting():
             if not armed and self.listener is not None:
                 # Appends notify only while the listener is armed, and it was not when this batch
-                # was read, so the runner may not sleep: it reads again soon. It asks for an
-                # arming only once a read found nothing at all, neither events nor events held
-                # back behind an older transaction: while writers keep it busy, an arming would
-                # only cost them a notifying commit (and a flush's wait for the appends behind
-                # it) to say what the next read finds anyway. So after a batch that brought
-                # events it reads again after BUSY_READ_PAUSE, and while events are held back
-                # it polls on a short backoff (HELD_BACK_POLL); nothing notifies under load.
+                # was read, so the runner may not sleep: it reads again soon. After a batch that
+                # brought events it reads again after BUSY_READ_PAUSE; a batch of BUSY_BATCH or
+                # more says the writers outpace the wake-ups, and no arming starts meanwhile
+                # (listener.note_busy): it would only cost them a notifying commit to say what the
+                # next read finds anyway. A runner that found nothing asks for an arming (granted
+                # unless a runner noted busy writers) and polls on a short backoff, no longer
+                # apart than BUSY_FOR while the writers are busy: nothing notifies under load.
                 if applied:
+                    if applied >= BUSY_BATCH:
+                        self.listener.note_busy(self._batch_took + self._busy_pause)
                     await self.wakeup.wait(self._busy_pause)
                     return
-                if not held_back:
-                    self.listener.request_arm()
+                self.listener.request_arm()
                 held_back = True
             if held_back:
-                await self.wakeup.wait(self._held_back_wait)
+                wait = self._held_back_wait
+                if self.listener is not None and self.listener.busy():
+                    wait = min(wait, BUSY_FOR)
+                await self.wakeup.wait(wait)
                 self._held_back_wait = min(self._held_back_wait * 2, HELD_BACK_POLL[1])
             else:
                 self._held_back_wait = HELD_BACK_POLL[0]
