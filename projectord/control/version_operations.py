@@ -6,6 +6,8 @@
   marks that version to be caught up; the daemons whose code is that version build it from its
   kept checkpoint and swap it in (projectord/schema/versioned_build.py). A daemon whose code is
   another version refuses (`code_not_deployed`): old tables are only ever applied by their code.
+  When the serving version is this code's and it keeps a copy of its own (the tables a versioned
+  drift repair replaced), that copy is what comes back, by the same path.
 - `drop_version` (`name`, `version`): drop a kept version's tables now. A version that serves or
   is being built is refused.
 
@@ -17,15 +19,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from projectord.control.operations import request_connection
 from projectord.control.server import Arg, Operation, RequestError
 from projectord.control.status import StatusReporter
-from projectord.daemon.versions import VersionPlan, drop_version
+from projectord.daemon.versions import VersionPlan, drop_version, move_kept_tables
 from projectord.logs import get_logger
 from projectord.runner.loop import ProjectionRunner
 from projectord.runner.version_store import BUILDING, VersionStore
+
+if TYPE_CHECKING:
+    from projectord.schema.versioned_build import VersionBuild
 
 log = get_logger("projectord.control.version_operations")
 
@@ -35,7 +40,7 @@ class VersionOperations:
         self,
         reporter: StatusReporter,
         plan: VersionPlan,
-        builds: Sequence[ProjectionRunner],
+        builds: Sequence[VersionBuild],
         retention: Any = None,
     ) -> None:
         self.reporter = reporter
@@ -97,14 +102,19 @@ class VersionOperations:
             serving = (await self.reporter.checkpoints.serving_versions(conn, [name])).get(name)
             if serving is None:
                 raise RequestError("nothing_to_roll_back", f"{name} has no version serving yet")
-            if serving <= mine:
+            row = await self.store.lock(conn, name, mine)
+            own_copy = serving == mine and row is not None and row[0] != BUILDING
+            if serving < mine or (serving == mine and not own_copy):
                 raise RequestError(
                     "code_not_deployed",
                     f"version {serving} of {name} serves and this daemon runs version {mine}:"
                     " a rollback makes an older, kept version serve again, and must be asked of"
                     " a daemon running that version's code; deploy it, then roll back",
                 )
-            if not await self.store.request_rollback(conn, name, mine):
+            schema = self._build_schema(name)
+            if row is not None and row[0] != BUILDING and row[1] != schema:
+                await move_kept_tables(conn, row[1], schema)  # where a build of it lives
+            if not await self.store.request_rollback(conn, name, mine, schema):
                 kept = [
                     r.version for r in await self.store.rows(conn, [name]) if r.role != BUILDING
                 ]
@@ -132,7 +142,16 @@ class VersionOperations:
         log.info("version.dropped", projection=name, version=version)
         return {"name": name, "version": version, "dropped": True}
 
+    def _build_schema(self, name: str) -> str:
+        """The schema the build of this daemon's version of `name` fills (VersionBuild)."""
+        return next(b.build_schema for b in self.builds if _of(b) == name)
+
     def _wake(self, name: str) -> None:
         for build in self.builds:
-            if build.name.rpartition("#v")[0] == name:
+            if _of(build) == name:
                 build.nudge()
+
+
+def _of(build: ProjectionRunner) -> str:
+    """The projection a build runner (`NAME#vN`) builds."""
+    return build.name.rpartition("#v")[0]

@@ -20,6 +20,12 @@ new ones after it.
 
 A rollback is the same path backwards: a kept version marked `building` (`projectord rollback`) is
 caught up from its kept checkpoint by a daemon whose code is that version, then swapped in.
+
+A rebuild of the *serving* version takes the same path (`drift repair` of a table change it cannot
+make in place, projectord/schema/versioned_repair.py): its row `building` is recorded for the
+version that serves. Its live runner goes on applying to the live tables meanwhile (same code), the
+swap exchanges the two checkpoints, and the replaced tables are kept as that version, in
+`replaced_schema`, for a rollback to them (the same path again).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from projectord.runner.loop import BatchObserver, ProjectionRunner
 from projectord.runner.version_store import (
     BUILDING,
     VersionStore,
+    replaced_schema,
     version_row_name,
     version_schema,
 )
@@ -176,14 +183,15 @@ class VersionBuild(ProjectionRunner):
     async def _prepare(self, control: AsyncConnection[Any]) -> bool:
         """Fresh tables for a new build, or the existing ones of a build that goes on (after a
         crash) or of a kept version to roll back to. False: nothing to build (this version
-        serves, or is older than the one serving and no rollback to it was asked)."""
+        serves and no rebuild of it was asked, or is older than the one serving and no rollback
+        to it was asked)."""
         name, version = self.live.name, self.version
         async with control.transaction():
             row = await self.versions.lock(control, name, version)
             serving = (await self.checkpoints.serving_versions(control, [name])).get(name)
-            if serving is None or serving == version:
-                return False
             building = row is not None and row[0] == BUILDING
+            if serving is None or (serving == version and not building):
+                return False
             if serving > version and not building:
                 return False
             cur = await control.execute(
@@ -327,16 +335,14 @@ class VersionBuild(ProjectionRunner):
             row = await self.versions.lock(control, name, version)
             await self.checkpoints.lock(control, name)
             serving = (await self.checkpoints.serving_versions(control, [name])).get(name)
-            if row is None or row[0] != BUILDING or serving is None or serving == version:
+            if row is None or row[0] != BUILDING or serving is None:
                 return True
-            kept_schema = version_schema(self.schema, name, serving)
+            kept_schema = self._kept_schema(serving)
+            await self._drop_previous_copy(control, serving, kept_schema)
             helper.names = ShadowNames(self.build_schema, kept_schema, self.name)
             await helper._carry_over(control, owners)
             await self._move_tables(control, owners, kept_schema)
-            kept_row = version_row_name(name, serving)
-            await self.checkpoints.keep(control, name, kept_row)
-            taken = await self.checkpoints.take_over_version(control, name, self.name)
-            await self.checkpoints.delete(control, self.name)
+            taken = await self._take_over_checkpoint(control, serving)
             await self.versions.forget(control, name, version)
             await self.versions.keep(control, name, serving, kept_schema)
             await control.execute(self.queries["resolve_by_rebuild"], {"projection": name})
@@ -354,6 +360,41 @@ class VersionBuild(ProjectionRunner):
             exclusive_ms=round((time.monotonic() - locked_at) * 1000, 2),
         )
         return True
+
+    def _kept_schema(self, serving: int) -> str:
+        """Where the tables leaving service go: their version's schema, or, when this is a
+        rebuild of the serving version (built in that schema), the one for replaced tables."""
+        kept = version_schema(self.schema, self.live.name, serving)
+        return (
+            replaced_schema(self.schema, self.live.name, serving)
+            if serving == self.version
+            else kept
+        )
+
+    async def _drop_previous_copy(
+        self, control: AsyncConnection[Any], serving: int, kept_schema: str
+    ) -> None:
+        """A version keeps one copy of its tables: the one a drift rebuild of it replaced, kept
+        elsewhere, goes when the version itself leaves service (its row is overwritten)."""
+        row = await self.versions.lock(control, self.live.name, serving)
+        if row is not None and row[1] not in (kept_schema, self.build_schema):
+            await control.execute(
+                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(row[1]))
+            )
+
+    async def _take_over_checkpoint(
+        self, control: AsyncConnection[Any], serving: int
+    ) -> tuple[Any, int, int] | None:
+        """The live row continues from the build's checkpoint; the leaving tables' checkpoint is
+        kept as row `NAME#vSERVING`. For a rebuild of the serving version that is the build's
+        own row: the two are exchanged."""
+        name = self.live.name
+        if serving == self.version:
+            return await self.checkpoints.exchange(control, name, self.name)
+        await self.checkpoints.keep(control, name, version_row_name(name, serving))
+        taken = await self.checkpoints.take_over_version(control, name, self.name)
+        await self.checkpoints.delete(control, self.name)
+        return taken
 
     async def _check_dependents(self, control: AsyncConnection[Any], tables: list[str]) -> None:
         cur = await control.execute(
@@ -373,7 +414,7 @@ class VersionBuild(ProjectionRunner):
         rows = await self.versions.rows(control, [name])
         building = any(r.version == version and r.role == BUILDING for r in rows)
         serving = (await self.checkpoints.serving_versions(control, [name])).get(name)
-        return building and serving is not None and serving != version
+        return building and serving is not None
 
     async def _move_tables(
         self, conn: AsyncConnection[Any], owners: dict[str, bool], kept_schema: str
