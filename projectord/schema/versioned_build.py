@@ -99,8 +99,10 @@ class VersionBuild(ProjectionRunner):
         listener: NotificationListener | None = None,
         policy: ErrorPolicy | None = None,
         on_batch: BatchObserver | None = None,
+        once: bool = False,
     ) -> None:
         self.live = live
+        self.once = once
         self.dsn = dsn
         self.settings = settings
         self.schema = settings.read_model_schema
@@ -149,16 +151,22 @@ class VersionBuild(ProjectionRunner):
         self._leaving = False
 
     async def run(self) -> None:
+        """Build and swap; then, in a daemon, stay until ownership gives the unit up: a rollback
+        or a drift repair may ask for another build of this version before it does (and nudges
+        this runner). `once` (a one-off build): return after the swap."""
         failures = 0
         while not self._leaving:
             try:
                 control = await connect(self.dsn, autocommit=True, connect_timeout=10)
                 async with control:
-                    if not await self._prepare(control):
-                        break
-                    failures = 0
-                    if await self._build_and_swap(control):
-                        break
+                    if await self._prepare(control):
+                        failures = 0
+                        await self._build_and_swap(control)
+                if self.once:
+                    break
+                self._set_state("stopped")
+                with self.heartbeat.waiting():
+                    await self.control.wait(self.poll_interval)
             except RebuildError as exc:
                 self._blog.error("version.build_aborted", error=str(exc))
                 self.failed = True

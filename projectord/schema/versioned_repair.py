@@ -128,7 +128,9 @@ async def _build_here(
         dsn, max_size=2, read_model_schema=settings.read_model_schema, name="projectord-rebuild"
     )
     async with pool:
-        build = VersionBuild(projection, pool, queries, dsn=dsn, settings=settings, owner=owner)
+        build = VersionBuild(
+            projection, pool, queries, dsn=dsn, settings=settings, owner=owner, once=True
+        )
         done = anyio.Event()
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(_run, build, done)
