@@ -17,50 +17,42 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import anyio
 import psycopg
 
+from projectord.runner.version_store import replaced_schema, version_schema
+from projectord.schema.versioned_repair import request_rebuild
 from tests.integration.test_metrics import free_port
 from tests.integration.test_versions import (
     KEYS,
-    OBSERVE,
+    V1,
     V2,
+    Reader,
     Writer,
     bulk_notes,
     env_for,
     health,
     noted,
+    serving_version,
     status,
     table,
+    v1_fold,
     v2_fold,
     version_metric,
 )
-from tests.support.harness import DaemonProcess, TestDatabase, run_cli, wait_until
+from tests.support.drift_support import check, repair, settings_for
+from tests.support.harness import (
+    DaemonProcess,
+    TestDatabase,
+    as_daemon_role,
+    run_cli,
+    wait_until,
+)
+from tests.support.version_projections import NotesV1
 
 DRIFT = "ALTER TABLE notes ALTER COLUMN value TYPE text"
 KEPT = "SELECT version, role, tables_schema FROM projectord.projection_versions"
 BUILT = "SELECT applied_total FROM projectord.projection_positions WHERE name = 'notes#v2'"
-
-
-class Reader(threading.Thread):
-    """Reads the whole live table in a loop, one statement a read; keeps what it saw."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(daemon=True)
-        self.url = url
-        self.done = threading.Event()
-        self.seen: list[list[dict[str, Any]]] = []
-        self.errors: list[str] = []
-
-    def run(self) -> None:
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            while not self.done.is_set():
-                try:
-                    row = conn.execute(OBSERVE).fetchone()
-                except psycopg.Error as exc:
-                    self.errors.append(str(exc))
-                    continue
-                assert row is not None
-                self.seen.append(json.loads(row[0]))
 
 
 class Repair(threading.Thread):
@@ -112,14 +104,15 @@ def assert_complete_reads(db: TestDatabase, reader: Reader) -> None:
     """Every read was the whole fold of a prefix of the events: never empty, partial or mixed;
     the drifted table, then the rebuilt one, once; never going back."""
     assert reader.errors == [] and reader.seen
-    shapes = [shape(rows) for rows in reader.seen]
+    seen = [rows for _, _, rows in reader.seen]
+    shapes = [shape(rows) for rows in seen]
     assert "mixed" not in shapes
     assert shapes[0] == "old" and shapes[-1] == "new"
     assert shapes == sorted(shapes, key=lambda s: s == "new")  # old, then new, once
-    counts = [sum(r["events"] for r in rows) for rows in reader.seen]
+    counts = [sum(r["events"] for r in rows) for rows in seen]
     assert counts == sorted(counts) and counts[0] >= 20_000
     folds = prefix_folds(db, set(counts))
-    for rows, n in zip(reader.seen, counts, strict=True):
+    for rows, n in zip(seen, counts, strict=True):
         assert len(rows) == KEYS
         assert [{**r, "value": int(r["value"])} for r in rows] == folds[n]
 
@@ -281,3 +274,47 @@ def test_rollback_brings_the_tables_a_drift_repair_replaced_back_caught_up(
         positions = "SELECT name FROM projectord.projection_positions"
         assert db.rows(positions) == [("notes",)]
     assert not daemon.has_logged("ownership.reclaimed")
+
+
+def test_a_version_keeps_one_copy_and_an_online_rebuild_waits_for_its_rebuild(
+    db: TestDatabase, state_dir: Path
+) -> None:
+    """Without a daemon the repair builds the rebuild itself. A second rebuild of a version
+    replaces the copy the first kept; while one is recorded `rebuild --online` is refused; when
+    the version leaves service for a newer one, its tables are the copy kept."""
+    v1 = [NotesV1()]
+    db.init(V1)
+    with db.connect(autocommit=True) as conn:
+        bulk_notes(conn, 300)
+    replaced = replaced_schema("public", "notes", 1)
+    for kept_events in (None, 300):  # the drifted table the first time is empty (never run)
+        with db.connect(autocommit=True) as conn:
+            conn.execute("ALTER TABLE notes ALTER COLUMN total TYPE text")
+        assert ("type_mismatch", "notes", "total", "rebuild") in check(db.url, v1)
+        repair(db.url, v1, apply=True)
+        assert check(db.url, v1) == [] and table(db) == v1_fold(db)
+        assert db.rows(KEPT) == [(1, "kept", replaced)]
+        assert db.scalar(f"SELECT sum(events) FROM {replaced}.notes") == kept_events
+
+    with db.connect(autocommit=True) as conn:
+        conn.execute("ALTER TABLE notes ALTER COLUMN total TYPE text")
+    anyio.run(_request_rebuild, db.url, v1[0])
+    # Recorded as the build of version 1; the copy the last rebuild kept is dropped.
+    assert db.rows(KEPT) == [(1, "building", version_schema("public", "notes", 1))]
+    assert db.scalar("SELECT to_regnamespace(%s)", (replaced,)) is None
+    refused = run_cli("rebuild", "notes", "--online", env=env_for(db, V1, state_dir))
+    assert refused.returncode == 1 and "is being rebuilt by a daemon" in refused.stderr
+    repair(db.url, v1, apply=True)  # the recorded rebuild, built here
+    assert check(db.url, v1) == [] and table(db) == v1_fold(db)
+
+    with DaemonProcess(db.url, V2, state_dir):
+        wait_until(lambda: serving_version(db) == 2, 60)
+    assert db.rows(KEPT) == [(1, "kept", version_schema("public", "notes", 1))]
+    namespaces = "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'projectord_v_%'"
+    assert db.rows(namespaces) == [(version_schema("public", "notes", 1),)]
+
+
+async def _request_rebuild(url: str, projection: NotesV1) -> None:
+    url = as_daemon_role(url)
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await request_rebuild(conn, settings_for(url), projection)
