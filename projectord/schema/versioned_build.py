@@ -161,6 +161,7 @@ class VersionBuild(ProjectionRunner):
                 async with control:
                     if await self._prepare(control):
                         failures = 0
+                        await self._read_checkpoint(control)
                         await self._build_and_swap(control)
                 if self.once:
                     break
@@ -220,6 +221,16 @@ class VersionBuild(ProjectionRunner):
             "version.build_started", serving_version=serving, tables_schema=self.build_schema
         )
         return True
+
+    async def _read_checkpoint(self, control: AsyncConnection[Any]) -> None:
+        """What this runner knows of its checkpoint, read afresh: the catch-up waits on it, and
+        a runner that built (or ran) before would otherwise wait on the position it had then,
+        not the one this build starts from (a kept version's, a fresh build's)."""
+        stored = await self.checkpoints.read(control, self.name)
+        self._persisted = None  # the loop reads its row again too
+        if stored is not None:
+            self.status.checkpoint = stored.checkpoint
+            self.status.applied_total = stored.applied_total
 
     async def _fresh_tables(self, control: AsyncConnection[Any]) -> None:
         """Empty tables as this version declares them, secured as declared; what a previous

@@ -48,6 +48,7 @@ from tests.support.harness import (
     run_cli,
     wait_until,
 )
+from tests.support.ops_support import ask
 from tests.support.version_projections import NotesV1
 
 DRIFT = "ALTER TABLE notes ALTER COLUMN value TYPE text"
@@ -236,13 +237,18 @@ def test_rollback_brings_the_tables_a_drift_repair_replaced_back_caught_up(
     with db.connect(autocommit=True) as conn:
         bulk_notes(conn, 2_000)
     env = env_for(db, V2, state_dir)
-    with DaemonProcess(db.url, V2, state_dir) as daemon:
+    slow = {"TEST_NOTES_SLOW": "0.2", "PROJECTORD_BATCH_SIZE": "500"}  # a build of 1 s at least
+    with DaemonProcess(db.url, V2, state_dir, extra_env=slow) as daemon:
         wait_until(lambda: sum(r["events"] for r in table(db)) == 2_000, 60)
         with db.connect(autocommit=True) as conn:
             conn.execute(DRIFT)
         drifted = db.scalar("SELECT 'public.notes'::regclass::oid")
-        repaired = run_cli("drift", "repair", "--apply", env=env, timeout=120)
-        assert repaired.returncode == 0, repaired.stderr
+        # Over the control socket: answered once recorded; the daemon builds it.
+        answered = ask(state_dir, "drift_repair", apply=True)
+        assert answered["applied"] and answered["rebuilds"] == ["notes"]
+        assert answered["rebuild_versions"] == {"notes": 2}
+        assert [(v, r) for v, r, _ in db.rows(KEPT)] == [(2, "building")]  # not waited for
+        wait_until(lambda: [(v, r) for v, r, _ in db.rows(KEPT)] == [(2, "kept")], 60)
         assert shape(table(db)) == "new"
         with db.connect(autocommit=True) as conn:
             bulk_notes(conn, 1_000)  # applied to the rebuilt table only
@@ -251,6 +257,7 @@ def test_rollback_brings_the_tables_a_drift_repair_replaced_back_caught_up(
         done = run_cli("rollback", "notes", env=env, timeout=120)
         assert done.returncode == 0, done.stderr
         assert "before its last rebuild" in done.stderr
+        assert sum(r["events"] for r in table(db)) == noted(db)  # caught up when swapped in
         # The replaced table itself serves again, caught up from its checkpoint.
         assert db.scalar("SELECT 'public.notes'::regclass::oid") == drifted
         assert shape(table(db)) == "old"
@@ -318,3 +325,30 @@ async def _request_rebuild(url: str, projection: NotesV1) -> None:
     url = as_daemon_role(url)
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         await request_rebuild(conn, settings_for(url), projection)
+
+
+def test_a_rollback_right_after_the_swap_catches_the_kept_tables_up_first(
+    db: TestDatabase, state_dir: Path
+) -> None:
+    """The live runner is paused, so the tables the repair replaces (and their checkpoint) stay
+    500 events behind the rebuild. The rollback asked right after the swap must catch them up
+    before it swaps them in, not trust what the build runner knew of its last build."""
+    db.init(V2)
+    with db.connect(autocommit=True) as conn:
+        bulk_notes(conn, 1_000)
+    env = env_for(db, V2, state_dir)
+    with DaemonProcess(db.url, V2, state_dir):
+        wait_until(lambda: sum(r["events"] for r in table(db)) == 1_000, 60)
+        assert run_cli("pause", "notes", env=env).returncode == 0
+        with db.connect(autocommit=True) as conn:
+            bulk_notes(conn, 500)
+            conn.execute(DRIFT)
+        repaired = run_cli("drift", "repair", "--apply", env=env, timeout=120)
+        assert repaired.returncode == 0, repaired.stderr
+        assert shape(table(db)) == "new" and sum(r["events"] for r in table(db)) == 1_500
+        [(_, _, kept)] = db.rows(KEPT)
+        assert db.scalar(f"SELECT sum(events) FROM {kept}.notes") == 1_000
+        done = run_cli("rollback", "notes", env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert shape(table(db)) == "old" and sum(r["events"] for r in table(db)) == 1_500
+        assert [{**r, "value": int(r["value"])} for r in table(db)] == v2_fold(db)
