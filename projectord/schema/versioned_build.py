@@ -255,12 +255,17 @@ class VersionBuild(ProjectionRunner):
             stopped = anyio.Event()
             self._stopping = False
             outcome: bool | None = None
+            failure: Exception | None = None
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self._loop, stopped)
                 try:
                     outcome = await self._until_swapped(control, stopped)
+                except Exception as exc:  # raised once the group is closed: it would wrap it,
+                    failure = exc  # and `run` would not know a RebuildError from the rest
                 finally:
                     ProjectionRunner.request_stop(self)
+            if failure is not None:
+                raise failure
             if outcome is not None:
                 return outcome
         return False
@@ -383,12 +388,9 @@ class VersionBuild(ProjectionRunner):
     def _kept_schema(self, serving: int) -> str:
         """Where the tables leaving service go: their version's schema, or, when this is a
         rebuild of the serving version (built in that schema), the one for replaced tables."""
-        kept = version_schema(self.schema, self.live.name, serving)
-        return (
-            replaced_schema(self.schema, self.live.name, serving)
-            if serving == self.version
-            else kept
-        )
+        if serving == self.version:
+            return replaced_schema(self.schema, self.live.name, serving)
+        return version_schema(self.schema, self.live.name, serving)
 
     async def _drop_previous_copy(
         self, control: AsyncConnection[Any], serving: int, kept_schema: str

@@ -82,7 +82,7 @@ async def complete_rebuilds(
     dsn: str, settings: Settings, projections: Sequence[Projection], *, timeout: float
 ) -> None:
     """Return once every requested rebuild has swapped in: built here when no daemon runs,
-    else waited for (RepairError-worthy RebuildError when it stopped, or at the timeout)."""
+    else waited for. RebuildError when one stopped, or has not swapped in by `timeout`."""
     queries = Queries(settings.schema)
     conn = await connect(dsn, autocommit=True, connect_timeout=10)
     async with conn:
@@ -134,13 +134,12 @@ async def _build_here(
         done = anyio.Event()
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(_run, build, done)
-            while not done.is_set():
-                if build.failed:
-                    build.request_stop()
-                    await done.wait()
-                    raise RebuildError(_stopped(projection, build.status.last_error))
+            while not done.is_set() and not build.failed:
                 with anyio.move_on_after(POLL):
                     await done.wait()
+            build.request_stop()  # stopped (it waits to be), or finished already
+    if build.failed:  # raised outside the task group, which would wrap it
+        raise RebuildError(_stopped(projection, build.status.last_error))
 
 
 async def _run(build: VersionBuild, done: anyio.Event) -> None:

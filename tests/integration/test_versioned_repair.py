@@ -40,11 +40,12 @@ from tests.integration.test_versions import (
     v2_fold,
     version_metric,
 )
-from tests.support.drift_support import check, repair, settings_for
+from tests.support.drift_support import check, cli_env, repair, settings_for
 from tests.support.harness import (
     DaemonProcess,
     TestDatabase,
     as_daemon_role,
+    bulk_credits,
     run_cli,
     wait_until,
 )
@@ -352,3 +353,25 @@ def test_a_rollback_right_after_the_swap_catches_the_kept_tables_up_first(
         assert done.returncode == 0, done.stderr
         assert shape(table(db)) == "old" and sum(r["events"] for r in table(db)) == 1_500
         assert [{**r, "value": int(r["value"])} for r in table(db)] == v2_fold(db)
+
+
+def test_a_rebuild_that_stops_fails_the_repair_and_leaves_the_live_tables(
+    db: TestDatabase,
+) -> None:
+    """Built here (no daemon), by a handler that writes its table by its qualified name: the
+    build's guard stops it; the command says why, exit 1; the drifted table serves on."""
+    qualified = "tests.support.rebuild_projections:qualified"
+    db.init(qualified)
+    with db.connect(autocommit=True) as conn:
+        conn.execute("ALTER TABLE qualified_totals ALTER COLUMN total DROP NOT NULL")
+        conn.execute("INSERT INTO qualified_totals VALUES (99, NULL)")  # NOT NULL: a rebuild
+        bulk_credits(conn, 300, accounts=5)
+    failed = run_cli("drift", "repair", "--apply", env=cli_env(db.url, qualified), timeout=120)
+    assert failed.returncode == 1
+    error = failed.stderr.strip().splitlines()[-1]
+    assert error.startswith(
+        "projectord: the versioned rebuild of 'qualified' stopped, its live tables untouched:"
+        " projection 'qualified' wrote public.qualified_totals"
+    ), error
+    assert db.rows("SELECT * FROM qualified_totals") == [(99, None)]
+    assert [(v, r) for v, r, _ in db.rows(KEPT)] == [(1, "building")]  # still asked for
