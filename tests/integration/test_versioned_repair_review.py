@@ -1,0 +1,496 @@
+"""A hostile review of the versioned drift repair (issue 16, docs/evolution.md "A drift repair
+that needs a rebuild"), against a real PostgreSQL, real daemons, kill -9 and concurrent repairs.
+
+Each test states a suspicion. Those named `..._found_by_review` reproduced a bug and are marked
+`xfail(strict=True)` with what goes wrong; the others are suspicions that held (the behaviour is
+right) and stay as regression tests.
+
+The invariant checked throughout: every copy of the tables (the live one, the one kept as version
+N) is exactly its checkpoint's fold: the projection's fold of the events at or below the
+checkpoint row that goes with it (`NAME` for the live tables, `NAME#vN` for the kept ones), each
+event once, in commit order."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import AsyncConnection
+
+from projectord import Event, Projection, Table
+from projectord.runner.version_store import replaced_schema
+from tests.integration.test_versions import (
+    V1,
+    V2,
+    Writer,
+    bulk_notes,
+    env_for,
+    noted,
+    serving_version,
+    table,
+    v1_fold,
+    v2_fold,
+)
+from tests.support.drift_support import check, repair
+from tests.support.harness import (
+    ROOT,
+    TENANT,
+    DaemonProcess,
+    TestDatabase,
+    as_daemon_role,
+    run_cli,
+    wait_until,
+)
+from tests.support.ops_support import ask
+from tests.support.version_projections import NotesV1
+
+KEPT = "SELECT version, role, tables_schema FROM projectord.projection_versions"
+POSITION = (
+    "SELECT transaction_id::text, global_position, owner, state"
+    " FROM projectord.projection_positions WHERE name = %s"
+)
+DRIFT_V2 = "ALTER TABLE notes ALTER COLUMN value TYPE text"
+DRIFT_V1 = "ALTER TABLE notes ALTER COLUMN total TYPE text"
+ASIDE_SPEC = "tests.integration.test_versioned_repair_review:notes_v1_and_aside"
+
+
+class Aside(Projection):
+    """A second projection whose drift (a dropped nullable column) is repaired in place: its
+    ALTER TABLE is where a test holds a `drift repair --apply` between its check and its apply."""
+
+    name = "aside"
+    event_types = ("Asided",)
+    tables = {"aside": Table({"id": "int PRIMARY KEY", "note": "text"})}
+
+    async def handle(self, events: Sequence[Event], conn: AsyncConnection[Any]) -> None:
+        return None
+
+
+def notes_v1_and_aside() -> list[Projection]:
+    return [NotesV1(), Aside()]
+
+
+# -- folds of a prefix of the events ---------------------------------------------------------------
+
+PREFIX = (
+    "SELECT (payload->>'key')::int, (payload->>'value')::bigint, global_position"
+    " FROM projectord.events"
+    " WHERE type = 'Noted' AND (transaction_id, global_position) <= (%s::xid8, %s)"
+    " ORDER BY transaction_id, global_position"
+)
+
+
+def checkpoint_of(db: TestDatabase, row: str) -> tuple[str, int]:
+    found = db.rows(POSITION, (row,))
+    assert found, f"no positions row {row}"
+    return found[0][0], int(found[0][1])
+
+
+def v2_fold_at(db: TestDatabase, row: str) -> list[dict[str, Any]]:
+    """Version 2's fold of the events at or below the checkpoint of positions row `row`."""
+    last: dict[int, tuple[int, int]] = {}
+    counts: dict[int, int] = {}
+    for key, value, position in db.rows(PREFIX, checkpoint_of(db, row)):
+        last[key] = (value, position)
+        counts[key] = counts.get(key, 0) + 1
+    return [
+        {"key": k, "value": last[k][0], "events": counts[k], "last_position": last[k][1]}
+        for k in sorted(last)
+    ]
+
+
+def v1_fold_at(db: TestDatabase, row: str) -> list[dict[str, Any]]:
+    totals: dict[int, list[int]] = {}
+    for key, value, _ in db.rows(PREFIX, checkpoint_of(db, row)):
+        t = totals.setdefault(key, [0, 0])
+        t[0] += value
+        t[1] += 1
+    return [{"key": k, "total": t[0], "events": t[1]} for k, t in sorted(totals.items())]
+
+
+def rows_of(db: TestDatabase, schema: str) -> list[dict[str, Any]]:
+    """The rows of `schema`.notes, values as integers (a drifted copy holds them as text)."""
+    found = json.loads(
+        db.scalar(
+            "SELECT coalesce(json_agg(row_to_json(n) ORDER BY n.key), '[]'::json)::text"
+            f" FROM {schema}.notes n"
+        )
+    )
+    ints = ("value", "total", "events", "last_position")
+    return [{k: int(v) if k in ints else v for k, v in r.items()} for r in found]
+
+
+def kept(db: TestDatabase) -> list[tuple[int, str, str]]:
+    return [(int(v), r, s) for v, r, s in db.rows(KEPT)]
+
+
+def daemon_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {"PROJECTORD_BATCH_SIZE": "200", **(extra or {})}
+
+
+def cli_process(db: TestDatabase, projections: str, state_dir: Path, *args: str, **extra: str):
+    """A `projectord` command as a process of its own, to kill -9."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        **env_for(db, projections, state_dir),
+        "PROJECTORD_LOG_FORMAT": "json",
+        **extra,
+    }
+    env["PROJECTORD_DATABASE_URL"] = as_daemon_role(env["PROJECTORD_DATABASE_URL"])
+    return subprocess.Popen(
+        [sys.executable, "-m", "projectord", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+# -- 1. two `drift repair --apply` at once ---------------------------------------------------------
+
+
+class _Repair(threading.Thread):
+    def __init__(self, url: str, projections: list[Projection]) -> None:
+        super().__init__(daemon=True)
+        self.url, self.projections = url, projections
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = repair(self.url, self.projections, apply=True)
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+
+def _waiting_on(db: TestDatabase, relation: str) -> bool:
+    return bool(
+        db.scalar(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = %s::regclass",
+            (relation,),
+        )
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="found by review: request_rebuild trusts the repair's earlier inspection; a second"
+    " `drift repair --apply` that checked before the first one swapped in drops the copy the first"
+    " kept (the hand-altered tables, its only copy) and rebuilds a table that no longer drifts",
+)
+def test_two_repairs_at_once_the_second_drops_the_first_ones_kept_copy_found_by_review(
+    db: TestDatabase,
+) -> None:
+    """Two operators (or a CI job and an operator) run `drift repair --apply` at the same time.
+    Repair B checks first and sees the drifted `notes`; before it applies, repair A (which also
+    saw it) rebuilds it and keeps the drifted table as version 1. B then records its rebuild,
+    unconditionally: the drift it saw is gone, but the kept copy of the hand-altered table goes."""
+    db.init(ASIDE_SPEC)
+    with db.connect(autocommit=True) as conn:
+        bulk_notes(conn, 300)
+    notes = [NotesV1()]
+    both = [NotesV1(), Aside()]
+    with db.connect(autocommit=True) as conn:
+        conn.execute(DRIFT_V1)
+        # Never run by a daemon: the table holds what was put there by hand, nothing else.
+        conn.execute("INSERT INTO notes VALUES (1, '42 (checked by hand)', 1)")
+        conn.execute("ALTER TABLE aside DROP COLUMN note")
+    assert ("type_mismatch", "notes", "total", "rebuild") in check(db.url, both)
+    assert ("missing_column", "aside", "note", "in_place") in check(db.url, both)
+
+    hold = psycopg.connect(db.url)  # holds B between its check and its apply
+    hold.execute("LOCK TABLE aside IN ACCESS SHARE MODE")
+    b = _Repair(db.url, both)
+    try:
+        b.start()
+        wait_until(lambda: _waiting_on(db, "aside"), 10)  # B has checked; it waits to apply
+        repair(db.url, notes, apply=True)  # A: built here (no daemon), swapped in, copy kept
+        [(version, role, schema)] = kept(db)
+        assert (version, role) == (1, "kept")
+        assert db.scalar(f"SELECT total FROM {schema}.notes WHERE key = 1").endswith("by hand)")
+    finally:
+        hold.rollback()
+        hold.close()
+    b.join(120)
+    assert b.error is None, b.error
+    assert check(db.url, both) == [] and table(db) == v1_fold(db)
+    # The copy A kept is the hand-altered table, still there for a rollback.
+    [(version, role, schema)] = kept(db)
+    assert db.scalar("SELECT to_regnamespace(%s)", (schema,)) is not None
+    assert db.scalar(f"SELECT pg_typeof(total)::text FROM {schema}.notes LIMIT 1") == "text"
+
+
+# -- 2. two daemons, the builder killed -9 ---------------------------------------------------------
+
+
+def _builder(daemons: list[DaemonProcess]) -> DaemonProcess:
+    started = [d for d in daemons if d.has_logged("version.build_started")]
+    assert len(started) == 1, [d.log_path for d in daemons]
+    return started[0]
+
+
+def test_two_daemons_the_builder_killed_9_every_copy_is_its_checkpoints_fold(
+    db: TestDatabase, state_dir: Path
+) -> None:
+    """Suspicion: with the live unit and the build unit in two daemons (or one), a writer going
+    on and the builder killed -9 mid-build, the exchange of the two checkpoint rows at the swap
+    leaves a copy whose rows are not its checkpoint's fold (an in-flight live batch landing in
+    the rebuilt table, or counted in the kept one's checkpoint)."""
+    db.init(V2)
+    with db.connect(autocommit=True) as conn:
+        bulk_notes(conn, 6_000)
+    slow = daemon_env({"TEST_NOTES_SLOW": "0.05"})
+    dirs = [state_dir / "a", state_dir / "b", state_dir / "c"]
+    for d in dirs:
+        d.mkdir()
+    a = DaemonProcess(db.url, V2, dirs[0], extra_env=slow).wait_started()
+    b = DaemonProcess(db.url, V2, dirs[1], extra_env=slow).wait_started()
+    c: DaemonProcess | None = None
+    writer = Writer(db.url)
+    try:
+        wait_until(lambda: sum(r["events"] for r in table(db)) == 6_000, 60)
+        with db.connect(autocommit=True) as conn:
+            conn.execute(DRIFT_V2)
+        writer.start()
+        answered = ask(dirs[0], "drift_repair", apply=True)
+        assert answered["rebuilds"] == ["notes"]
+        wait_until(lambda: (db.scalar(BUILT) or 0) >= 1_000, 60)
+        builder = _builder([a, b])
+        builder.kill()
+        survivor = b if builder is a else a
+        c = DaemonProcess(db.url, V2, dirs[2], extra_env=slow).wait_started()
+        wait_until(lambda: kept(db) and kept(db)[0][1] == "kept", 120)
+        commits = writer.commits
+        wait_until(lambda: writer.commits >= commits + 30, 30)
+        writer.done.set()
+        writer.join()
+        wait_until(lambda: sum(r["events"] for r in table(db)) == noted(db), 60)
+        assert survivor.has_logged("version.build_resumed") or c.has_logged("version.build_resumed")
+    finally:
+        writer.done.set()
+        for d in (a, b, c):
+            if d is not None and d.process.poll() is None:
+                d.stop()
+    assert table(db) == v2_fold(db)
+    [(version, role, schema)] = kept(db)
+    assert (version, role) == (2, "kept")
+    assert rows_of(db, schema) == v2_fold_at(db, "notes#v2")
+    assert rows_of(db, "public") == v2_fold_at(db, "notes")
+
+
+BUILT = "SELECT applied_total FROM projectord.projection_positions WHERE name = 'notes#v2'"
+
+
+# -- 3. the command builds (no daemon); a daemon starts; the command is killed -9 ------------------
+
+
+def test_the_command_builds_a_daemon_starting_meanwhile_leaves_it_and_resumes_after_a_kill_9(
+    db: TestDatabase, state_dir: Path
+) -> None:
+    """Suspicion: `drift repair --apply` building by itself (no daemon) and a daemon started
+    meanwhile both build `notes#v2` (two runners on one checkpoint, one set of tables), or the
+    daemon, after the command is killed -9, starts over or loses the build's progress."""
+    db.init(V2)
+    with db.connect(autocommit=True) as conn:
+        bulk_notes(conn, 4_000)
+    slow = daemon_env({"TEST_NOTES_SLOW": "0.1"})
+    with DaemonProcess(db.url, V2, state_dir, extra_env=slow):
+        wait_until(lambda: sum(r["events"] for r in table(db)) == 4_000, 60)
+    with db.connect(autocommit=True) as conn:
+        conn.execute(DRIFT_V2)
+        bulk_notes(conn, 500)  # the live tables are behind now: no daemon runs
+    command = cli_process(db, V2, state_dir, "drift", "repair", "--apply", **slow)
+    writer = Writer(db.url)
+    daemon: DaemonProcess | None = None
+    try:
+        wait_until(lambda: (db.scalar(BUILT) or 0) >= 400, 60)
+        owner = db.rows(POSITION, ("notes#v2",))[0][2]
+        assert owner.startswith("drift-repair@")
+        writer.start()
+        daemon = DaemonProcess(db.url, V2, state_dir, extra_env=slow).wait_started()
+        wait_until(lambda: (db.scalar(BUILT) or 0) >= 1_600, 60)
+        assert not daemon.has_logged("version.build_started")
+        assert not daemon.has_logged("version.build_resumed")
+        assert db.rows(POSITION, ("notes#v2",))[0][2] == owner  # still the command's
+        command.send_signal(signal.SIGKILL)
+        command.wait(10)
+        stopped_at = db.scalar(BUILT)
+        wait_until(lambda: kept(db) and kept(db)[0][1] == "kept", 120)
+        assert daemon.has_logged("version.build_resumed")
+        assert not daemon.has_logged("version.build_started")
+        assert stopped_at >= 1_600
+        writer.done.set()
+        writer.join()
+        wait_until(lambda: sum(r["events"] for r in table(db)) == noted(db), 60)
+    finally:
+        writer.done.set()
+        if command.poll() is None:
+            command.kill()
+        if daemon is not None:
+            daemon.stop()
+    assert table(db) == v2_fold(db)
+    [(_, _, schema)] = kept(db)
+    assert rows_of(db, schema) == v2_fold_at(db, "notes#v2")
+
+
+# -- 4. rollback under a writer --------------------------------------------------------------------
+
+
+def test_a_rollback_under_a_writer_each_copy_stays_its_checkpoints_fold(
+    db: TestDatabase, state_dir: Path
+) -> None:
+    """Suspicion: a rollback to the replaced tables, while events keep coming, swaps in a copy
+    that misses or doubles the events committed during its catch-up, or leaves the rebuilt copy
+    (now kept) out of step with its checkpoint."""
+    db.init(V2)
+    with db.connect(autocommit=True) as conn:
+        bulk_notes(conn, 3_000)
+    env = env_for(db, V2, state_dir)
+    slow = daemon_env({"TEST_NOTES_SLOW": "0.05"})
+    writer = Writer(db.url)
+    with DaemonProcess(db.url, V2, state_dir, extra_env=slow):
+        wait_until(lambda: sum(r["events"] for r in table(db)) == 3_000, 60)
+        with db.connect(autocommit=True) as conn:
+            conn.execute(DRIFT_V2)
+        writer.start()
+        ask(state_dir, "drift_repair", apply=True)
+        wait_until(lambda: kept(db) and kept(db)[0][1] == "kept", 120)
+        commits = writer.commits
+        wait_until(lambda: writer.commits >= commits + 30, 30)
+        done = run_cli("rollback", "notes", env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        commits = writer.commits
+        wait_until(lambda: writer.commits >= commits + 30, 30)
+        writer.done.set()
+        writer.join()
+        wait_until(lambda: sum(int(r["events"]) for r in table(db)) == noted(db), 60)
+    assert rows_of(db, "public") == v2_fold(db)
+    assert db.scalar("SELECT pg_typeof(value)::text FROM notes LIMIT 1") == "text"  # the old one
+    [(version, role, schema)] = kept(db)
+    assert (version, role) == (2, "kept")
+    assert rows_of(db, schema) == v2_fold_at(db, "notes#v2")
+
+
+# -- 5. a version bump while a rebuild of the serving version runs ---------------------------------
+
+
+def test_a_version_bump_during_a_drift_rebuild_leaves_one_consistent_kept_copy(
+    db: TestDatabase, state_dir: Path
+) -> None:
+    """Suspicion: version 1 is being rebuilt (a drift repair) when a daemon of version 2 starts
+    and builds version 2; whichever swaps first, the other's swap (or the rebuild given up) leaves
+    version 1's kept copy out of step with its checkpoint `notes#v1`, a stray schema, or v2's
+    table wrong."""
+    db.init(V1)
+    with db.connect(autocommit=True) as conn:
+        bulk_notes(conn, 4_000)
+    d1, d2 = state_dir / "v1", state_dir / "v2"
+    d1.mkdir()
+    d2.mkdir()
+    slow = daemon_env({"TEST_NOTES_SLOW": "0.05"})
+    writer = Writer(db.url)
+    one = DaemonProcess(db.url, V1, d1, extra_env=slow).wait_started()
+    two: DaemonProcess | None = None
+    try:
+        wait_until(lambda: sum(int(r["events"]) for r in table(db)) == 4_000, 60)
+        with db.connect(autocommit=True) as conn:
+            conn.execute(DRIFT_V1)
+        writer.start()
+        ask(d1, "drift_repair", apply=True)
+        wait_until(
+            lambda: (
+                (
+                    db.scalar(
+                        "SELECT applied_total FROM projectord.projection_positions"
+                        " WHERE name = 'notes#v1'"
+                    )
+                    or 0
+                )
+                >= 600
+            ),
+            60,
+        )
+        two = DaemonProcess(db.url, V2, d2, extra_env=slow).wait_started()
+        wait_until(lambda: serving_version(db) == 2, 180)
+        commits = writer.commits
+        wait_until(lambda: writer.commits >= commits + 30, 30)
+        writer.done.set()
+        writer.join()
+        wait_until(lambda: sum(int(r["events"]) for r in table(db)) == noted(db), 60)
+    finally:
+        writer.done.set()
+        for d in (one, two):
+            if d is not None and d.process.poll() is None:
+                d.stop()
+    assert table(db) == v2_fold(db)
+    rows = kept(db)
+    assert [(v, r) for v, r, _ in rows] == [(1, "kept")]
+    schema = rows[0][2]
+    assert rows_of(db, schema) == v1_fold_at(db, "notes#v1")
+    namespaces = db.rows("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'projectord_%'")
+    assert namespaces == [(schema,)]
+    assert db.scalar("SELECT to_regnamespace(%s)", (replaced_schema("public", "notes", 1),)) is None
+
+
+# -- 6. dead letters of the replaced tables, and a rollback to them --------------------------------
+
+PENDING = (
+    "SELECT count(*) FROM projectord.dead_letters WHERE projection = 'notes'"
+    " AND resolved_at IS NULL"
+)
+
+
+def append_values(db: TestDatabase, values: list[int]) -> None:
+    with db.connect(autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO projectord.events (tenant_id, aggregate_id, version, type, payload)"
+            " SELECT %s, gen_random_uuid(), 1, 'Noted', jsonb_build_object('key', i %% 20,"
+            " 'value', v) FROM unnest(%s::bigint[]) WITH ORDINALITY AS u(v, i)",
+            (TENANT, values),
+        )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="found by review: the swap marks the live projection's pending dead letters"
+    " `rebuilt`, but the replaced tables it keeps never applied those events; a rollback to"
+    " them serves tables that miss the events, with no dead letter left to retry",
+)
+def test_a_rollback_to_the_replaced_tables_loses_their_dead_lettered_events_found_by_review(
+    db: TestDatabase, state_dir: Path
+) -> None:
+    """The drift makes the live handler fail on some events (`value` narrowed to numeric(5, 0) by
+    hand): with `on_error = "skip"` they become dead letters of `notes`, to be retried once the
+    table is fixed. The repair rebuilds the table (the rebuilt one applies them) and keeps the
+    drifted one as version 2; the swap resolves the dead letters as `rebuilt`. `rollback notes`
+    then brings the drifted table back "caught up": it never applied those events, and no
+    pending dead letter says so any more. Every event must be in the table or pending."""
+    db.init(V2)
+    append_values(db, [7] * 200)
+    env = env_for(db, V2, state_dir)
+    policy = daemon_env({"PROJECTORD_ON_ERROR": "skip", "PROJECTORD_MAX_ATTEMPTS": "1"})
+    with DaemonProcess(db.url, V2, state_dir, extra_env=policy):
+        wait_until(lambda: sum(r["events"] for r in table(db)) == 200, 60)
+        with db.connect(autocommit=True) as conn:
+            conn.execute("ALTER TABLE notes ALTER COLUMN value TYPE numeric(5, 0)")
+        append_values(db, [9] * 40 + [100_000] * 5)  # the last 5 overflow numeric(5, 0)
+        wait_until(lambda: db.scalar(PENDING) == 5, 60)
+        wait_until(lambda: sum(r["events"] for r in table(db)) == 240, 60)
+        ask(state_dir, "drift_repair", apply=True)
+        wait_until(lambda: kept(db) and kept(db)[0][1] == "kept", 120)
+        assert sum(r["events"] for r in table(db)) == 245  # the rebuilt table applied them
+        done = run_cli("rollback", "notes", env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert db.scalar("SELECT pg_typeof(value)::text FROM notes LIMIT 1") == "numeric"
+    applied = sum(r["events"] for r in table(db))
+    assert applied + db.scalar(PENDING) == noted(db) == 245
