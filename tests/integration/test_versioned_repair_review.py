@@ -494,3 +494,205 @@ def test_a_rollback_to_the_replaced_tables_loses_their_dead_lettered_events_foun
         assert db.scalar("SELECT pg_typeof(value)::text FROM notes LIMIT 1") == "numeric"
     applied = sum(r["events"] for r in table(db))
     assert applied + db.scalar(PENDING) == noted(db) == 245
+
+
+# -- 7. the swap interrupted in its transaction: kill -9, or its session terminated
+
+SWAP_WAITING = (
+    "SELECT pid FROM pg_locks WHERE NOT granted AND mode = 'AccessExclusiveLock'"
+    " AND relation = to_regclass('public.notes')"
+)
+
+
+@pytest.mark.parametrize("how", ["kill_9", "terminate"])
+def test_a_swap_interrupted_in_its_transaction_loses_and_doubles_nothing(
+    db: TestDatabase, state_dir: Path, how: str
+) -> None:
+    """Suspicion: the swap, interrupted after it locked the live tables, let the build apply the
+    last events and stopped the build runner, but before its commit (a reader holds the live
+    table, so its ACCESS EXCLUSIVE lock waits), leaves the build runner stopped for good, the
+    live runner blocked, or the build's checkpoint ahead of its tables; the next try (the same
+    daemon after a terminated session, the next daemon after a kill -9) swaps in a wrong copy."""
+    db.init(V2)
+    with db.connect(autocommit=True) as conn:
+        bulk_notes(conn, 3_000)
+    slow = daemon_env({"TEST_NOTES_SLOW": "0.02"})
+    writer = Writer(db.url)
+    first = DaemonProcess(db.url, V2, state_dir, extra_env=slow).wait_started()
+    second: DaemonProcess | None = None
+    reader = psycopg.connect(db.url)
+    try:
+        wait_until(lambda: sum(r["events"] for r in table(db)) == 3_000, 60)
+        with db.connect(autocommit=True) as conn:
+            conn.execute(DRIFT_V2)
+        writer.start()
+        reader.execute("SELECT count(*) FROM notes").fetchone()  # holds ACCESS SHARE
+        ask(state_dir, "drift_repair", apply=True)
+        wait_until(lambda: bool(db.rows(SWAP_WAITING)), 60)
+        [(pid,)] = db.rows(SWAP_WAITING)
+        if how == "kill_9":
+            first.kill()
+        else:
+            assert db.scalar("SELECT pg_terminate_backend(%s)", (pid,))
+        reader.rollback()
+        if how == "kill_9":
+            second = DaemonProcess(db.url, V2, state_dir, extra_env=slow).wait_started()
+        wait_until(lambda: kept(db) and kept(db)[0][1] == "kept", 120)
+        commits = writer.commits
+        wait_until(lambda: writer.commits >= commits + 30, 30)
+        writer.done.set()
+        writer.join()
+        wait_until(lambda: sum(r["events"] for r in table(db)) == noted(db), 60)
+    finally:
+        writer.done.set()
+        reader.close()
+        for d in (first, second):
+            if d is not None and d.process.poll() is None:
+                d.stop()
+    if second is not None:
+        assert second.has_logged("version.build_resumed")
+    assert table(db) == v2_fold(db)
+    [(_, _, schema)] = kept(db)
+    assert rows_of(db, schema) == v2_fold_at(db, "notes#v2")
+
+
+# -- 8. sessions terminated at random during the build and the swap
+
+
+def test_sessions_terminated_at_random_during_a_drift_rebuild_lose_and_double_nothing(
+    db: TestDatabase, state_dir: Path
+) -> None:
+    """Suspicion: the daemon losing connections (its ownership session, the build's control
+    connection, pooled batch connections) at any moment of the build and the swap makes the live
+    and build units run twice, or commits a batch into the other unit's tables."""
+    import random
+    import time
+
+    db.init(V2)
+    with db.connect(autocommit=True) as conn:
+        bulk_notes(conn, 4_000)
+    slow = daemon_env({"TEST_NOTES_SLOW": "0.02"})
+    dirs = [state_dir / "a", state_dir / "b"]
+    for d in dirs:
+        d.mkdir()
+    writer = Writer(db.url)
+    daemons = [DaemonProcess(db.url, V2, d, extra_env=slow).wait_started() for d in dirs]
+    rng = random.Random(16)
+    try:
+        wait_until(lambda: sum(r["events"] for r in table(db)) == 4_000, 60)
+        with db.connect(autocommit=True) as conn:
+            conn.execute(DRIFT_V2)
+        writer.start()
+        ask(dirs[0], "drift_repair", apply=True)
+        deadline = time.monotonic() + 60
+        terminated = 0
+        while time.monotonic() < deadline and not (kept(db) and kept(db)[0][1] == "kept"):
+            pids = [
+                p
+                for (p,) in db.rows(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND pid <> pg_backend_pid() AND application_name LIKE 'projectord%%'"
+                )
+            ]
+            if pids:
+                db.scalar("SELECT pg_terminate_backend(%s)", (rng.choice(pids),))
+                terminated += 1
+            time.sleep(rng.uniform(0.05, 0.4))
+        assert terminated > 5
+        wait_until(lambda: kept(db) and kept(db)[0][1] == "kept", 120)
+        commits = writer.commits
+        wait_until(lambda: writer.commits >= commits + 30, 30)
+        writer.done.set()
+        writer.join()
+        wait_until(lambda: sum(r["events"] for r in table(db)) == noted(db), 90)
+    finally:
+        writer.done.set()
+        for d in daemons:
+            if d.process.poll() is None:
+                d.stop()
+    assert table(db) == v2_fold(db)
+    [(_, _, schema)] = kept(db)
+    assert rows_of(db, schema) == v2_fold_at(db, "notes#v2")
+
+
+# -- 9. a rolling deploy of projectord itself: a daemon of the release before this one -------------
+
+
+def _old_release(tmp: Path) -> Path:
+    """projectord as on `main` (the release before this branch), unpacked into `tmp`."""
+    tmp.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "main", "projectord", "sql"],
+        capture_output=True,
+        check=True,
+    )
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive.stdout, check=True)
+    return tmp
+
+
+def test_a_daemon_of_the_previous_release_runs_the_live_unit_while_this_one_rebuilds(
+    db: TestDatabase, state_dir: Path, tmp_path: Path
+) -> None:
+    """Suspicion: in a rolling deploy of projectord itself, a daemon of the previous release
+    (which knows nothing of a rebuild of the serving version) owns the live unit while a daemon
+    of this release builds and swaps; the old live runner goes on applying to the moved (kept)
+    tables, or continues from the wrong checkpoint after the exchange."""
+    old = _old_release(tmp_path / "old")
+    db.init(V2)
+    with db.connect(autocommit=True) as conn:
+        bulk_notes(conn, 3_000)
+    slow = daemon_env({"TEST_NOTES_SLOW": "0.02"})
+    dirs = [state_dir / "old", state_dir / "new"]
+    for d in dirs:
+        d.mkdir()
+    writer = Writer(db.url)
+    previous = DaemonProcess(db.url, V2, dirs[0], extra_env={**slow, "PYTHONPATH": str(old)})
+    previous.process.kill()  # DaemonProcess puts this branch first: start it again, old code
+    previous.process.wait(10)
+    env = {
+        **os.environ,
+        **env_for(db, V2, dirs[0]),
+        **slow,
+        "PYTHONPATH": str(old),
+        "PYTHONDONTWRITEBYTECODE": "",  # its __pycache__ shows which code it imported
+        "PROJECTORD_LOG_FORMAT": "json",
+        "PROJECTORD_DATABASE_URL": as_daemon_role(db.url),
+    }
+    log = previous.log_path.open("w")
+    previous.process = subprocess.Popen(
+        [sys.executable, "-m", "projectord", "run"],  # cwd first on sys.path: the old code
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=str(old),
+    )
+    previous._log_file = log
+    current: DaemonProcess | None = None
+    try:
+        previous.wait_started()
+        assert (old / "projectord" / "daemon" / "__pycache__").is_dir()  # it runs the old code
+        assert not (old / "projectord" / "schema" / "versioned_repair.py").exists()
+        wait_until(lambda: sum(r["events"] for r in table(db)) == 3_000, 60)
+        assert db.rows(POSITION, ("notes",))[0][2] is not None  # the old daemon owns it
+        live_owner = db.rows(POSITION, ("notes",))[0][2]
+        current = DaemonProcess(db.url, V2, dirs[1], extra_env=slow).wait_started()
+        with db.connect(autocommit=True) as conn:
+            conn.execute(DRIFT_V2)
+        writer.start()
+        ask(dirs[1], "drift_repair", apply=True)
+        wait_until(lambda: kept(db) and kept(db)[0][1] == "kept", 120)
+        assert db.rows(POSITION, ("notes",))[0][2] == live_owner  # still the old daemon's
+        assert current.has_logged("version.swapped")
+        commits = writer.commits
+        wait_until(lambda: writer.commits >= commits + 30, 30)
+        writer.done.set()
+        writer.join()
+        wait_until(lambda: sum(r["events"] for r in table(db)) == noted(db), 60)
+    finally:
+        writer.done.set()
+        for d in (previous, current):
+            if d is not None and d.process.poll() is None:
+                d.stop()
+    assert table(db) == v2_fold(db)
+    [(_, _, schema)] = kept(db)
+    assert rows_of(db, schema) == v2_fold_at(db, "notes#v2")
