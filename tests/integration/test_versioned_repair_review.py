@@ -437,13 +437,18 @@ def test_a_rollback_under_a_writer_each_copy_stays_its_checkpoints_fold(
 # -- 5. a version bump while a rebuild of the serving version runs ---------------------------------
 
 
-def test_a_version_bump_during_a_drift_rebuild_leaves_one_consistent_kept_copy(
-    db: TestDatabase, state_dir: Path
+BUILT_V1 = "SELECT applied_total FROM projectord.projection_positions WHERE name = 'notes#v1'"
+BUILT_V2_OF = "SELECT applied_total FROM projectord.projection_positions WHERE name = 'notes#v2'"
+
+
+@pytest.mark.parametrize("first", ["repair", "bump"])
+def test_a_version_bump_and_a_drift_rebuild_at_once_leave_one_consistent_kept_copy(
+    db: TestDatabase, state_dir: Path, first: str
 ) -> None:
     """Suspicion: version 1 is being rebuilt (a drift repair) when a daemon of version 2 starts
-    and builds version 2; whichever swaps first, the other's swap (or the rebuild given up) leaves
-    version 1's kept copy out of step with its checkpoint `notes#v1`, a stray schema, or v2's
-    table wrong."""
+    and builds version 2, or the repair is asked while version 2 builds; whichever swaps first,
+    the other's swap (or the rebuild given up) leaves version 1's kept copy out of step with its
+    checkpoint `notes#v1`, a stray schema, or v2's table wrong."""
     db.init(V1)
     with db.connect(autocommit=True) as conn:
         bulk_notes(conn, 4_000)
@@ -459,21 +464,15 @@ def test_a_version_bump_during_a_drift_rebuild_leaves_one_consistent_kept_copy(
         with db.connect(autocommit=True) as conn:
             conn.execute(DRIFT_V1)
         writer.start()
-        ask(d1, "drift_repair", apply=True)
-        wait_until(
-            lambda: (
-                (
-                    db.scalar(
-                        "SELECT applied_total FROM projectord.projection_positions"
-                        " WHERE name = 'notes#v1'"
-                    )
-                    or 0
-                )
-                >= 600
-            ),
-            60,
-        )
-        two = DaemonProcess(db.url, V2, d2, extra_env=slow).wait_started()
+        if first == "repair":
+            ask(d1, "drift_repair", apply=True)
+            wait_until(lambda: (db.scalar(BUILT_V1) or 0) >= 600, 60)
+            two = DaemonProcess(db.url, V2, d2, extra_env=slow).wait_started()
+        else:
+            two = DaemonProcess(db.url, V2, d2, extra_env=slow).wait_started()
+            wait_until(lambda: (db.scalar(BUILT_V2_OF) or 0) >= 600, 60)
+            ask(d1, "drift_repair", apply=True)
+            assert sorted(v for v, r, _ in kept(db) if r == "building") == [1, 2]
         wait_until(lambda: serving_version(db) == 2, 180)
         commits = writer.commits
         wait_until(lambda: writer.commits >= commits + 30, 30)
