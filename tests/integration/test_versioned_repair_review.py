@@ -939,3 +939,54 @@ def test_a_repair_whose_rebuild_is_given_up_does_not_say_it_swapped_in_found_by_
             if d is not None and d.process.poll() is None:
                 d.stop()
     assert command.returncode != 0 or "swapped in" not in stderr, stderr
+
+
+# -- 13. kill -9 during a rollback to the replaced tables
+
+
+def test_kill_9_during_a_rollback_to_the_replaced_tables_the_next_daemon_finishes_it(
+    db: TestDatabase, state_dir: Path
+) -> None:
+    """Suspicion: a daemon killed -9 while it catches the replaced tables up (a rollback after a
+    drift repair) leaves them half caught up under a checkpoint that says otherwise, or the next
+    daemon rebuilds from scratch (dropping the copy it was to bring back)."""
+    db.init(V2)
+    with db.connect(autocommit=True) as conn:
+        bulk_notes(conn, 1_000)
+    slow = daemon_env({"TEST_NOTES_SLOW": "0.05"})
+    first = DaemonProcess(db.url, V2, state_dir, extra_env=slow).wait_started()
+    second: DaemonProcess | None = None
+    writer = Writer(db.url)
+    try:
+        wait_until(lambda: sum(r["events"] for r in table(db)) == 1_000, 60)
+        with db.connect(autocommit=True) as conn:
+            conn.execute(DRIFT_V2)
+        ask(state_dir, "drift_repair", apply=True)
+        wait_until(lambda: kept(db) and kept(db)[0][1] == "kept", 60)
+        [(_, _, replaced)] = kept(db)
+        drifted = db.scalar(f"SELECT '{replaced}.notes'::regclass::oid")
+        with db.connect(autocommit=True) as conn:
+            bulk_notes(conn, 3_000)  # the replaced tables have all of these to catch up
+        wait_until(lambda: sum(r["events"] for r in table(db)) == noted(db), 60)
+        kept_at = int(db.scalar(BUILT))
+        writer.start()
+        ask(state_dir, "rollback", name="notes")
+        wait_until(lambda: int(db.scalar(BUILT) or 0) >= kept_at + 800, 60)
+        first.kill()
+        assert [(v, r) for v, r, _ in kept(db)] == [(2, "building")]
+        second = DaemonProcess(db.url, V2, state_dir, extra_env=slow).wait_started()
+        wait_until(lambda: kept(db) and kept(db)[0][1] == "kept", 120)
+        writer.done.set()
+        writer.join()
+        wait_until(lambda: sum(int(r["events"]) for r in table(db)) == noted(db), 60)
+    finally:
+        writer.done.set()
+        for d in (first, second):
+            if d is not None and d.process.poll() is None:
+                d.stop()
+    assert second.has_logged("version.build_resumed")
+    assert not second.has_logged("version.build_started")
+    assert db.scalar("SELECT 'public.notes'::regclass::oid") == drifted  # that very table
+    assert rows_of(db, "public") == v2_fold(db)
+    [(_, _, schema)] = kept(db)
+    assert rows_of(db, schema) == v2_fold_at(db, "notes#v2")
