@@ -22,6 +22,8 @@ from projectord.config import Settings
 from projectord.database import connect
 from projectord.logs import get_logger
 from projectord.projection import Projection
+from projectord.queries import Queries
+from projectord.runner.checkpoint_store import CheckpointStore
 from projectord.schema.catalog import TableShape
 from projectord.schema.drift import Inspection, inspect
 from projectord.schema.drift_items import (
@@ -33,6 +35,7 @@ from projectord.schema.drift_items import (
     sql_identifier,
 )
 from projectord.schema.migrations import declaration_search_path
+from projectord.schema.online_rebuild import RebuildError, check_serving_version
 from projectord.schema.security import (
     WRITE_POLICY,
     drop_policy,
@@ -94,6 +97,7 @@ async def drift_repair(
     conn = await connect(dsn, autocommit=True, connect_timeout=10)
     async with conn:
         inspection = await inspect(conn, settings, projections)
+        await check_versions(conn, settings, inspection)
         plan = plan_repair(inspection, settings, drop_extra=drop_extra)
         result = describe_plan(conn, inspection, plan) | {"applied": False}
         if not apply:
@@ -105,6 +109,20 @@ async def drift_repair(
     if wait and rebuilt:
         await complete_rebuilds(dsn, settings, rebuilt, timeout=REBUILD_TIMEOUT)
     return result | {"applied": True}
+
+
+async def check_versions(
+    conn: AsyncConnection[Any], settings: Settings, inspection: Inspection
+) -> None:
+    """Refuse, before anything changes, a repair by code whose version of a drifted projection
+    is not the serving one: the live tables are that version's, and another version's declaration
+    (a bump being built, a host not yet upgraded) would alter them to its own shape."""
+    checkpoints = CheckpointStore(Queries(settings.schema))
+    for name in sorted({item.projection for item in inspection.items if item.projection}):
+        try:
+            await check_serving_version(conn, checkpoints, inspection.projections[name])
+        except RebuildError as exc:
+            raise RepairError(f"drift repair refused, nothing changed: {exc}") from None
 
 
 async def secure_tables(
