@@ -160,9 +160,12 @@ class VersionBuild(ProjectionRunner):
                 control = await connect(self.dsn, autocommit=True, connect_timeout=10)
                 async with control:
                     if await self._prepare(control):
-                        failures = 0
                         await self._read_checkpoint(control)
                         await self._build_and_swap(control)
+                # Only a pass that ended without an error (swapped, nothing to build, asked to
+                # stop) resets the backoff: a swap that fails the same way on every try after a
+                # successful preparation must back off, not lock the live tables at the floor.
+                failures = 0
                 if self.once:
                     break
                 self._set_state("stopped")
@@ -183,9 +186,17 @@ class VersionBuild(ProjectionRunner):
                     event = "version.build_error"
                 self._blog.warning(event, error=describe_error(exc))
                 self.status.last_error = {"type": type(exc).__name__, "message": str(exc)}
-                with self.heartbeat.waiting():
-                    await self.control.wait(jittered_delay(failures, 0.1, 5.0))
+                await self._back_off(failures)
         self._set_state("stopped")
+
+    async def _back_off(self, failures: int) -> None:
+        """Wait out the delay of the `failures`th failure in a row, or until asked to stop. Not
+        cut short by the runner's control signal otherwise: the stop of the build's own loop sets
+        it on every try, and a swap that fails each time would be retried at once."""
+        deadline = time.monotonic() + jittered_delay(failures, 0.1, 5.0)
+        with self.heartbeat.waiting():
+            while not self._leaving and (left := deadline - time.monotonic()) > 0:
+                await self.control.wait(left)
 
     # -- preparing ---------------------------------------------------------------------------------
 

@@ -854,12 +854,6 @@ def test_a_rollback_to_a_kept_copy_without_the_dropped_table_strands_it_found_by
         daemon.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by review: VersionBuild.run resets its failure count after every successful"
-    " _prepare, so a swap that fails the same way each time (here: a table missing from the"
-    " build) is retried at the 0.1 s floor forever, each try locking the live tables EXCLUSIVE",
-)
 def test_a_swap_that_always_fails_is_retried_with_a_growing_backoff_found_by_review(
     db: TestDatabase, state_dir: Path
 ) -> None:
