@@ -92,6 +92,7 @@ async def complete_rebuilds(
                 await _wait_for_swap(conn, queries, projection, timeout)
             else:
                 await _build_here(dsn, settings, queries, projection)
+            await _check_swapped_in(conn, queries, projection)
 
 
 async def _live_daemons(conn: AsyncConnection[Any], queries: Queries) -> int:
@@ -169,6 +170,26 @@ async def _wait_for_swap(
         f"the versioned rebuild of {name!r} has not swapped in after {timeout:g}s; it goes on"
         " in the daemon: `projectord status` shows its progress"
     )
+
+
+async def _check_swapped_in(
+    conn: AsyncConnection[Any], queries: Queries, projection: Projection
+) -> None:
+    """RebuildError unless the rebuild's row is gone from `building` *because it swapped in*.
+    A rebuild of version N swaps in as N: N still serves. A rebuild given up (a newer version
+    swapped in meanwhile: docs/evolution.md) also leaves `building`, with another version
+    serving and N's old tables kept; that is no repair."""
+    name, version = projection.name, projection.version
+    rows = await VersionStore(queries).rows(conn, [name])
+    if any(r.version == version and r.role == BUILDING for r in rows):
+        raise RebuildError(f"the versioned rebuild of {name!r} has not swapped in; it goes on")
+    serving = (await CheckpointStore(queries).serving_versions(conn, [name])).get(name)
+    if serving != version:
+        raise RebuildError(
+            f"the versioned rebuild of {name!r} was given up, nothing swapped in: version"
+            f" {serving} serves now, version {version}'s tables (drift included) are kept"
+            f" (`projectord versions list`)"
+        )
 
 
 def _stopped(projection: Projection, error: dict[str, Any] | None) -> str:

@@ -881,12 +881,6 @@ def test_a_swap_that_always_fails_is_retried_with_a_growing_backoff_found_by_rev
 # -- 12. what `drift repair --apply` says when its rebuild is given up
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by review: _wait_for_swap takes 'the row is no longer building' for 'swapped"
-    " in'; a rebuild given up because a newer version swapped in (its row turned `kept`) is"
-    " reported as done, exit 0, 'versioned rebuild, swapped in'",
-)
 def test_a_repair_whose_rebuild_is_given_up_does_not_say_it_swapped_in_found_by_review(
     db: TestDatabase, state_dir: Path
 ) -> None:
@@ -924,7 +918,8 @@ def test_a_repair_whose_rebuild_is_given_up_does_not_say_it_swapped_in_found_by_
         for d in (one, two):
             if d is not None and d.process.poll() is None:
                 d.stop()
-    assert command.returncode != 0 or "swapped in" not in stderr, stderr
+    assert command.returncode == 1, stderr
+    assert "was given up, nothing swapped in: version 2 serves now" in stderr, stderr
 
 
 # -- 13. kill -9 during a rollback to the replaced tables
