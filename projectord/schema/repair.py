@@ -103,9 +103,11 @@ async def drift_repair(
         if not apply:
             return result
         await apply_in_place(conn, plan, inspection.schema)
-        rebuilt = [inspection.projections[name] for name in plan.rebuilds]
-        for projection in rebuilt:
-            await request_rebuild(conn, settings, projection)
+        rebuilt = [
+            projection
+            for projection in (inspection.projections[name] for name in plan.rebuilds)
+            if await request_rebuild(conn, settings, projection)
+        ]
     if wait and rebuilt:
         await complete_rebuilds(dsn, settings, rebuilt, timeout=REBUILD_TIMEOUT)
     return result | {"applied": True}

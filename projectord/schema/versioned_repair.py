@@ -44,6 +44,8 @@ from projectord.runner.version_store import (
     version_row_name,
     version_schema,
 )
+from projectord.schema.drift import inspect
+from projectord.schema.drift_items import Repair
 from projectord.schema.online_rebuild import RebuildError, check_serving_version
 from projectord.schema.versioned_build import VersionBuild
 
@@ -54,19 +56,25 @@ POLL = 0.2  # seconds between two looks at a rebuild a daemon runs
 
 async def request_rebuild(
     conn: AsyncConnection[Any], settings: Settings, projection: Projection
-) -> None:
+) -> bool:
     """Record the rebuild of the serving version of `projection` (autocommit `conn`, one
-    transaction). Asked again while it runs, nothing changes."""
+    transaction). Asked again while it runs, nothing changes. False when, looked at again under
+    the lock, its tables need no rebuild any more: the drift the repair inspected earlier is
+    gone (another repair rebuilt them meanwhile), and the copy that one kept must stay."""
     queries = Queries(settings.schema)
     versions, checkpoints = VersionStore(queries), CheckpointStore(queries)
     name, version = projection.name, projection.version
     unit = version_row_name(name, version)
     async with conn.transaction():
+        await _lock_live_tables(conn, queries, settings.read_model_schema, projection)
         row = await versions.lock(conn, name, version)
         await checkpoints.ensure(conn, name, version)  # never run yet: this version serves
         await check_serving_version(conn, checkpoints, projection)
         if row is not None and row[0] == BUILDING:
-            return
+            return True
+        if not await _needs_rebuild(conn, settings, projection):
+            log.info("drift.rebuild_not_needed", projection=name, version=version)
+            return False
         if row is not None:  # the copy an earlier rebuild of this version kept
             await drop_version(conn, versions, checkpoints, name, version, row[1])
         schema = version_schema(settings.read_model_schema, name, version)
@@ -76,6 +84,33 @@ async def request_rebuild(
         await checkpoints.delete(conn, unit)
         await versions.start_building(conn, name, version, schema)
     log.info("drift.rebuild_requested", projection=name, version=version, tables_schema=schema)
+    return True
+
+
+async def _lock_live_tables(
+    conn: AsyncConnection[Any], queries: Queries, schema: str, projection: Projection
+) -> None:
+    """ACCESS SHARE on the live tables that exist, before the version row: a swap takes its
+    table locks before that row, so the look at their contents under the row's lock cannot
+    deadlock with one (the swap waits, and retries, until this transaction ends)."""
+    cur = await conn.execute(
+        queries["table_owners"], {"schema": schema, "tables": list(projection.tables)}
+    )
+    tables = [sql.Identifier(schema, str(table)) for table, _ in await cur.fetchall()]
+    if tables:
+        await conn.execute(
+            sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(sql.SQL(", ").join(tables))
+        )
+
+
+async def _needs_rebuild(
+    conn: AsyncConnection[Any], settings: Settings, projection: Projection
+) -> bool:
+    """The live tables still drift in a way only a rebuild repairs (looked at now, in the
+    caller's transaction, under its locks: another repair may have rebuilt them since the
+    caller's inspection, and a second rebuild would drop the copy that one kept)."""
+    inspection = await inspect(conn, settings, [projection])
+    return any(item.repair is Repair.REBUILD for item in inspection.items)
 
 
 async def complete_rebuilds(

@@ -236,12 +236,6 @@ def _waiting_on(db: TestDatabase, relation: str) -> bool:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by review: request_rebuild trusts the repair's earlier inspection; a second"
-    " `drift repair --apply` that checked before the first one swapped in drops the copy the first"
-    " kept (the hand-altered tables, its only copy) and rebuilds a table that no longer drifts",
-)
 def test_two_repairs_at_once_the_second_drops_the_first_ones_kept_copy_found_by_review(
     db: TestDatabase,
 ) -> None:
