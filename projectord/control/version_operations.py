@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from psycopg import AsyncConnection
+
 from projectord.control.operations import request_connection
 from projectord.control.server import Arg, Operation, RequestError
 from projectord.control.status import StatusReporter
@@ -112,6 +114,8 @@ class VersionOperations:
                     " a daemon running that version's code; deploy it, then roll back",
                 )
             schema = self._build_schema(name)
+            if row is not None and row[0] != BUILDING:
+                await self._check_complete(conn, name, mine, row[1])
             if row is not None and row[0] != BUILDING and row[1] != schema:
                 await move_kept_tables(conn, row[1], schema)  # where a build of it lives
             if not await self.store.request_rollback(conn, name, mine, schema):
@@ -142,9 +146,32 @@ class VersionOperations:
         log.info("version.dropped", projection=name, version=version)
         return {"name": name, "version": version, "dropped": True}
 
+    async def _check_complete(
+        self, conn: AsyncConnection[Any], name: str, version: int, schema: str
+    ) -> None:
+        """A kept copy must hold every table its code declares: one a drift repair kept after a
+        table was dropped by hand lacks it, and its swap could never lock it (the copy would stay
+        `building` for good, the rollback never end)."""
+        declared = list(self._build(name).live.tables)
+        cur = await conn.execute(
+            self.reporter.queries["table_owners"], {"schema": schema, "tables": declared}
+        )
+        found = {str(table) for table, _ in await cur.fetchall()}
+        missing = [table for table in declared if table not in found]
+        if missing:
+            raise RequestError(
+                "incomplete_copy",
+                f"the copy of version {version} of {name} that is kept lacks table(s)"
+                f" {', '.join(missing)} (dropped before a drift repair kept it): it cannot serve;"
+                f" `projectord versions drop {name} {version}` drops it",
+            )
+
+    def _build(self, name: str) -> VersionBuild:
+        return next(b for b in self.builds if _of(b) == name)
+
     def _build_schema(self, name: str) -> str:
         """The schema the build of this daemon's version of `name` fills (VersionBuild)."""
-        return next(b.build_schema for b in self.builds if _of(b) == name)
+        return self._build(name).build_schema
 
     def _wake(self, name: str) -> None:
         for build in self.builds:
