@@ -147,6 +147,9 @@ async def drop_version(
     """A kept version's tables, checkpoint and record, gone (in the caller's transaction)."""
     await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
     await checkpoints.delete(conn, version_row_name(name, version))
+    await conn.execute(  # the dead letters its tables kept (VersionBuild._move_dead_letters)
+        store.queries["delete_shadow_dead_letters"], {"shadow": version_row_name(name, version)}
+    )
     await store.forget(conn, name, version)
 
 

@@ -380,10 +380,7 @@ class VersionBuild(ProjectionRunner):
             taken = await self._take_over_checkpoint(control, serving)
             await self.versions.forget(control, name, version)
             await self.versions.keep(control, name, serving, kept_schema)
-            await control.execute(self.queries["resolve_by_rebuild"], {"projection": name})
-            await control.execute(
-                self.queries["adopt_shadow_dead_letters"], {"name": name, "shadow": self.name}
-            )
+            await self._move_dead_letters(control, serving)
         assert taken is not None
         self.swapped_at = time.time()
         self.swap_timing = {"started": started, "locked": locked_at, "ended": time.monotonic()}
@@ -413,6 +410,19 @@ class VersionBuild(ProjectionRunner):
             await control.execute(
                 sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(row[1]))
             )
+
+    async def _move_dead_letters(self, control: AsyncConnection[Any], serving: int) -> None:
+        """Dead letters follow the tables that did not apply their events: the leaving tables'
+        pending ones are kept with them (unit `NAME#vSERVING`, brought back by a rollback to
+        them), the build's become the live projection's. A previous copy of the leaving version
+        is gone (_drop_previous_copy): so are its dead letters."""
+        kept = version_row_name(self.live.name, serving)
+        if kept != self.name:
+            await control.execute(self.queries["delete_shadow_dead_letters"], {"shadow": kept})
+        await control.execute(
+            self.queries["keep_version_dead_letters"],
+            {"name": self.live.name, "kept": kept, "shadow": self.name},
+        )
 
     async def _take_over_checkpoint(
         self, control: AsyncConnection[Any], serving: int

@@ -507,40 +507,68 @@ def append_values(db: TestDatabase, values: list[int]) -> None:
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by review: the swap marks the live projection's pending dead letters"
-    " `rebuilt`, but the replaced tables it keeps never applied those events; a rollback to"
-    " them serves tables that miss the events, with no dead letter left to retry",
+KEPT_PENDING = (
+    "SELECT count(*) FROM projectord.dead_letters WHERE projection = 'notes#v2'"
+    " AND resolved_at IS NULL"
 )
+DEAD_LETTER_POLICY = {"PROJECTORD_ON_ERROR": "skip", "PROJECTORD_MAX_ATTEMPTS": "1"}
+
+
+def _repaired_with_dead_letters(db: TestDatabase, state_dir: Path) -> None:
+    """With a daemon of `notes` v2 running (on_error skip): `value` narrowed by hand makes 5
+    events dead letters; `drift repair` rebuilds the table (applying them) and keeps the drifted
+    one, with those 5 dead letters (unit `notes#v2`), as version 2. 200 events applied first."""
+    with db.connect(autocommit=True) as conn:
+        conn.execute("ALTER TABLE notes ALTER COLUMN value TYPE numeric(5, 0)")
+    append_values(db, [9] * 40 + [100_000] * 5)  # the last 5 overflow numeric(5, 0)
+    wait_until(lambda: db.scalar(PENDING) == 5, 60)
+    wait_until(lambda: sum(r["events"] for r in table(db)) == 240, 60)
+    ask(state_dir, "drift_repair", apply=True)
+    wait_until(lambda: kept(db) and kept(db)[0][1] == "kept", 120)
+    assert sum(r["events"] for r in table(db)) == 245  # the rebuilt table applied them
+    assert (db.scalar(PENDING), db.scalar(KEPT_PENDING)) == (0, 5)  # kept with their tables
+
+
 def test_a_rollback_to_the_replaced_tables_loses_their_dead_lettered_events_found_by_review(
     db: TestDatabase, state_dir: Path
 ) -> None:
     """The drift makes the live handler fail on some events (`value` narrowed to numeric(5, 0) by
     hand): with `on_error = "skip"` they become dead letters of `notes`, to be retried once the
     table is fixed. The repair rebuilds the table (the rebuilt one applies them) and keeps the
-    drifted one as version 2; the swap resolves the dead letters as `rebuilt`. `rollback notes`
-    then brings the drifted table back "caught up": it never applied those events, and no
-    pending dead letter says so any more. Every event must be in the table or pending."""
+    drifted one as version 2; the swap resolved the dead letters as `rebuilt`. `rollback notes`
+    then brought the drifted table back "caught up": it never applied those events, and no
+    pending dead letter said so any more. Every event must be in the table or pending."""
     db.init(V2)
     append_values(db, [7] * 200)
     env = env_for(db, V2, state_dir)
-    policy = daemon_env({"PROJECTORD_ON_ERROR": "skip", "PROJECTORD_MAX_ATTEMPTS": "1"})
-    with DaemonProcess(db.url, V2, state_dir, extra_env=policy):
+    with DaemonProcess(db.url, V2, state_dir, extra_env=daemon_env(DEAD_LETTER_POLICY)):
         wait_until(lambda: sum(r["events"] for r in table(db)) == 200, 60)
-        with db.connect(autocommit=True) as conn:
-            conn.execute("ALTER TABLE notes ALTER COLUMN value TYPE numeric(5, 0)")
-        append_values(db, [9] * 40 + [100_000] * 5)  # the last 5 overflow numeric(5, 0)
-        wait_until(lambda: db.scalar(PENDING) == 5, 60)
-        wait_until(lambda: sum(r["events"] for r in table(db)) == 240, 60)
-        ask(state_dir, "drift_repair", apply=True)
-        wait_until(lambda: kept(db) and kept(db)[0][1] == "kept", 120)
-        assert sum(r["events"] for r in table(db)) == 245  # the rebuilt table applied them
+        _repaired_with_dead_letters(db, state_dir)
         done = run_cli("rollback", "notes", env=env, timeout=120)
         assert done.returncode == 0, done.stderr
         assert db.scalar("SELECT pg_typeof(value)::text FROM notes LIMIT 1") == "numeric"
     applied = sum(r["events"] for r in table(db))
     assert applied + db.scalar(PENDING) == noted(db) == 245
+    assert db.scalar(KEPT_PENDING) == 0  # the rebuilt tables, kept now, applied every event
+
+
+def test_dropping_the_kept_copy_drops_the_dead_letters_kept_with_it(
+    db: TestDatabase, state_dir: Path
+) -> None:
+    """The dead letters a kept copy keeps go with it when it is dropped: no pending dead letter
+    is left of tables that no longer exist."""
+    db.init(V2)
+    append_values(db, [7] * 200)
+    env = env_for(db, V2, state_dir)
+    with DaemonProcess(db.url, V2, state_dir, extra_env=daemon_env(DEAD_LETTER_POLICY)):
+        wait_until(lambda: sum(r["events"] for r in table(db)) == 200, 60)
+        _repaired_with_dead_letters(db, state_dir)
+        dropped = run_cli("versions", "drop", "notes", "2", env=env)
+        assert dropped.returncode == 0, dropped.stderr
+    assert kept(db) == []
+    assert (
+        db.scalar("SELECT count(*) FROM projectord.dead_letters WHERE projection = 'notes#v2'") == 0
+    )
 
 
 # -- 7. the swap interrupted in its transaction: kill -9, or its session terminated
