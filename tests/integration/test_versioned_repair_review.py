@@ -18,7 +18,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -514,19 +515,26 @@ KEPT_PENDING = (
 DEAD_LETTER_POLICY = {"PROJECTORD_ON_ERROR": "skip", "PROJECTORD_MAX_ATTEMPTS": "1"}
 
 
-def _repaired_with_dead_letters(db: TestDatabase, state_dir: Path) -> None:
-    """With a daemon of `notes` v2 running (on_error skip): `value` narrowed by hand makes 5
-    events dead letters; `drift repair` rebuilds the table (applying them) and keeps the drifted
-    one, with those 5 dead letters (unit `notes#v2`), as version 2. 200 events applied first."""
-    with db.connect(autocommit=True) as conn:
-        conn.execute("ALTER TABLE notes ALTER COLUMN value TYPE numeric(5, 0)")
-    append_values(db, [9] * 40 + [100_000] * 5)  # the last 5 overflow numeric(5, 0)
-    wait_until(lambda: db.scalar(PENDING) == 5, 60)
-    wait_until(lambda: sum(r["events"] for r in table(db)) == 240, 60)
-    ask(state_dir, "drift_repair", apply=True)
-    wait_until(lambda: kept(db) and kept(db)[0][1] == "kept", 120)
-    assert sum(r["events"] for r in table(db)) == 245  # the rebuilt table applied them
-    assert (db.scalar(PENDING), db.scalar(KEPT_PENDING)) == (0, 5)  # kept with their tables
+@contextmanager
+def _repaired_with_dead_letters(db: TestDatabase, state_dir: Path) -> Iterator[dict[str, str]]:
+    """A daemon of `notes` v2 (on_error skip) has applied 200 events; `value` narrowed by hand
+    makes 5 more dead letters; `drift repair` rebuilds the table (applying them) and keeps the
+    drifted one, with those 5 dead letters (unit `notes#v2`), as version 2. Yields the CLI's
+    environment, the daemon running."""
+    db.init(V2)
+    append_values(db, [7] * 200)
+    with DaemonProcess(db.url, V2, state_dir, extra_env=daemon_env(DEAD_LETTER_POLICY)):
+        wait_until(lambda: sum(r["events"] for r in table(db)) == 200, 60)
+        with db.connect(autocommit=True) as conn:
+            conn.execute("ALTER TABLE notes ALTER COLUMN value TYPE numeric(5, 0)")
+        append_values(db, [9] * 40 + [100_000] * 5)  # the last 5 overflow numeric(5, 0)
+        wait_until(lambda: db.scalar(PENDING) == 5, 60)
+        wait_until(lambda: sum(r["events"] for r in table(db)) == 240, 60)
+        ask(state_dir, "drift_repair", apply=True)
+        wait_until(lambda: kept(db) and kept(db)[0][1] == "kept", 120)
+        assert sum(r["events"] for r in table(db)) == 245  # the rebuilt table applied them
+        assert (db.scalar(PENDING), db.scalar(KEPT_PENDING)) == (0, 5)  # kept with their tables
+        yield env_for(db, V2, state_dir)
 
 
 def test_a_rollback_to_the_replaced_tables_loses_their_dead_lettered_events_found_by_review(
@@ -538,12 +546,7 @@ def test_a_rollback_to_the_replaced_tables_loses_their_dead_lettered_events_foun
     drifted one as version 2; the swap resolved the dead letters as `rebuilt`. `rollback notes`
     then brought the drifted table back "caught up": it never applied those events, and no
     pending dead letter said so any more. Every event must be in the table or pending."""
-    db.init(V2)
-    append_values(db, [7] * 200)
-    env = env_for(db, V2, state_dir)
-    with DaemonProcess(db.url, V2, state_dir, extra_env=daemon_env(DEAD_LETTER_POLICY)):
-        wait_until(lambda: sum(r["events"] for r in table(db)) == 200, 60)
-        _repaired_with_dead_letters(db, state_dir)
+    with _repaired_with_dead_letters(db, state_dir) as env:
         done = run_cli("rollback", "notes", env=env, timeout=120)
         assert done.returncode == 0, done.stderr
         assert db.scalar("SELECT pg_typeof(value)::text FROM notes LIMIT 1") == "numeric"
@@ -557,12 +560,7 @@ def test_dropping_the_kept_copy_drops_the_dead_letters_kept_with_it(
 ) -> None:
     """The dead letters a kept copy keeps go with it when it is dropped: no pending dead letter
     is left of tables that no longer exist."""
-    db.init(V2)
-    append_values(db, [7] * 200)
-    env = env_for(db, V2, state_dir)
-    with DaemonProcess(db.url, V2, state_dir, extra_env=daemon_env(DEAD_LETTER_POLICY)):
-        wait_until(lambda: sum(r["events"] for r in table(db)) == 200, 60)
-        _repaired_with_dead_letters(db, state_dir)
+    with _repaired_with_dead_letters(db, state_dir) as env:
         dropped = run_cli("versions", "drop", "notes", "2", env=env)
         assert dropped.returncode == 0, dropped.stderr
     assert kept(db) == []
