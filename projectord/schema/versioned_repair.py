@@ -12,13 +12,14 @@ serve reads and, the code being the same version, go on being applied. The swap 
 checkpoints, and the replaced tables are kept as version N (in `replaced_schema(N)`) with the
 retention of any kept version: `versions list` shows them, `rollback NAME` brings them back
 (caught up), `versions drop NAME N` drops them. A version keeps one copy: a second such repair
-drops the copy the first one kept.
+drops the copy the first one kept, so a repair records its rebuild only if, looked at again under
+the version row's lock, the tables still need one (two repairs at once rebuild once).
 
 Who builds: a running daemon of the projection, which sees the row on its next ownership turn;
-`drift repair --apply` waits for its swap. With no daemon running (a repair before the first
-start, a CI job), the repair builds it itself, under the same lock and checkpoint, so a daemon
-started meanwhile does not contend and one started after a crash of the repair goes on from its
-checkpoint.
+`drift repair --apply` waits for its swap, and fails if the rebuild was given up instead (a newer
+version swapped in). With no daemon running (a repair before the first start, a CI job), the
+repair builds it itself, under the same lock and checkpoint, so a daemon started meanwhile does
+not contend and one started after a crash of the repair goes on from its checkpoint.
 """
 
 from __future__ import annotations

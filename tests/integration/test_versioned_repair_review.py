@@ -1,9 +1,9 @@
 """A hostile review of the versioned drift repair (issue 16, docs/evolution.md "A drift repair
 that needs a rebuild"), against a real PostgreSQL, real daemons, kill -9 and concurrent repairs.
 
-Each test states a suspicion. Those named `..._found_by_review` reproduced a bug and are marked
-`xfail(strict=True)` with what goes wrong; the others are suspicions that held (the behaviour is
-right) and stay as regression tests.
+Each test states a suspicion. Those named `..._found_by_review` reproduced a bug (they were
+strict xfails, each docstring says what went wrong) and pass since its fix; the others are
+suspicions that held (the behaviour is right). All stay as regression tests.
 
 The invariant checked throughout: every copy of the tables (the live one, the one kept as version
 N) is exactly its checkpoint's fold: the projection's fold of the events at or below the
