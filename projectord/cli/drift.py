@@ -1,8 +1,10 @@
 """The command line of schema drift: `drift check` and `drift repair`.
 
 These connect to the database directly (no daemon needed), so a CI job can run `drift check`
-against staging: exit 0 no drift, 1 drift, 2 the check itself failed. (`rebuild NAME --online`,
-which repairs by rebuilding, is in `projectord.cli.rebuild`.)
+against staging: exit 0 no drift, 1 drift, 2 the check itself failed. `drift repair --apply` of a
+change that needs a rebuild records a versioned rebuild and returns once it has swapped in: built
+by the running daemon, or by the command itself when no daemon runs
+(projectord/schema/versioned_repair.py).
 """
 
 from __future__ import annotations
@@ -78,5 +80,9 @@ def cmd_drift_repair(args: argparse.Namespace) -> int:
     if args.apply:
         done = len(result["statements"])
         rebuilt = ", ".join(result["rebuilds"]) or "none"
-        print(f"-- applied {done} statement(s); rebuilt online: {rebuilt}", file=sys.stderr)
+        print(
+            f"-- applied {done} statement(s); versioned rebuild, swapped in, replaced tables"
+            f" kept: {rebuilt}",
+            file=sys.stderr,
+        )
     return EXIT_OK

@@ -40,10 +40,12 @@ def version_note(p: dict[str, Any]) -> str | None:
         return None
     build, serving = versions.get("build"), versions.get("serving_version")
     if build:
+        rebuild = build["version"] == serving  # a versioned drift repair, or its rollback
         return (
-            f"{p['name']}: version {build['version']} {build['state']} (applied"
-            f" {_cell(build['applied_total'])}, lag {_cell(build['lag'])}, owner"
-            f" {build['owner'] or '-'}) while version {serving} serves"
+            f"{p['name']}: {'rebuild of ' if rebuild else ''}version {build['version']}"
+            f" {build['state']} (applied {_cell(build['applied_total'])}, lag"
+            f" {_cell(build['lag'])}, owner {build['owner'] or '-'}) while"
+            + (" its current tables serve" if rebuild else f" version {serving} serves")
         )
     if serving is not None and serving != versions["version"]:
         mine = versions["version"]

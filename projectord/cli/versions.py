@@ -45,19 +45,20 @@ def register(subcommands: Subcommands) -> None:
 def cmd_rollback(args: argparse.Namespace) -> int:
     with control_client(args) as client:
         asked = ask(client, "rollback", name=args.name)
-        print(
-            f"rolling {args.name} back from version {asked['from_version']} to version"
-            f" {asked['version']}: catching up its kept tables",
-            file=sys.stderr,
+        version = asked["version"]
+        origin = (
+            f"from version {asked['from_version']} to version {version}"
+            if asked["from_version"] != version
+            else f"to the tables version {version} had before its last rebuild"
         )
+        print(f"rolling {args.name} back {origin}: catching up its kept tables", file=sys.stderr)
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline:
-            status = ask(client, "status", names=[args.name])["projections"][0]
-            versions = status.get("versions") or {}
-            build = versions.get("build") or {}
-            if versions.get("serving_version") == asked["version"] and not build:
-                print(f"{args.name}: version {asked['version']} serves again")
+            if _rolled_back(ask(client, "versions"), args.name, version):
+                print(f"{args.name}: version {version} serves again")
                 return EXIT_OK
+            status = ask(client, "status", names=[args.name])["projections"][0]
+            build = (status.get("versions") or {}).get("build") or {}
             if build.get("state") == "failed":
                 error = (build.get("last_error") or {}).get("message")
                 raise CommandError(f"the rollback of {args.name} stopped: {error}", EXIT_FAILED)
@@ -67,6 +68,13 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         " it goes on: `projectord status` shows its progress",
         EXIT_FAILED,
     )
+
+
+def _rolled_back(listed: dict[str, Any], name: str, version: int) -> bool:
+    """The version serves and is no longer being built: swapped in (read from the database, so
+    a rollback asked a moment ago, not yet taken by a build, is not mistaken for done)."""
+    found = next(p for p in listed["projections"] if p["name"] == name)
+    return found["serving_version"] == version and version not in found["building"]
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """`drift_check` and `drift_repair` on the control socket: the same as `projectord drift check`
 and `drift repair [--apply] [--drop-extra]`, answered by the running daemon with its own settings,
-projections and database.
+projections and database. A repair that needs a rebuild answers once the rebuild is recorded: the
+daemons build it (a versioned rebuild, docs/evolution.md) and status shows its progress.
 
 The arguments are two booleans, checked by the control server before anything runs; nothing from a
 request reaches SQL. A repair with `apply` is logged at info with the caller's uid, as every
@@ -50,6 +51,7 @@ class DriftOperations:
                 self.projections,
                 apply=bool(args.get("apply", False)),
                 drop_extra=bool(args.get("drop_extra", False)),
+                wait=False,  # this daemon builds its rebuilds: status shows their progress
             )
         return result | {"schema": self.settings.read_model_schema}
 

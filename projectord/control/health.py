@@ -69,8 +69,13 @@ def _build_reasons(p: dict[str, Any]) -> list[dict[str, Any]]:
         reason(
             "degraded",
             "version_building",
-            f"projection {name} is building version {version} ({build.get('applied_total')}"
-            f" applied, {build.get('lag')} to go) while version {serving} serves reads"
+            f"projection {name} is {'re' if version == serving else ''}building version"
+            f" {version} ({build.get('applied_total')} applied, {build.get('lag')} to go) while"
+            + (
+                " its current tables serve reads"
+                if version == serving
+                else f" version {serving} serves reads"
+            )
             + (f"; {blocked}" if blocked else ""),
             projection=name,
             version=version,

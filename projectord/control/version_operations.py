@@ -6,6 +6,8 @@
   marks that version to be caught up; the daemons whose code is that version build it from its
   kept checkpoint and swap it in (projectord/schema/versioned_build.py). A daemon whose code is
   another version refuses (`code_not_deployed`): old tables are only ever applied by their code.
+  When the serving version is this code's and it keeps a copy of its own (the tables a versioned
+  drift repair replaced), that copy is what comes back, by the same path.
 - `drop_version` (`name`, `version`): drop a kept version's tables now. A version that serves or
   is being built is refused.
 
@@ -17,15 +19,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from psycopg import AsyncConnection
 
 from projectord.control.operations import request_connection
 from projectord.control.server import Arg, Operation, RequestError
 from projectord.control.status import StatusReporter
-from projectord.daemon.versions import VersionPlan, drop_version
+from projectord.daemon.versions import VersionPlan, drop_version, move_kept_tables
 from projectord.logs import get_logger
 from projectord.runner.loop import ProjectionRunner
 from projectord.runner.version_store import BUILDING, VersionStore
+
+if TYPE_CHECKING:
+    from projectord.schema.versioned_build import VersionBuild
 
 log = get_logger("projectord.control.version_operations")
 
@@ -35,7 +42,7 @@ class VersionOperations:
         self,
         reporter: StatusReporter,
         plan: VersionPlan,
-        builds: Sequence[ProjectionRunner],
+        builds: Sequence[VersionBuild],
         retention: Any = None,
     ) -> None:
         self.reporter = reporter
@@ -97,14 +104,21 @@ class VersionOperations:
             serving = (await self.reporter.checkpoints.serving_versions(conn, [name])).get(name)
             if serving is None:
                 raise RequestError("nothing_to_roll_back", f"{name} has no version serving yet")
-            if serving <= mine:
+            row = await self.store.lock(conn, name, mine)
+            own_copy = serving == mine and row is not None and row[0] != BUILDING
+            if serving < mine or (serving == mine and not own_copy):
                 raise RequestError(
                     "code_not_deployed",
                     f"version {serving} of {name} serves and this daemon runs version {mine}:"
                     " a rollback makes an older, kept version serve again, and must be asked of"
                     " a daemon running that version's code; deploy it, then roll back",
                 )
-            if not await self.store.request_rollback(conn, name, mine):
+            schema = self._build_schema(name)
+            if row is not None and row[0] != BUILDING:
+                await self._check_complete(conn, name, mine, row[1])
+            if row is not None and row[0] != BUILDING and row[1] != schema:
+                await move_kept_tables(conn, row[1], schema)  # where a build of it lives
+            if not await self.store.request_rollback(conn, name, mine, schema):
                 kept = [
                     r.version for r in await self.store.rows(conn, [name]) if r.role != BUILDING
                 ]
@@ -132,7 +146,39 @@ class VersionOperations:
         log.info("version.dropped", projection=name, version=version)
         return {"name": name, "version": version, "dropped": True}
 
+    async def _check_complete(
+        self, conn: AsyncConnection[Any], name: str, version: int, schema: str
+    ) -> None:
+        """A kept copy must hold every table its code declares: one a drift repair kept after a
+        table was dropped by hand lacks it, and its swap could never lock it (the copy would stay
+        `building` for good, the rollback never end)."""
+        declared = list(self._build(name).live.tables)
+        cur = await conn.execute(
+            self.reporter.queries["table_owners"], {"schema": schema, "tables": declared}
+        )
+        found = {str(table) for table, _ in await cur.fetchall()}
+        missing = [table for table in declared if table not in found]
+        if missing:
+            raise RequestError(
+                "incomplete_copy",
+                f"the copy of version {version} of {name} that is kept lacks table(s)"
+                f" {', '.join(missing)} (dropped before a drift repair kept it): it cannot serve;"
+                f" `projectord versions drop {name} {version}` drops it",
+            )
+
+    def _build(self, name: str) -> VersionBuild:
+        return next(b for b in self.builds if _of(b) == name)
+
+    def _build_schema(self, name: str) -> str:
+        """The schema the build of this daemon's version of `name` fills (VersionBuild)."""
+        return self._build(name).build_schema
+
     def _wake(self, name: str) -> None:
         for build in self.builds:
-            if build.name.rpartition("#v")[0] == name:
+            if _of(build) == name:
                 build.nudge()
+
+
+def _of(build: ProjectionRunner) -> str:
+    """The projection a build runner (`NAME#vN`) builds."""
+    return build.name.rpartition("#v")[0]

@@ -9,7 +9,10 @@ Each projection is two units of ownership, each with its own advisory lock
   never writes the newer tables; the compare-and-set, which checks the version, refuses it anyway.
   Code of a newer version never takes it either: it would apply new code to old tables.
 - `NAME#vN` (N: this code's version), the build of version N: eligible while N is newer than the
-  serving version, or older with a rollback to it asked (`projectord rollback`).
+  serving version, or older with a rollback to it asked (`projectord rollback`), or the serving
+  version itself with a rebuild of it asked (a versioned `drift repair`, or a rollback to the
+  tables that repair replaced): then the daemon may own both units, and the live runner goes on
+  applying to the live tables while the build fills new ones.
 
 So in a rolling deploy, old-code daemons keep applying live events to the old version while
 new-code daemons build the new one, and the two never contend for one checkpoint. With a single
@@ -102,16 +105,15 @@ def eligible_units(
     code: dict[str, int], serving: dict[str, int], rows: dict[str, list[VersionRow]]
 ) -> set[str]:
     """The units code of these versions may own: the live one while its version serves (or none
-    is recorded), the build of its version while that is newer than the serving one, or older
-    with a rollback to it asked (its row `building`)."""
+    is recorded), the build of its version while that is newer than the serving one, or while
+    its row says `building` (a rollback to an older version, or a rebuild of the serving one)."""
     units: set[str] = set()
     for name, version in code.items():
         current = serving.get(name)
         if current is None or current == version:
             units.add(name)
-        elif current < version or any(
-            r.version == version and r.role == BUILDING for r in rows.get(name, [])
-        ):
+        asked = any(r.version == version and r.role == BUILDING for r in rows.get(name, []))
+        if current is not None and (current < version or asked):
             units.add(version_row_name(name, version))
     return units
 
@@ -145,4 +147,17 @@ async def drop_version(
     """A kept version's tables, checkpoint and record, gone (in the caller's transaction)."""
     await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
     await checkpoints.delete(conn, version_row_name(name, version))
+    await conn.execute(  # the dead letters its tables kept (VersionBuild._move_dead_letters)
+        store.queries["delete_shadow_dead_letters"], {"shadow": version_row_name(name, version)}
+    )
     await store.forget(conn, name, version)
+
+
+async def move_kept_tables(conn: psycopg.AsyncConnection[Any], kept: str, target: str) -> None:
+    """A kept copy's tables into `target`, the schema a build of their version fills: a rollback
+    to the tables a versioned drift repair replaced catches them up there (in the caller's
+    transaction). What a finished build left in `target` is gone already; dropped to be sure."""
+    await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(target)))
+    await conn.execute(
+        sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(sql.Identifier(kept), sql.Identifier(target))
+    )

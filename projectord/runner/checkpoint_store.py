@@ -277,3 +277,15 @@ class CheckpointStore:
         if row is None:
             return None
         return Checkpoint.parse(row[0], row[1]), int(row[2]), int(row[3])
+
+    async def exchange(
+        self, conn: AsyncConnection[Any], name: str, built: str
+    ) -> tuple[Checkpoint, int, int] | None:
+        """A swap of a rebuild of the serving version: `name` continues from `built`'s
+        checkpoint and `built` keeps `name`'s (for the tables that leave service). The live
+        row's new checkpoint, count and version; None when a row is missing."""
+        cur = await self._run(conn, "exchange_positions", {"name": name, "built": built})
+        for row in await cur.fetchall():
+            if row[0] == name:
+                return Checkpoint.parse(row[1], row[2]), int(row[3]), int(row[4])
+        return None

@@ -36,6 +36,12 @@ def version_schema(read_model_schema: str, name: str, version: int) -> str:
     return f"projectord_v_{digest}"
 
 
+def replaced_schema(read_model_schema: str, name: str, version: int) -> str:
+    """Where the tables a rebuild of the *serving* version replaced are kept (a versioned drift
+    repair, docs/evolution.md): not `version_schema`, which the rebuild itself was built in."""
+    return version_schema(read_model_schema, f"{name}#replaced", version)
+
+
 @dataclass(frozen=True)
 class VersionRow:
     name: str
@@ -93,10 +99,14 @@ class VersionStore:
             {"name": name, "version": version, "tables_schema": tables_schema},
         )
 
-    async def request_rollback(self, conn: AsyncConnection[Any], name: str, version: int) -> bool:
-        """Mark a kept version to be caught up and swapped back in; False when it is not kept."""
+    async def request_rollback(
+        self, conn: AsyncConnection[Any], name: str, version: int, tables_schema: str
+    ) -> bool:
+        """Mark a kept version to be caught up and swapped back in, its tables now in
+        `tables_schema` (where a build of the version lives); False when it is not kept."""
         cur = await conn.execute(
-            self.queries["request_rollback"], {"name": name, "version": version}
+            self.queries["request_rollback"],
+            {"name": name, "version": version, "tables_schema": tables_schema},
         )
         return await cur.fetchone() is not None
 

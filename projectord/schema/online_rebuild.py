@@ -54,6 +54,7 @@ from projectord.runner.catch_up import latest_positions
 from projectord.runner.checkpoint_store import CheckpointStore
 from projectord.runner.error_policy import ErrorPolicy
 from projectord.runner.loop import ProjectionRunner
+from projectord.runner.version_store import BUILDING, VersionStore
 from projectord.schema.migrations import create_projection_tables
 from projectord.schema.security import existing_roles, secure_statements
 
@@ -165,6 +166,26 @@ async def rebuild_online(dsn: str, settings: Settings, projection: Projection) -
         return await rebuild.run(control)
 
 
+async def check_serving_version(
+    conn: AsyncConnection[Any], checkpoints: CheckpointStore, projection: Projection
+) -> None:
+    """Only the code of the serving version may rebuild the live tables: newer code builds its
+    own version beside them (docs/evolution.md), older code never touches them."""
+    name, mine = projection.name, projection.version
+    serving = (await checkpoints.serving_versions(conn, [name])).get(name)
+    if serving is not None and serving != mine:
+        raise RebuildError(
+            f"version {serving} of {name!r} serves and this code is version {mine}: "
+            + (
+                f"a daemon running it builds version {mine} beside the live tables and swaps"
+                " it in by itself (docs/evolution.md)"
+                if mine > serving
+                else "older code never touches newer tables (roll back with"
+                f" `projectord rollback {name}`)"
+            )
+        )
+
+
 class _OnlineRebuild:
     def __init__(self, dsn: str, settings: Settings, projection: Projection) -> None:
         self.dsn = dsn
@@ -214,20 +235,15 @@ class _OnlineRebuild:
             raise RebuildError(f"an online rebuild of {self.projection.name!r} is already running")
 
     async def _check_version(self, control: AsyncConnection[Any]) -> None:
-        """Only the code of the serving version may rebuild the live tables: newer code builds
-        its own version beside them (docs/evolution.md), older code never touches them."""
+        """The serving version's code only, and not while a daemon rebuilds that version (a
+        versioned drift repair, or a rollback to the tables it replaced): two swaps would race."""
+        await check_serving_version(control, self.checkpoints, self.projection)
         name, mine = self.projection.name, self.projection.version
-        serving = (await self.checkpoints.serving_versions(control, [name])).get(name)
-        if serving is not None and serving != mine:
+        rows = await VersionStore(self.queries).rows(control, [name])
+        if any(row.version == mine and row.role == BUILDING for row in rows):
             raise RebuildError(
-                f"version {serving} of {name!r} serves and this code is version {mine}: "
-                + (
-                    f"a daemon running it builds version {mine} beside the live tables and swaps"
-                    " it in by itself (docs/evolution.md)"
-                    if mine > serving
-                    else "older code never touches newer tables (roll back with"
-                    f" `projectord rollback {name}`)"
-                )
+                f"version {mine} of {name!r} is being rebuilt by a daemon (a versioned drift"
+                " repair or a rollback): `projectord status` shows its progress"
             )
 
     async def _build_shadow(self, control: AsyncConnection[Any]) -> None:

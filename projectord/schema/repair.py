@@ -1,10 +1,12 @@
 """Drift repair: the SQL that removes the drift a check found, printed (dry run) or applied.
 
 In-place changes run in one transaction, so a repair that fails half-way changes nothing. Drift
-that needs a table's contents recomputed is repaired by an online rebuild of its projection
-(`online_rebuild`), after the in-place changes commit; the in-place changes of the tables a rebuild
-replaces are left out, since the rebuilt tables are created as declared. Nothing is dropped (an
-extra column or policy, or by a rebuild a table with extra columns) unless `drop_extra` is given.
+that needs a table's contents recomputed is repaired by a versioned rebuild of its projection
+(`versioned_repair`: the path of a version bump, built by the daemon and swapped in, the replaced
+tables kept for a rollback), after the in-place changes commit; the in-place changes of the tables
+a rebuild replaces are left out, since the rebuilt tables are created as declared. Nothing is
+dropped (an extra column or policy, or by a rebuild a table with extra columns) unless `drop_extra`
+is given.
 Repair is idempotent: once applied, the next check finds nothing and the next repair does nothing.
 """
 
@@ -20,6 +22,8 @@ from projectord.config import Settings
 from projectord.database import connect
 from projectord.logs import get_logger
 from projectord.projection import Projection
+from projectord.queries import Queries
+from projectord.runner.checkpoint_store import CheckpointStore
 from projectord.schema.catalog import TableShape
 from projectord.schema.drift import Inspection, inspect
 from projectord.schema.drift_items import (
@@ -31,7 +35,7 @@ from projectord.schema.drift_items import (
     sql_identifier,
 )
 from projectord.schema.migrations import declaration_search_path
-from projectord.schema.online_rebuild import rebuild_online
+from projectord.schema.online_rebuild import RebuildError, check_serving_version
 from projectord.schema.security import (
     WRITE_POLICY,
     drop_policy,
@@ -43,9 +47,11 @@ from projectord.schema.security import (
     secure_statements,
     writer_policy,
 )
+from projectord.schema.versioned_repair import complete_rebuilds, request_rebuild
 
 log = get_logger("projectord.schema.repair")
 
+REBUILD_TIMEOUT = 600.0  # seconds `--apply` waits for a daemon's versioned rebuild to swap in
 LOCK_TIMEOUT = "10s"  # an in-place repair waits this long for a table's lock, then fails cleanly
 # What init brings in line with `read_access` by itself: switching row-level security on and the
 # grants. Columns, indexes and extra policies are left to `drift repair` (they may need a rebuild,
@@ -82,20 +88,43 @@ async def drift_repair(
     *,
     apply: bool = False,
     drop_extra: bool = False,
+    wait: bool = True,
 ) -> dict[str, Any]:
     """Plan the repair of the projections' drift; with `apply`, carry it out. Returns JSON:
-    the drift found, the SQL, the projections rebuilt online, and what was left and why."""
+    the drift found, the SQL, the projections rebuilt (versioned rebuilds), and what was left
+    and why. `wait`: return once the rebuilds have swapped in (built here when no daemon runs);
+    without, once they are recorded (the daemon answering a control request builds them)."""
     conn = await connect(dsn, autocommit=True, connect_timeout=10)
     async with conn:
         inspection = await inspect(conn, settings, projections)
+        await check_versions(conn, settings, inspection)
         plan = plan_repair(inspection, settings, drop_extra=drop_extra)
         result = describe_plan(conn, inspection, plan) | {"applied": False}
         if not apply:
             return result
         await apply_in_place(conn, plan, inspection.schema)
-    for name in plan.rebuilds:
-        await rebuild_online(dsn, settings, inspection.projections[name])
+        rebuilt = [
+            projection
+            for projection in (inspection.projections[name] for name in plan.rebuilds)
+            if await request_rebuild(conn, settings, projection)
+        ]
+    if wait and rebuilt:
+        await complete_rebuilds(dsn, settings, rebuilt, timeout=REBUILD_TIMEOUT)
     return result | {"applied": True}
+
+
+async def check_versions(
+    conn: AsyncConnection[Any], settings: Settings, inspection: Inspection
+) -> None:
+    """Refuse, before anything changes, a repair by code whose version of a drifted projection
+    is not the serving one: the live tables are that version's, and another version's declaration
+    (a bump being built, a host not yet upgraded) would alter them to its own shape."""
+    checkpoints = CheckpointStore(Queries(settings.schema))
+    for name in sorted({item.projection for item in inspection.items if item.projection}):
+        try:
+            await check_serving_version(conn, checkpoints, inspection.projections[name])
+        except RebuildError as exc:
+            raise RepairError(f"drift repair refused, nothing changed: {exc}") from None
 
 
 async def secure_tables(
@@ -158,6 +187,9 @@ def describe_plan(
         "drift": [item.as_json() for item in inspection.items],
         "statements": [statement.as_string(conn) for statement in plan.statements()],
         "rebuilds": sorted(plan.rebuilds),
+        "rebuild_versions": {
+            name: inspection.projections[name].version for name in sorted(plan.rebuilds)
+        },
         "left": [item.as_json() | {"why": why} for item, why in plan.left],
     }
 
@@ -166,7 +198,13 @@ def plan_text(result: dict[str, Any], schema: str) -> list[str]:
     """The dry run as an operator reads it: SQL, with what is not done as comments."""
     lines = [f"{statement};" for statement in result["statements"]]
     for name in result["rebuilds"]:
-        lines.append(f"-- online rebuild of projection {name}: projectord rebuild {name} --online")
+        version = result.get("rebuild_versions", {}).get(name)
+        lines.append(
+            f"-- versioned rebuild of projection {name} (version {version}): its tables built as"
+            " declared in a shadow schema by the daemon, swapped in once caught up; the replaced"
+            f" tables kept as version {version} (`projectord versions list`, `projectord rollback"
+            f" {name}`)"
+        )
     for item in result["left"]:
         where = Drift.from_json({k: v for k, v in item.items() if k != "why"}).where(schema)
         lines.append(printable(f"-- not repaired: {where}: {item['kind']}: {item['why']}"))

@@ -20,6 +20,12 @@ new ones after it.
 
 A rollback is the same path backwards: a kept version marked `building` (`projectord rollback`) is
 caught up from its kept checkpoint by a daemon whose code is that version, then swapped in.
+
+A rebuild of the *serving* version takes the same path (`drift repair` of a table change it cannot
+make in place, projectord/schema/versioned_repair.py): its row `building` is recorded for the
+version that serves. Its live runner goes on applying to the live tables meanwhile (same code), the
+swap exchanges the two checkpoints, and the replaced tables are kept as that version, in
+`replaced_schema`, for a rollback to them (the same path again).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from projectord.runner.loop import BatchObserver, ProjectionRunner
 from projectord.runner.version_store import (
     BUILDING,
     VersionStore,
+    replaced_schema,
     version_row_name,
     version_schema,
 )
@@ -92,8 +99,10 @@ class VersionBuild(ProjectionRunner):
         listener: NotificationListener | None = None,
         policy: ErrorPolicy | None = None,
         on_batch: BatchObserver | None = None,
+        once: bool = False,
     ) -> None:
         self.live = live
+        self.once = once
         self.dsn = dsn
         self.settings = settings
         self.schema = settings.read_model_schema
@@ -142,16 +151,26 @@ class VersionBuild(ProjectionRunner):
         self._leaving = False
 
     async def run(self) -> None:
+        """Build and swap; then, in a daemon, stay until ownership gives the unit up: a rollback
+        or a drift repair may ask for another build of this version before it does (and nudges
+        this runner). `once` (a one-off build): return after the swap."""
         failures = 0
         while not self._leaving:
             try:
                 control = await connect(self.dsn, autocommit=True, connect_timeout=10)
                 async with control:
-                    if not await self._prepare(control):
-                        break
-                    failures = 0
-                    if await self._build_and_swap(control):
-                        break
+                    if await self._prepare(control):
+                        await self._read_checkpoint(control)
+                        await self._build_and_swap(control)
+                # Only a pass that ended without an error (swapped, nothing to build, asked to
+                # stop) resets the backoff: a swap that fails the same way on every try after a
+                # successful preparation must back off, not lock the live tables at the floor.
+                failures = 0
+                if self.once:
+                    break
+                self._set_state("stopped")
+                with self.heartbeat.waiting():
+                    await self.control.wait(self.poll_interval)
             except RebuildError as exc:
                 self._blog.error("version.build_aborted", error=str(exc))
                 self.failed = True
@@ -167,23 +186,32 @@ class VersionBuild(ProjectionRunner):
                     event = "version.build_error"
                 self._blog.warning(event, error=describe_error(exc))
                 self.status.last_error = {"type": type(exc).__name__, "message": str(exc)}
-                with self.heartbeat.waiting():
-                    await self.control.wait(jittered_delay(failures, 0.1, 5.0))
+                await self._back_off(failures)
         self._set_state("stopped")
+
+    async def _back_off(self, failures: int) -> None:
+        """Wait out the delay of the `failures`th failure in a row, or until asked to stop. Not
+        cut short by the runner's control signal otherwise: the stop of the build's own loop sets
+        it on every try, and a swap that fails each time would be retried at once."""
+        deadline = time.monotonic() + jittered_delay(failures, 0.1, 5.0)
+        with self.heartbeat.waiting():
+            while not self._leaving and (left := deadline - time.monotonic()) > 0:
+                await self.control.wait(left)
 
     # -- preparing ---------------------------------------------------------------------------------
 
     async def _prepare(self, control: AsyncConnection[Any]) -> bool:
         """Fresh tables for a new build, or the existing ones of a build that goes on (after a
         crash) or of a kept version to roll back to. False: nothing to build (this version
-        serves, or is older than the one serving and no rollback to it was asked)."""
+        serves and no rebuild of it was asked, or is older than the one serving and no rollback
+        to it was asked)."""
         name, version = self.live.name, self.version
         async with control.transaction():
             row = await self.versions.lock(control, name, version)
             serving = (await self.checkpoints.serving_versions(control, [name])).get(name)
-            if serving is None or serving == version:
-                return False
             building = row is not None and row[0] == BUILDING
+            if serving is None or (serving == version and not building):
+                return False
             if serving > version and not building:
                 return False
             cur = await control.execute(
@@ -204,6 +232,16 @@ class VersionBuild(ProjectionRunner):
             "version.build_started", serving_version=serving, tables_schema=self.build_schema
         )
         return True
+
+    async def _read_checkpoint(self, control: AsyncConnection[Any]) -> None:
+        """What this runner knows of its checkpoint, read afresh: the catch-up waits on it, and
+        a runner that built (or ran) before would otherwise wait on the position it had then,
+        not the one this build starts from (a kept version's, a fresh build's)."""
+        stored = await self.checkpoints.read(control, self.name)
+        self._persisted = None  # the loop reads its row again too
+        if stored is not None:
+            self.status.checkpoint = stored.checkpoint
+            self.status.applied_total = stored.applied_total
 
     async def _fresh_tables(self, control: AsyncConnection[Any]) -> None:
         """Empty tables as this version declares them, secured as declared; what a previous
@@ -228,12 +266,17 @@ class VersionBuild(ProjectionRunner):
             stopped = anyio.Event()
             self._stopping = False
             outcome: bool | None = None
+            failure: Exception | None = None
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self._loop, stopped)
                 try:
                     outcome = await self._until_swapped(control, stopped)
+                except Exception as exc:  # raised once the group is closed: it would wrap it,
+                    failure = exc  # and `run` would not know a RebuildError from the rest
                 finally:
                     ProjectionRunner.request_stop(self)
+            if failure is not None:
+                raise failure
             if outcome is not None:
                 return outcome
         return False
@@ -327,22 +370,17 @@ class VersionBuild(ProjectionRunner):
             row = await self.versions.lock(control, name, version)
             await self.checkpoints.lock(control, name)
             serving = (await self.checkpoints.serving_versions(control, [name])).get(name)
-            if row is None or row[0] != BUILDING or serving is None or serving == version:
+            if row is None or row[0] != BUILDING or serving is None:
                 return True
-            kept_schema = version_schema(self.schema, name, serving)
+            kept_schema = self._kept_schema(serving)
+            await self._drop_previous_copy(control, serving, kept_schema)
             helper.names = ShadowNames(self.build_schema, kept_schema, self.name)
             await helper._carry_over(control, owners)
             await self._move_tables(control, owners, kept_schema)
-            kept_row = version_row_name(name, serving)
-            await self.checkpoints.keep(control, name, kept_row)
-            taken = await self.checkpoints.take_over_version(control, name, self.name)
-            await self.checkpoints.delete(control, self.name)
+            taken = await self._take_over_checkpoint(control, serving)
             await self.versions.forget(control, name, version)
             await self.versions.keep(control, name, serving, kept_schema)
-            await control.execute(self.queries["resolve_by_rebuild"], {"projection": name})
-            await control.execute(
-                self.queries["adopt_shadow_dead_letters"], {"name": name, "shadow": self.name}
-            )
+            await self._move_dead_letters(control, serving)
         assert taken is not None
         self.swapped_at = time.time()
         self.swap_timing = {"started": started, "locked": locked_at, "ended": time.monotonic()}
@@ -354,6 +392,51 @@ class VersionBuild(ProjectionRunner):
             exclusive_ms=round((time.monotonic() - locked_at) * 1000, 2),
         )
         return True
+
+    def _kept_schema(self, serving: int) -> str:
+        """Where the tables leaving service go: their version's schema, or, when this is a
+        rebuild of the serving version (built in that schema), the one for replaced tables."""
+        if serving == self.version:
+            return replaced_schema(self.schema, self.live.name, serving)
+        return version_schema(self.schema, self.live.name, serving)
+
+    async def _drop_previous_copy(
+        self, control: AsyncConnection[Any], serving: int, kept_schema: str
+    ) -> None:
+        """A version keeps one copy of its tables: the one a drift rebuild of it replaced, kept
+        elsewhere, goes when the version itself leaves service (its row is overwritten)."""
+        row = await self.versions.lock(control, self.live.name, serving)
+        if row is not None and row[1] not in (kept_schema, self.build_schema):
+            await control.execute(
+                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(row[1]))
+            )
+
+    async def _move_dead_letters(self, control: AsyncConnection[Any], serving: int) -> None:
+        """Dead letters follow the tables that did not apply their events: the leaving tables'
+        pending ones are kept with them (unit `NAME#vSERVING`, brought back by a rollback to
+        them), the build's become the live projection's. A previous copy of the leaving version
+        is gone (_drop_previous_copy): so are its dead letters."""
+        kept = version_row_name(self.live.name, serving)
+        if kept != self.name:
+            await control.execute(self.queries["delete_shadow_dead_letters"], {"shadow": kept})
+        await control.execute(
+            self.queries["keep_version_dead_letters"],
+            {"name": self.live.name, "kept": kept, "shadow": self.name},
+        )
+
+    async def _take_over_checkpoint(
+        self, control: AsyncConnection[Any], serving: int
+    ) -> tuple[Any, int, int] | None:
+        """The live row continues from the build's checkpoint; the leaving tables' checkpoint is
+        kept as row `NAME#vSERVING`. For a rebuild of the serving version that is the build's
+        own row: the two are exchanged."""
+        name = self.live.name
+        if serving == self.version:
+            return await self.checkpoints.exchange(control, name, self.name)
+        await self.checkpoints.keep(control, name, version_row_name(name, serving))
+        taken = await self.checkpoints.take_over_version(control, name, self.name)
+        await self.checkpoints.delete(control, self.name)
+        return taken
 
     async def _check_dependents(self, control: AsyncConnection[Any], tables: list[str]) -> None:
         cur = await control.execute(
@@ -373,7 +456,7 @@ class VersionBuild(ProjectionRunner):
         rows = await self.versions.rows(control, [name])
         building = any(r.version == version and r.role == BUILDING for r in rows)
         serving = (await self.checkpoints.serving_versions(control, [name])).get(name)
-        return building and serving is not None and serving != version
+        return building and serving is not None
 
     async def _move_tables(
         self, conn: AsyncConnection[Any], owners: dict[str, bool], kept_schema: str

@@ -179,6 +179,24 @@ SET transaction_id = excluded.transaction_id, global_position = excluded.global_
     state = 'running', applied_total = excluded.applied_total, version = excluded.version,
     last_error = NULL, owner = NULL, updated_at = now();
 
+-- name: exchange_positions
+-- A swap of a rebuild of the serving version (a versioned drift repair, or a rollback to the
+-- tables it replaced): the live row continues from the build's checkpoint, and the build's row
+-- `NAME#vN` keeps the live one's, for the tables that leave service. One statement, so each row
+-- reads the other as it was. Each row keeps its owner: the same code runs the live one on (its
+-- runner's next compare-and-set finds the checkpoint moved and reloads it), and whoever takes the
+-- build's unit again (a rollback) records itself.
+UPDATE {schema}.projection_positions AS p
+SET transaction_id = o.transaction_id,
+    global_position = o.global_position,
+    applied_total = o.applied_total,
+    state = CASE WHEN p.name = %(name)s AND p.state <> 'failed' THEN p.state ELSE 'running' END,
+    last_error = NULL,
+    updated_at = now()
+FROM {schema}.projection_positions AS o
+WHERE (p.name = %(name)s AND o.name = %(built)s) OR (p.name = %(built)s AND o.name = %(name)s)
+RETURNING p.name, p.transaction_id::text, p.global_position, p.applied_total, p.version;
+
 -- name: take_over_version
 -- A versioned swap: the live row continues from where the new version's build stopped, as that
 -- version. No owner: the daemons whose code is that version take it on their next turn, and the

@@ -29,3 +29,12 @@ UPDATE {schema}.dead_letters SET projection = %(name)s WHERE projection = %(shad
 -- name: delete_shadow_dead_letters
 -- A rebuild that is abandoned: its shadow's dead letters go with its tables.
 DELETE FROM {schema}.dead_letters WHERE projection = %(shadow)s;
+
+-- name: keep_version_dead_letters
+-- A versioned swap: the projection's pending dead letters go with the tables that leave service
+-- (to their kept unit `NAME#vN`: those tables never applied the events, and a rollback to them
+-- brings the dead letters back), and the build's become the projection's. One statement: for a
+-- rebuild of the serving version the kept unit *is* the build's, and the two sets are exchanged.
+UPDATE {schema}.dead_letters
+SET projection = CASE WHEN projection = %(name)s THEN %(kept)s ELSE %(name)s END
+WHERE (projection = %(name)s AND resolved_at IS NULL) OR projection = %(shadow)s;

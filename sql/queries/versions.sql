@@ -29,8 +29,10 @@ ON CONFLICT (name, version) DO UPDATE SET role = 'kept', since = now(),
     tables_schema = excluded.tables_schema;
 
 -- name: request_rollback
--- `projectord rollback`: a kept version is to be caught up and swapped back in.
-UPDATE {schema}.projection_versions SET role = 'building', since = now()
+-- `projectord rollback`: a kept version is to be caught up and swapped back in (from the schema
+-- a build of the version uses: the tables a drift rebuild replaced were moved there first).
+UPDATE {schema}.projection_versions
+SET role = 'building', since = now(), tables_schema = %(tables_schema)s
 WHERE name = %(name)s AND version = %(version)s AND role = 'kept'
 RETURNING tables_schema;
 

@@ -202,7 +202,10 @@ def test_extra_columns_are_reported_and_kept(db: TestDatabase, reader: str) -> N
 
     repair(db.url, projections, apply=True, drop_extra=True)
     assert check(db.url, projections) == []
-    assert db.scalar("SELECT count(*) FROM pg_attribute WHERE attname = 'legacy'") == 0
+    # Gone from the live table; the table the rebuild replaced is kept for a rollback.
+    legacy = "SELECT attrelid::regclass::text FROM pg_attribute WHERE attname = 'legacy'"
+    [(kept,)] = db.rows("SELECT tables_schema FROM projectord.projection_versions")
+    assert db.rows(legacy) == [(f"{kept}.accounts",)]
 
 
 def test_only_the_configured_read_model_schema_is_compared(db: TestDatabase) -> None:
