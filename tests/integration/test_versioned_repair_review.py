@@ -691,11 +691,16 @@ def test_sessions_terminated_at_random_during_a_drift_rebuild_lose_and_double_no
 # -- 9. a rolling deploy of projectord itself: a daemon of the release before this one
 
 
+# The release before the versioned drift repair: main as stop 20 left it. A commit, not a branch:
+# `main` itself has the repair since it was merged.
+PREVIOUS_RELEASE = "2ef0b8c"
+
+
 def _old_release(tmp: Path) -> Path:
-    """projectord as on `main` (the release before this branch), unpacked into `tmp`."""
+    """projectord as released before this change (PREVIOUS_RELEASE), unpacked into `tmp`."""
     tmp.mkdir()
     archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", "main", "projectord", "sql"],
+        ["git", "-C", str(ROOT), "archive", PREVIOUS_RELEASE, "projectord", "sql"],
         capture_output=True,
         check=True,
     )
