@@ -136,7 +136,7 @@ async def build_v2(url: str, batch_size: int) -> VersionBuild:
     pool = make_pool(url, max_size=4, read_model_schema="public", name="projectord-bench")
     async with pool:
         build = VersionBuild(
-            BalancesV2(), pool, Queries(SCHEMA), dsn=url, settings=settings, owner=None
+            BalancesV2(), pool, Queries(SCHEMA), dsn=url, settings=settings, owner=None, once=True
         )
         await build.run()
     return build
