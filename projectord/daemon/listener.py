@@ -56,7 +56,7 @@ ARM_LOCK_TIMEOUT = "200ms"
 # arming whose wake-up is taken within QUICK_TAKE of it (or while it is made) means busy writers,
 # and the pause doubles, from the first figure up to the second; one that waits longer means rare
 # appends, and the next arming follows at once. Between two armings a busy runner polls instead
-# (loop.py), so the second figure is about the most a projection trails busy writers by.
+# (loop.py).
 ARM_PAUSE = (0.005, 0.04)
 QUICK_TAKE = 0.002
 # A batch of this many events read while the listener was not armed means the writers outpace the
@@ -126,9 +126,8 @@ class NotificationListener:
         that decided not to notify to end, which takes as long as the writers' transactions,
         and the runners poll meanwhile. Once armed, the listener wakes every runner, and a read
         that begins after that sees every event that did not notify. Ignored while not
-        connected, and when asked already (the listener's wait is then bounded by the arming's
-        time: a busy runner asks after every batch, and waking the listener for nothing each
-        time would cost a turn of its loop)."""
+        connected, when asked already (waking the listener for nothing each time would cost a
+        turn of its loop), and while a runner has noted busy writers (`note_busy`)."""
         if self.armed or self._arm_wanted or not self.connected or self.busy():
             return
         self._arm_wanted = True
@@ -145,7 +144,7 @@ class NotificationListener:
         self._busy_until = max(self._busy_until, time.monotonic() + max(BUSY_FOR, 2 * cycle))
 
     def busy(self) -> bool:
-        """A runner noted busy writers less than BUSY_FOR ago (`note_busy`)."""
+        """A runner noted busy writers recently enough that no arming starts (`note_busy`)."""
         return time.monotonic() < self._busy_until
 
     def runner_poll_interval(self, poll_interval: float) -> float:

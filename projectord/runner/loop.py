@@ -101,8 +101,7 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
         self.fetcher = Fetcher(queries, self.types)
         self._read_ahead = ReadAhead(self.fetcher, pool)
         self.wakeup = Wakeup()  # new events (notifications), operator requests, stop
-        self._busy_pause = BUSY_READ_PAUSE[1]  # how long to gather events while writers are busy
-        self._batch_took = 0.0  # seconds the last batch's commit took
+        self._batch_took = BUSY_READ_PAUSE[1]  # seconds the last batch's commit took
         self.control = Wakeup()  # operator requests and stop only: ends a pause or a backoff
         self.status = RunnerStatus(projection.name)
         self.heartbeat = Heartbeat(f"runner:{projection.name}")
@@ -331,7 +330,6 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
         started = time.perf_counter()
         await self.batches.commit(conn, batch.events, self._persisted, new)
         duration = time.perf_counter() - started
-        self._busy_pause = min(max(duration, BUSY_READ_PAUSE[0]), BUSY_READ_PAUSE[1])
         self._batch_took = duration
         self._moved_to(new, len(batch.events))
         if self.on_batch is not None:
@@ -369,6 +367,11 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
 
     # -- waiting -------------------------------------------------------------------------------
 
+    def _busy_pause(self) -> float:
+        """How long to gather events while writers are busy: as long as the last batch took,
+        within BUSY_READ_PAUSE."""
+        return min(max(self._batch_took, BUSY_READ_PAUSE[0]), BUSY_READ_PAUSE[1])
+
     async def _wait_for_events(self, held_back: bool, armed: bool, applied: int) -> None:
         if applied:
             self._held_back_wait = HELD_BACK_POLL[0]
@@ -384,8 +387,8 @@ class ProjectionRunner(OperatorRequests, FailureHandling):
                 # apart than BUSY_FOR while the writers are busy: nothing notifies under load.
                 if applied:
                     if applied >= BUSY_BATCH:
-                        self.listener.note_busy(self._batch_took + self._busy_pause)
-                    await self.wakeup.wait(self._busy_pause)
+                        self.listener.note_busy(self._batch_took + self._busy_pause())
+                    await self.wakeup.wait(self._busy_pause())
                     return
                 self.listener.request_arm()
                 held_back = True
