@@ -188,6 +188,14 @@ def kept(db: TestDatabase) -> list[tuple[int, str, str]]:
     return [(int(v), r, s) for v, r, s in db.rows(KEPT)]
 
 
+def both_copies_exact(db: TestDatabase) -> None:
+    """The live table is version 2's fold of every event, and the one kept copy is the fold of
+    the events up to its own checkpoint, `notes#v2`."""
+    assert table(db) == v2_fold(db)
+    [(_, _, schema)] = kept(db)
+    assert rows_of(db, schema) == v2_fold_at(db, "notes#v2")
+
+
 def daemon_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {"PROJECTORD_BATCH_SIZE": "200", **(extra or {})}
 
@@ -387,9 +395,7 @@ def test_the_command_builds_a_daemon_starting_meanwhile_leaves_it_and_resumes_af
             command.kill()
         if daemon is not None:
             daemon.stop()
-    assert table(db) == v2_fold(db)
-    [(_, _, schema)] = kept(db)
-    assert rows_of(db, schema) == v2_fold_at(db, "notes#v2")
+    both_copies_exact(db)
 
 
 # -- 4. rollback under a writer --------------------------------------------------------------------
@@ -624,9 +630,7 @@ def test_a_swap_interrupted_in_its_transaction_loses_and_doubles_nothing(
                 d.stop()
     if second is not None:
         assert second.has_logged("version.build_resumed")
-    assert table(db) == v2_fold(db)
-    [(_, _, schema)] = kept(db)
-    assert rows_of(db, schema) == v2_fold_at(db, "notes#v2")
+    both_copies_exact(db)
 
 
 # -- 8. sessions terminated at random during the build and the swap
@@ -683,9 +687,7 @@ def test_sessions_terminated_at_random_during_a_drift_rebuild_lose_and_double_no
         for d in daemons:
             if d.process.poll() is None:
                 d.stop()
-    assert table(db) == v2_fold(db)
-    [(_, _, schema)] = kept(db)
-    assert rows_of(db, schema) == v2_fold_at(db, "notes#v2")
+    both_copies_exact(db)
 
 
 # -- 9. a rolling deploy of projectord itself: a daemon of the release before this one
@@ -771,9 +773,7 @@ def test_a_daemon_of_the_previous_release_runs_the_live_unit_while_this_one_rebu
         for d in (previous, current):
             if d is not None and d.process.poll() is None:
                 d.stop()
-    assert table(db) == v2_fold(db)
-    [(_, _, schema)] = kept(db)
-    assert rows_of(db, schema) == v2_fold_at(db, "notes#v2")
+    both_copies_exact(db)
 
 
 # -- 10. `drift repair` by the code of a version that does not serve
