@@ -238,8 +238,11 @@ def test_busy_repeatable_read_writers_are_not_asked_to_notify(
     assert notified <= writers.total // 4, f"{notified} of {writers.total} appends notified"
 
 
+# Not strict: on a loaded machine the writer's appends bunch up, batches gather BUSY_BATCH events
+# or more and the runner notes busy writers after all, so the test can pass there (it did once in a
+# parallel run). The limit itself is measured by benchmarks/write_cost.py's paced run.
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,
     reason=(
         "found by review, a known limit (docs/performance.md): below BUSY_BATCH events a "
         "batch the runner does not note busy writers, and the listener re-arms after each "

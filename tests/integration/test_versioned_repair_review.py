@@ -648,7 +648,10 @@ def test_sessions_terminated_at_random_during_a_drift_rebuild_lose_and_double_no
     db.init(V2)
     with db.connect(autocommit=True) as conn:
         bulk_notes(conn, 4_000)
-    slow = daemon_env({"TEST_NOTES_SLOW": "0.02"})
+    # 20 batches of 200 at 0.1 s each: the build takes 2 s at the very least on any machine, and a
+    # termination comes at most every 0.25 s (plus a query), so at least 6 land before the swap.
+    # At 0.02 s a batch a fast machine finished the build after 5 (CI, stop 21).
+    slow = daemon_env({"TEST_NOTES_SLOW": "0.1"})
     dirs = [state_dir / "a", state_dir / "b"]
     for d in dirs:
         d.mkdir()
@@ -674,7 +677,7 @@ def test_sessions_terminated_at_random_during_a_drift_rebuild_lose_and_double_no
             if pids:
                 db.scalar("SELECT pg_terminate_backend(%s)", (rng.choice(pids),))
                 terminated += 1
-            time.sleep(rng.uniform(0.05, 0.4))
+            time.sleep(rng.uniform(0.05, 0.25))
         assert terminated > 5
         wait_until(lambda: kept(db) and kept(db)[0][1] == "kept", 120)
         commits = writer.commits
