@@ -55,6 +55,7 @@ from projectord.runner.checkpoint_store import CheckpointStore
 from projectord.runner.error_policy import ErrorPolicy
 from projectord.runner.loop import ProjectionRunner
 from projectord.runner.version_store import BUILDING, VersionStore
+from projectord.schema.build_schema import create_build_schema
 from projectord.schema.migrations import create_projection_tables
 from projectord.schema.security import existing_roles, secure_statements
 
@@ -250,7 +251,7 @@ class _OnlineRebuild:
         """Fresh, empty tables as declared, secured as declared, and a checkpoint at the start."""
         await self._discard_shadow(control)  # what an interrupted rebuild left
         async with control.transaction():
-            await control.execute(sql.SQL("CREATE SCHEMA {}").format(self._shadow_schema))
+            await create_build_schema(control, self.queries, self.names.schema)
             await create_projection_tables(control, self.names.schema, [self.projection])
             readers = await existing_roles(control, self.queries, self.projection.read_access)
             for table in self.tables:

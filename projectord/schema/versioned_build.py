@@ -55,6 +55,7 @@ from projectord.runner.version_store import (
     version_row_name,
     version_schema,
 )
+from projectord.schema.build_schema import create_build_schema
 from projectord.schema.migrations import create_projection_tables
 from projectord.schema.online_rebuild import (
     FINAL_CATCH_UP_TIMEOUT,
@@ -249,7 +250,7 @@ class VersionBuild(ProjectionRunner):
         ident = sql.Identifier(self.build_schema)
         await control.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(ident))
         await control.execute(self.queries["delete_shadow_dead_letters"], {"shadow": self.name})
-        await control.execute(sql.SQL("CREATE SCHEMA {}").format(ident))
+        await create_build_schema(control, self.queries, self.build_schema)
         await create_projection_tables(control, self.build_schema, [self.live])
         readers = await existing_roles(control, self.queries, self.live.read_access)
         for table in self.live.tables:

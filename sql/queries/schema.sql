@@ -20,3 +20,8 @@ WHERE NOT EXISTS (
 
 -- name: current_identity
 SELECT current_user, current_database();
+
+-- name: may_create_schemas
+-- Whether the current role may create a schema (CREATE on the database), checked before a build
+-- makes the schema of its own tables, so that a missing grant is reported with the GRANT to run.
+SELECT has_database_privilege(current_database()::text, 'CREATE'), current_user, current_database();

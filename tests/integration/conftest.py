@@ -17,6 +17,7 @@ from psycopg.conninfo import make_conninfo
 from projectord.embedded import EmbeddedPostgres
 from tests.support.harness import (
     TestDatabase,
+    grant_create_on_database,
     init_database,
     prepare_for_daemon_role,
     temporary_database,
@@ -81,7 +82,9 @@ def template_db(pg_admin_url: str) -> Iterator[str]:
 @pytest.fixture
 def db(pg_admin_url: str, template_db: str) -> Iterator[TestDatabase]:
     with temporary_database(pg_admin_url, "pd_test", template_db) as name:
-        yield TestDatabase(make_conninfo(pg_admin_url, dbname=name), name)
+        url = make_conninfo(pg_admin_url, dbname=name)
+        grant_create_on_database(url)
+        yield TestDatabase(url, name)
 
 
 @pytest.fixture

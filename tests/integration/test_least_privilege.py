@@ -6,15 +6,26 @@ Real roles, the real CLI and daemon as processes."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tests.integration.test_security import append
+from tests.integration.test_versions import (
+    V1,
+    V2,
+    bulk_notes,
+    noted,
+    serving_version,
+    table,
+    v1_fold,
+    v2_fold,
+)
 from tests.support.drift_support import cli_env
 from tests.support.harness import DaemonProcess, TestDatabase, run_cli, wait_until
 from tests.support.role_support import TemporaryRoles, read_as, temporary_roles
@@ -152,6 +163,77 @@ def test_the_daemon_refuses_to_start_when_row_level_security_stops_its_writes(
     started = run_cli("run", env=env, timeout=60)
     assert started.returncode == 1
     assert "public.applied_log" in started.stderr and "projectord_write" in started.stderr
+
+
+def test_a_version_bump_names_the_grant_it_needs_then_swaps_in_once_granted(
+    db: TestDatabase,
+    plain_database: str,
+    daemon_role: tuple[TemporaryRoles, str, str],
+    state_dir: Path,
+) -> None:
+    """Issue 16 as this role: a version's build makes its tables in a schema of its own, which
+    needs CREATE on the database (docs/security-roles.md). Without it version 1 goes on serving
+    and health names the GRANT to run; once granted, the build (retried with its backoff)
+    swaps version 2 in without a restart, the fold of every event exactly once."""
+    _, role, url = daemon_role
+    with psycopg.connect(plain_database, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA projectord AUTHORIZATION "{role}"')
+        conn.execute(f'GRANT CREATE ON SCHEMA public TO "{role}"')
+    v1_env = cli_env(url, V1) | {"PROJECTORD_STATE_DIR": str(state_dir)}
+    v2_env = cli_env(url, V2) | {"PROJECTORD_STATE_DIR": str(state_dir)}
+    assert run_cli("init", env=v1_env).returncode == 0
+    with psycopg.connect(url, autocommit=True) as conn:
+        bulk_notes(conn, 500)
+    with DaemonProcess(url, V1, state_dir, extra_env=v1_env):
+        wait_until(lambda: table(db) == v1_fold(db), 30)
+
+    database = conninfo_to_dict(plain_database)["dbname"]
+    grant = f'GRANT CREATE ON DATABASE "{database}" TO "{role}"'
+    with DaemonProcess(url, V2, state_dir, extra_env=v2_env):
+
+        def building_reason() -> str:
+            verdict = json.loads(run_cli("health", "--json", env=v2_env).stdout)
+            messages = [r["message"] for r in verdict["reasons"] if r["code"] == "version_building"]
+            return messages[0] if messages else ""
+
+        wait_until(lambda: grant in building_reason(), 30)
+        assert "while version 1 serves reads" in building_reason()
+        assert serving_version(db) == 1 and table(db) == v1_fold(db)
+        with psycopg.connect(url, autocommit=True) as conn:
+            bulk_notes(conn, 300)
+        with psycopg.connect(plain_database, autocommit=True) as conn:
+            conn.execute(grant)
+        wait_until(lambda: serving_version(db) == 2, 60)
+        wait_until(lambda: table(db) == v2_fold(db), 30)
+    assert sum(row["events"] for row in table(db)) == noted(db) == 800
+
+
+def test_an_online_rebuild_without_create_on_the_database_names_the_grant(
+    plain_database: str, daemon_role: tuple[TemporaryRoles, str, str], state_dir: Path
+) -> None:
+    """`rebuild --online` builds in a shadow schema of its own: without CREATE on the database
+    it exits 1 with the GRANT to run, and the live table is left as it was."""
+    _, role, url = daemon_role
+    with psycopg.connect(plain_database, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA projectord AUTHORIZATION "{role}"')
+        conn.execute(f'GRANT CREATE ON SCHEMA public TO "{role}"')
+    env = cli_env(url, ACCOUNTS) | {"PROJECTORD_STATE_DIR": str(state_dir)}
+    assert run_cli("init", env=env).returncode == 0
+    account = uuid.uuid4()
+    append(url, "Opened", TENANT_A, account, 1)
+    append(url, "Credited", TENANT_A, account, 2)
+    with DaemonProcess(url, ACCOUNTS, state_dir, extra_env=env):
+        wait_until(lambda: _balances(plain_database) == {TENANT_A: 14}, 30)
+    database = conninfo_to_dict(plain_database)["dbname"]
+    refused = run_cli("rebuild", "accounts", "--online", env=env, timeout=60)
+    assert refused.returncode == 1
+    assert f'GRANT CREATE ON DATABASE "{database}" TO "{role}"' in refused.stderr
+    assert _balances(plain_database) == {TENANT_A: 14}
+    with psycopg.connect(plain_database, autocommit=True) as conn:
+        conn.execute(f'GRANT CREATE ON DATABASE "{database}" TO "{role}"')
+    rebuilt = run_cli("rebuild", "accounts", "--online", env=env, timeout=60)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert _balances(plain_database) == {TENANT_A: 14}
 
 
 def _balances(admin_url: str) -> dict[uuid.UUID, int]:

@@ -217,8 +217,9 @@ def as_daemon_role(url: str) -> str:
 def prepare_for_daemon_role(admin_url: str) -> None:
     """Give a fresh database what the documented least-privilege setup gives projectord's role
     (docs/security-roles.md): the role, created once per cluster; projectord's schema owned by it;
-    CREATE on the read-model schema `public`. Nothing else: no superuser, no BYPASSRLS, no
-    database ownership. A no-op without PROJECTORD_TEST_DAEMON_ROLE."""
+    CREATE on the read-model schema `public`; CREATE on the database (a build's schema). Nothing
+    else: no superuser, no BYPASSRLS, no database ownership. A no-op without
+    PROJECTORD_TEST_DAEMON_ROLE."""
     role = daemon_role()
     if role is None:
         return
@@ -230,6 +231,22 @@ def prepare_for_daemon_role(admin_url: str) -> None:
         conn.execute("SELECT pg_advisory_unlock(hashtext('projectord test daemon role'))")
         conn.execute(psycopg.sql.SQL("CREATE SCHEMA projectord AUTHORIZATION {}").format(ident))
         conn.execute(psycopg.sql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(ident))
+    grant_create_on_database(admin_url)
+
+
+def grant_create_on_database(admin_url: str) -> None:
+    """CREATE on the database for the test daemon's role (a clone of the template database does
+    not inherit the template's grants). A no-op without PROJECTORD_TEST_DAEMON_ROLE."""
+    role = daemon_role()
+    if role is None:
+        return
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        database = conn.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
+        conn.execute(
+            psycopg.sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+                psycopg.sql.Identifier(database), psycopg.sql.Identifier(role)
+            )
+        )
 
 
 class DaemonProcess:
