@@ -18,17 +18,24 @@ from psycopg import AsyncConnection, sql
 from projectord.queries import Queries, quote_ident
 
 
-async def create_build_schema(conn: AsyncConnection[Any], queries: Queries, name: str) -> None:
-    """CREATE SCHEMA `name`, or InsufficientPrivilege naming the role, the database and the
-    GRANT when the role may not create schemas."""
+async def missing_grant(conn: AsyncConnection[Any], queries: Queries, name: str) -> str | None:
+    """Why this role may not create schema `name` for a build, naming the GRANT; None if it may."""
     cur = await conn.execute(queries["may_create_schemas"])
     row = await cur.fetchone()
     assert row is not None
     may_create, role, database = row
-    if not may_create:
-        raise psycopg.errors.InsufficientPrivilege(
-            f"cannot create schema {name} for a build's tables: role {role} lacks CREATE on"
-            f" database {database}; GRANT CREATE ON DATABASE {quote_ident(database)}"
-            f" TO {quote_ident(role)}"
-        )
+    if may_create:
+        return None
+    return (
+        f"cannot create schema {name} for a build's tables: role {role} lacks CREATE on"
+        f" database {database}; GRANT CREATE ON DATABASE {quote_ident(database)}"
+        f" TO {quote_ident(role)}"
+    )
+
+
+async def create_build_schema(conn: AsyncConnection[Any], queries: Queries, name: str) -> None:
+    """CREATE SCHEMA `name`, or InsufficientPrivilege naming the role, the database and the
+    GRANT when the role may not create schemas (a database error: a build retries it)."""
+    if why := await missing_grant(conn, queries, name):
+        raise psycopg.errors.InsufficientPrivilege(why)
     await conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))

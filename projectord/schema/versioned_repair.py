@@ -45,6 +45,7 @@ from projectord.runner.version_store import (
     version_row_name,
     version_schema,
 )
+from projectord.schema.build_schema import missing_grant
 from projectord.schema.drift import inspect
 from projectord.schema.drift_items import Repair
 from projectord.schema.online_rebuild import RebuildError, check_serving_version
@@ -127,7 +128,7 @@ async def complete_rebuilds(
             if daemons or not await _take_unit(conn, queries, projection):
                 await _wait_for_swap(conn, queries, projection, timeout)
             else:
-                await _build_here(dsn, settings, queries, projection)
+                await _build_here(dsn, settings, queries, projection, conn)
             await _check_swapped_in(conn, queries, projection)
 
 
@@ -153,11 +154,20 @@ async def _take_unit(conn: AsyncConnection[Any], queries: Queries, projection: P
 
 
 async def _build_here(
-    dsn: str, settings: Settings, queries: Queries, projection: Projection
+    dsn: str,
+    settings: Settings,
+    queries: Queries,
+    projection: Projection,
+    control: AsyncConnection[Any],
 ) -> None:
-    """Run the build in this process, as a daemon would, until it has swapped in."""
+    """Run the build in this process, as a daemon would, until it has swapped in. A role that
+    may not create the build's schema is told the GRANT at once: the build would retry it for
+    ever (it waits for the grant in a daemon); the rebuild stays recorded for a daemon."""
     owner = f"drift-repair@{default_instance_name()}"
     unit = version_row_name(projection.name, projection.version)
+    schema = version_schema(settings.read_model_schema, projection.name, projection.version)
+    if why := await missing_grant(control, queries, schema):
+        raise RebuildError(f"the rebuild of {projection.name!r} did not start: {why}")
     conn = await connect(dsn, autocommit=True, connect_timeout=10)
     async with conn:
         await CheckpointStore(queries).record_owner(conn, unit, owner, projection.version)

@@ -236,6 +236,40 @@ def test_an_online_rebuild_without_create_on_the_database_names_the_grant(
     assert _balances(plain_database) == {TENANT_A: 14}
 
 
+def test_a_drift_repair_that_rebuilds_without_create_on_the_database_names_the_grant(
+    db: TestDatabase,
+    plain_database: str,
+    daemon_role: tuple[TemporaryRoles, str, str],
+    state_dir: Path,
+) -> None:
+    """With no daemon running, `drift repair --apply` builds the rebuild itself: a role that may
+    not create the build's schema gets the GRANT at once (exit 1) instead of a command retrying
+    for ever; the drifted table goes on serving, and once granted a repair completes it."""
+    _, role, url = daemon_role
+    with psycopg.connect(plain_database, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA projectord AUTHORIZATION "{role}"')
+        conn.execute(f'GRANT CREATE ON SCHEMA public TO "{role}"')
+    env = cli_env(url, V2) | {"PROJECTORD_STATE_DIR": str(state_dir)}
+    assert run_cli("init", env=env).returncode == 0
+    with psycopg.connect(url, autocommit=True) as conn:
+        bulk_notes(conn, 400)
+    with DaemonProcess(url, V2, state_dir, extra_env=env):
+        wait_until(lambda: table(db) == v2_fold(db), 30)
+    with psycopg.connect(plain_database, autocommit=True) as conn:
+        conn.execute("ALTER TABLE notes ALTER COLUMN value TYPE text")  # no cast back: a rebuild
+    database = conninfo_to_dict(plain_database)["dbname"]
+    grant = f'GRANT CREATE ON DATABASE "{database}" TO "{role}"'
+    refused = run_cli("drift", "repair", "--apply", env=env, timeout=60)
+    assert refused.returncode == 1
+    assert grant in refused.stderr
+    assert {type(row["value"]) for row in table(db)} == {str}  # the drifted table, as it was
+    with psycopg.connect(plain_database, autocommit=True) as conn:
+        conn.execute(grant)
+    repaired = run_cli("drift", "repair", "--apply", env=env, timeout=120)
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert table(db) == v2_fold(db)
+
+
 def _balances(admin_url: str) -> dict[uuid.UUID, int]:
     with psycopg.connect(admin_url, autocommit=True) as conn:
         rows = conn.execute("SELECT tenant_id, balance FROM accounts").fetchall()
