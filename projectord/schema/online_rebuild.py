@@ -55,7 +55,7 @@ from projectord.runner.checkpoint_store import CheckpointStore
 from projectord.runner.error_policy import ErrorPolicy
 from projectord.runner.loop import ProjectionRunner
 from projectord.runner.version_store import BUILDING, VersionStore
-from projectord.schema.build_schema import create_build_schema
+from projectord.schema.build_schema import build_schema_exists, create_build_schema
 from projectord.schema.migrations import create_projection_tables
 from projectord.schema.security import existing_roles, secure_statements
 
@@ -249,6 +249,8 @@ class _OnlineRebuild:
 
     async def _build_shadow(self, control: AsyncConnection[Any]) -> None:
         """Fresh, empty tables as declared, secured as declared, and a checkpoint at the start."""
+        for schema in (self.names.schema, self.names.retired):  # never another role's
+            await build_schema_exists(control, self.queries, schema)
         await self._discard_shadow(control)  # what an interrupted rebuild left
         async with control.transaction():
             await create_build_schema(control, self.queries, self.names.schema)

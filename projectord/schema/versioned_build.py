@@ -55,7 +55,7 @@ from projectord.runner.version_store import (
     version_row_name,
     version_schema,
 )
-from projectord.schema.build_schema import create_build_schema
+from projectord.schema.build_schema import build_schema_exists, create_build_schema
 from projectord.schema.migrations import create_projection_tables
 from projectord.schema.online_rebuild import (
     FINAL_CATCH_UP_TIMEOUT,
@@ -215,10 +215,7 @@ class VersionBuild(ProjectionRunner):
                 return False
             if serving > version and not building:
                 return False
-            cur = await control.execute(
-                self.queries["schema_exists"], {"schema": self.build_schema}
-            )
-            exists = bool((await cur.fetchone() or (False,))[0])
+            exists = await build_schema_exists(control, self.queries, self.build_schema)
             await self.checkpoints.ensure(control, self.name, version)
             if building and exists:
                 self._blog.info("version.build_resumed", serving_version=serving)
@@ -465,6 +462,7 @@ class VersionBuild(ProjectionRunner):
         """The live tables into the old version's schema (kept for a rollback), this version's
         tables in; this version's schema, now empty, dropped."""
         kept = sql.Identifier(kept_schema)
+        await build_schema_exists(conn, self.queries, kept_schema)  # not another role's
         await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(kept))
         await conn.execute(sql.SQL("CREATE SCHEMA {}").format(kept))
         for table in owners:

@@ -45,7 +45,7 @@ from projectord.runner.version_store import (
     version_row_name,
     version_schema,
 )
-from projectord.schema.build_schema import missing_grant
+from projectord.schema.build_schema import build_schema_refusal
 from projectord.schema.drift import inspect
 from projectord.schema.drift_items import Repair
 from projectord.schema.online_rebuild import RebuildError, check_serving_version
@@ -161,12 +161,13 @@ async def _build_here(
     control: AsyncConnection[Any],
 ) -> None:
     """Run the build in this process, as a daemon would, until it has swapped in. A role that
-    may not create the build's schema is told the GRANT at once: the build would retry it for
-    ever (it waits for the grant in a daemon); the rebuild stays recorded for a daemon."""
+    may not make the build's schema (no CREATE on the database, or another role made one of
+    that name) is told what to run at once: the build would retry it for ever (a daemon's build
+    waits for it); the rebuild stays recorded for a daemon."""
     owner = f"drift-repair@{default_instance_name()}"
     unit = version_row_name(projection.name, projection.version)
     schema = version_schema(settings.read_model_schema, projection.name, projection.version)
-    if why := await missing_grant(control, queries, schema):
+    if why := await build_schema_refusal(control, queries, schema):
         raise RebuildError(f"the rebuild of {projection.name!r} did not start: {why}")
     conn = await connect(dsn, autocommit=True, connect_timeout=10)
     async with conn:

@@ -21,7 +21,10 @@ WHERE NOT EXISTS (
 -- name: current_identity
 SELECT current_user, current_database();
 
--- name: may_create_schemas
--- Whether the current role may create a schema (CREATE on the database), checked before a build
--- makes the schema of its own tables, so that a missing grant is reported with the GRANT to run.
-SELECT has_database_privilege(current_database()::text, 'CREATE'), current_user, current_database();
+-- name: build_schema_access
+-- Before a build makes or uses a schema of its own: whether the current role may create a schema
+-- (CREATE on the database), who it is, and who owns the schema if it exists. A schema another
+-- role made is never used or dropped: its names are predictable, and its tables, triggers or
+-- default privileges would run or be written as projectord's role.
+SELECT has_database_privilege(current_database()::text, 'CREATE'), current_user, current_database(),
+       (SELECT pg_get_userbyid(n.nspowner) FROM pg_namespace n WHERE n.nspname = %(schema)s);

@@ -45,9 +45,6 @@ SELECT name, version, tables_schema FROM {schema}.projection_versions
 WHERE role = 'kept' AND since < now() - make_interval(secs => %(seconds)s)
 ORDER BY since FOR UPDATE SKIP LOCKED;
 
--- name: schema_exists
-SELECT to_regnamespace(%(schema)s) IS NOT NULL;
-
 -- name: dependents
 -- Objects of other relations that depend on these tables (views, materialized views, foreign
 -- keys of other tables): a versioned swap moves the old tables out and they would follow them,
