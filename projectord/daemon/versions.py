@@ -123,17 +123,42 @@ async def sweep_kept_versions(dsn: str, queries: Queries, retention: Callable[[]
     their positions row and their record, in one transaction each; a daemon that finds one taken
     by another skips it."""
     store = VersionStore(queries)
-    checkpoints = CheckpointStore(queries)
     while True:
         try:
             conn = await connect(dsn, autocommit=True, connect_timeout=10)
-            async with conn, conn.transaction():
-                for name, version, schema in await store.expired(conn, retention()):
-                    await drop_version(conn, store, checkpoints, name, version, schema)
-                    log.info("version.expired", projection=name, version=version)
+            async with conn:
+                await _sweep_once(conn, store, retention())
         except (psycopg.Error, OSError) as exc:
             log.warning("version.sweep_failed", error=describe_error(exc, dsn))
         await anyio.sleep(SWEEP_INTERVAL)
+
+
+async def _sweep_once(
+    conn: psycopg.AsyncConnection[Any], store: VersionStore, retention: float
+) -> None:
+    """Drop the expired kept versions one transaction each: one whose drop fails (its schema
+    given to another role, say) is logged and left for the next sweep, and holds no other back."""
+    checkpoints = CheckpointStore(store.queries)
+    failed: set[tuple[str, int]] = set()
+    while True:
+        taken: tuple[str, int] | None = None
+        try:
+            async with conn.transaction():
+                expired = await store.expired(conn, retention)
+                left = [row for row in expired if (row[0], row[1]) not in failed]
+                if not left:
+                    return
+                name, version, schema = left[0]
+                taken = (name, version)
+                await drop_version(conn, store, checkpoints, name, version, schema)
+            log.info("version.expired", projection=name, version=version)
+        except psycopg.Error as exc:
+            if taken is None or conn.closed:
+                raise
+            failed.add(taken)
+            log.warning(
+                "version.drop_failed", projection=taken[0], version=taken[1], error=str(exc)
+            )
 
 
 async def drop_version(

@@ -328,3 +328,37 @@ def test_a_recorded_rebuild_does_not_resume_in_a_schema_another_role_created_fou
     repaired = run_cli("drift", "repair", "--apply", env=env, timeout=120)
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr
     assert table(db) == v2_fold(db)
+
+
+def test_a_kept_version_whose_drop_fails_holds_no_other_expiry_back_found_by_review(
+    db: TestDatabase, setup: tuple[str, str, str], roles: TemporaryRoles, state_dir: Path
+) -> None:
+    """Found by review (by reading): the retention sweep dropped every expired kept version in
+    one transaction, although its docstring said one each, so one drop that fails (here a kept
+    version whose schema an administrator gave to another role: projectord's role may not drop
+    it) held every other expiry back for good. Now each is its own transaction: the failing one
+    is logged and left, the others go."""
+    admin, _, url = setup
+    squatter, _ = squatter_for(roles, admin)
+    v1_env = cli_env(url, V1) | {"PROJECTORD_STATE_DIR": str(state_dir)}
+    v2_env = cli_env(url, V2) | {"PROJECTORD_STATE_DIR": str(state_dir)}
+    assert run_cli("init", env=v1_env).returncode == 0
+    with psycopg.connect(url, autocommit=True) as conn:
+        bulk_notes(conn, 200)
+    with DaemonProcess(url, V1, state_dir, extra_env=v1_env):
+        wait_until(lambda: table(db) == v1_fold(db), 30)
+    with DaemonProcess(url, V2, state_dir, extra_env=v2_env):
+        wait_until(lambda: serving_version(db) == 2, 60)
+    kept = "SELECT name FROM projectord.projection_versions WHERE role = 'kept' ORDER BY name"
+    assert db.rows(kept) == [("notes",)]
+    with db.connect(autocommit=True) as conn:  # an older kept version projectord may not drop
+        conn.execute(f'CREATE SCHEMA ghost_kept AUTHORIZATION "{squatter}"')
+        conn.execute(
+            "INSERT INTO projectord.projection_versions (name, version, role, tables_schema, since)"
+            " VALUES ('ghost', 1, 'kept', 'ghost_kept', now() - interval '30 days')"
+        )
+    retention = v2_env | {"PROJECTORD_VERSION_RETENTION": "0"}
+    with DaemonProcess(url, V2, state_dir, extra_env=retention) as daemon:
+        wait_until(lambda: db.rows(kept) == [("ghost",)], 30)
+        wait_until(lambda: daemon.has_logged("version.drop_failed"), 10)
+    assert table(db) == v2_fold(db)
