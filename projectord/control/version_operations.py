@@ -154,10 +154,9 @@ class VersionOperations:
         `building` for good, the rollback never end)."""
         declared = list(self._build(name).live.tables)
         cur = await conn.execute(
-            self.reporter.queries["table_owners"], {"schema": schema, "tables": declared}
+            self.reporter.queries["missing_tables"], {"schema": schema, "tables": declared}
         )
-        found = {str(table) for table, _ in await cur.fetchall()}
-        missing = [table for table in declared if table not in found]
+        missing = [str(table) for (table,) in await cur.fetchall()]
         if missing:
             raise RequestError(
                 "incomplete_copy",

@@ -73,6 +73,6 @@ async def build_schema_exists(conn: AsyncConnection[Any], queries: Queries, name
 async def create_build_schema(conn: AsyncConnection[Any], queries: Queries, name: str) -> None:
     """CREATE SCHEMA `name`, or InsufficientPrivilege saying what to grant or drop first (a
     database error: a daemon's build retries it)."""
-    if why := _refusal(await _access(conn, queries, name), name):
+    if why := await build_schema_refusal(conn, queries, name):
         raise psycopg.errors.InsufficientPrivilege(why)
     await conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
