@@ -83,6 +83,26 @@ def daemon_role(plain_database: str, roles: TemporaryRoles) -> tuple[TemporaryRo
     return roles, role, make_conninfo(plain_database, user=role)
 
 
+def documented_grants(admin_url: str, role: str) -> None:
+    """What docs/security-roles.md grants projectord's role in a database, but CREATE on the
+    database (which only the builds in schemas of their own need): projectord's schema, owned
+    by it, and CREATE on the read-model schema `public`."""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA projectord AUTHORIZATION "{role}"')
+        conn.execute(f'GRANT CREATE ON SCHEMA public TO "{role}"')
+
+
+def version_1_serving(db: TestDatabase, url: str, state_dir: Path, events: int) -> None:
+    """As the role at `url`: `init` with version 1 of `notes`, `events` Noted events, and a
+    daemon of version 1 run until its table is their fold."""
+    env = cli_env(url, V1) | {"PROJECTORD_STATE_DIR": str(state_dir)}
+    assert run_cli("init", env=env).returncode == 0
+    with psycopg.connect(url, autocommit=True) as conn:
+        bulk_notes(conn, events)
+    with DaemonProcess(url, V1, state_dir, extra_env=env):
+        wait_until(lambda: table(db) == v1_fold(db), 30)
+
+
 def test_init_without_create_says_what_to_grant(
     plain_database: str, daemon_role: tuple[TemporaryRoles, str, str]
 ) -> None:
@@ -106,9 +126,7 @@ def test_the_daemon_runs_as_a_role_without_bypassrls(
 ) -> None:
     roles, role, url = daemon_role
     reader, outsider = roles.create("reader"), roles.create("outsider")
-    with psycopg.connect(plain_database, autocommit=True) as conn:  # the documented setup
-        conn.execute(f'CREATE SCHEMA projectord AUTHORIZATION "{role}"')
-        conn.execute(f'GRANT CREATE ON SCHEMA public TO "{role}"')
+    documented_grants(plain_database, role)
     env = cli_env(url, ACCOUNTS, [reader])
     init = run_cli("init", env=env)
     assert init.returncode == 0, init.stderr
@@ -150,9 +168,7 @@ def test_the_daemon_refuses_to_start_when_row_level_security_stops_its_writes(
     """Row-level security switched on by hand on a table of a projection without read_access:
     no write policy for the daemon's role, so it says so instead of failing every batch."""
     _, role, url = daemon_role
-    with psycopg.connect(plain_database, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA projectord AUTHORIZATION "{role}"')
-        conn.execute(f'GRANT CREATE ON SCHEMA public TO "{role}"')
+    documented_grants(plain_database, role)
     env = cli_env(url, "tests.support.projections:ledger_only") | {
         "PROJECTORD_STATE_DIR": str(state_dir)
     }
@@ -176,16 +192,9 @@ def test_a_version_bump_names_the_grant_it_needs_then_swaps_in_once_granted(
     and health names the GRANT to run; once granted, the build (retried with its backoff)
     swaps version 2 in without a restart, the fold of every event exactly once."""
     _, role, url = daemon_role
-    with psycopg.connect(plain_database, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA projectord AUTHORIZATION "{role}"')
-        conn.execute(f'GRANT CREATE ON SCHEMA public TO "{role}"')
-    v1_env = cli_env(url, V1) | {"PROJECTORD_STATE_DIR": str(state_dir)}
+    documented_grants(plain_database, role)
+    version_1_serving(db, url, state_dir, 500)
     v2_env = cli_env(url, V2) | {"PROJECTORD_STATE_DIR": str(state_dir)}
-    assert run_cli("init", env=v1_env).returncode == 0
-    with psycopg.connect(url, autocommit=True) as conn:
-        bulk_notes(conn, 500)
-    with DaemonProcess(url, V1, state_dir, extra_env=v1_env):
-        wait_until(lambda: table(db) == v1_fold(db), 30)
 
     database = conninfo_to_dict(plain_database)["dbname"]
     grant = f'GRANT CREATE ON DATABASE "{database}" TO "{role}"'
@@ -214,9 +223,7 @@ def test_an_online_rebuild_without_create_on_the_database_names_the_grant(
     """`rebuild --online` builds in a shadow schema of its own: without CREATE on the database
     it exits 1 with the GRANT to run, and the live table is left as it was."""
     _, role, url = daemon_role
-    with psycopg.connect(plain_database, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA projectord AUTHORIZATION "{role}"')
-        conn.execute(f'GRANT CREATE ON SCHEMA public TO "{role}"')
+    documented_grants(plain_database, role)
     env = cli_env(url, ACCOUNTS) | {"PROJECTORD_STATE_DIR": str(state_dir)}
     assert run_cli("init", env=env).returncode == 0
     account = uuid.uuid4()
@@ -246,9 +253,7 @@ def test_a_drift_repair_that_rebuilds_without_create_on_the_database_names_the_g
     not create the build's schema gets the GRANT at once (exit 1) instead of a command retrying
     for ever; the drifted table goes on serving, and once granted a repair completes it."""
     _, role, url = daemon_role
-    with psycopg.connect(plain_database, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA projectord AUTHORIZATION "{role}"')
-        conn.execute(f'GRANT CREATE ON SCHEMA public TO "{role}"')
+    documented_grants(plain_database, role)
     env = cli_env(url, V2) | {"PROJECTORD_STATE_DIR": str(state_dir)}
     assert run_cli("init", env=env).returncode == 0
     with psycopg.connect(url, autocommit=True) as conn:

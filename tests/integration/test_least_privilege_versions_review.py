@@ -22,8 +22,8 @@ from psycopg.types.json import Jsonb
 
 from projectord import Event, Projection, Table
 from projectord.runner.version_store import version_schema
+from tests.integration.test_least_privilege import documented_grants, version_1_serving
 from tests.integration.test_versions import (
-    V1,
     V2,
     bulk_notes,
     serving_version,
@@ -119,9 +119,8 @@ def setup(db: TestDatabase, roles: TemporaryRoles) -> tuple[str, str, str]:
         conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
     role = roles.create("daemon", "LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE")
     database = conninfo_to_dict(db.url)["dbname"]
+    documented_grants(db.url, role)
     with db.connect(autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA projectord AUTHORIZATION "{role}"')
-        conn.execute(f'GRANT CREATE ON SCHEMA public TO "{role}"')
         conn.execute(f'GRANT CREATE ON DATABASE "{database}" TO "{role}"')
     return db.url, role, make_conninfo(db.url, user=role)
 
@@ -231,13 +230,8 @@ def test_a_squatted_build_schema_is_named_and_the_build_goes_on_once_it_is_dropp
     built and swapped in, without a restart."""
     admin, _, url = setup
     squatter, squatter_url = squatter_for(roles, admin)
-    v1_env = cli_env(url, V1) | {"PROJECTORD_STATE_DIR": str(state_dir)}
+    version_1_serving(db, url, state_dir, 300)
     v2_env = cli_env(url, V2) | {"PROJECTORD_STATE_DIR": str(state_dir)}
-    assert run_cli("init", env=v1_env).returncode == 0
-    with psycopg.connect(url, autocommit=True) as conn:
-        bulk_notes(conn, 300)
-    with DaemonProcess(url, V1, state_dir, extra_env=v1_env):
-        wait_until(lambda: table(db) == v1_fold(db), 30)
     trap = version_schema("public", "notes", 2)
     with psycopg.connect(squatter_url, autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{trap}"')
@@ -340,13 +334,8 @@ def test_a_kept_version_whose_drop_fails_holds_no_other_expiry_back_found_by_rev
     is logged and left, the others go."""
     admin, _, url = setup
     squatter, _ = squatter_for(roles, admin)
-    v1_env = cli_env(url, V1) | {"PROJECTORD_STATE_DIR": str(state_dir)}
+    version_1_serving(db, url, state_dir, 200)
     v2_env = cli_env(url, V2) | {"PROJECTORD_STATE_DIR": str(state_dir)}
-    assert run_cli("init", env=v1_env).returncode == 0
-    with psycopg.connect(url, autocommit=True) as conn:
-        bulk_notes(conn, 200)
-    with DaemonProcess(url, V1, state_dir, extra_env=v1_env):
-        wait_until(lambda: table(db) == v1_fold(db), 30)
     with DaemonProcess(url, V2, state_dir, extra_env=v2_env):
         wait_until(lambda: serving_version(db) == 2, 60)
     kept = "SELECT name FROM projectord.projection_versions WHERE role = 'kept' ORDER BY name"
